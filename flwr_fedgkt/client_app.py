@@ -1,0 +1,131 @@
+"""FedGKT ClientApp: the edge side on Flower's Message API.
+
+The edge model and its optimizer live in ``context.state`` between rounds; edge
+weights never leave the node. ``train`` runs one round of edge training (with KD
+against the server logits that came with the message) and replies with the
+training split's features, logits, labels and ids; ``evaluate`` replies with the
+test split's features and labels, and the edge model's own test accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import RunConfig
+from .data import Partition, load_partition
+from .edge import EdgeTrainer, LogitTable
+from .records import CONFIG_KEY, FEATURES_KEY, LOGITS_KEY, META_KEY, METRICS_KEY, features_record, record_arrays
+
+app = ClientApp()
+
+STATE_KEY = "edge_state"
+
+
+def node_partition(context: Context, config: RunConfig) -> tuple[int, Partition]:
+    """This node's data, from ``partition-id`` / ``num-partitions`` in its node config."""
+    try:
+        partition_id = int(context.node_config["partition-id"])
+        num_partitions = int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node config lacks {err.args[0]!r}; start the SuperNode with "
+            "--node-config \"partition-id=<i> num-partitions=<n>\""
+        ) from None
+    return partition_id, load_partition(
+        config.dataset,
+        partition_id,
+        num_partitions,
+        partitioner=config.partitioner,
+        dirichlet_alpha=config.dirichlet_alpha,
+        seed=config.seed,
+    )
+
+
+def load_edge(
+    context: Context, config: RunConfig, num_classes: int, partition_id: int
+) -> EdgeTrainer:
+    """The node's edge trainer, restored from ``context.state`` when it has one."""
+    trainer = EdgeTrainer(
+        num_classes, lr=config.client_lr, device=config.device, seed=config.seed + partition_id
+    )
+    if STATE_KEY in context.state.array_records:
+        blob = context.state.array_records[STATE_KEY]["blob"].numpy()
+        trainer.load_state_bytes(blob.tobytes())
+    return trainer
+
+
+def save_edge(context: Context, trainer: EdgeTrainer) -> None:
+    blob = np.frombuffer(trainer.state_bytes(), dtype=np.uint8)
+    context.state[STATE_KEY] = ArrayRecord(array_dict={"blob": Array(blob.copy())})
+
+
+def _round_settings(msg: Message, config: RunConfig) -> tuple[int, str]:
+    round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    server_round = int(round_config.get("server-round", 0))  # type: ignore[arg-type]
+    dtype = str(round_config.get("feature-dtype", config.feature_dtype))
+    return server_round, dtype
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of edge training, then upload features, logits, labels and ids."""
+    config = RunConfig.from_mapping(context.run_config)
+    partition_id, partition = node_partition(context, config)
+    server_round, dtype = _round_settings(msg, config)
+    trainer = load_edge(context, config, partition.num_classes, partition_id)
+
+    teacher = None
+    if LOGITS_KEY in msg.content.array_records:
+        arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
+        teacher = LogitTable(arrays["ids"], arrays["logits"])
+
+    # shuffling differs per node and round, and is reproducible for a given seed
+    generator = torch.Generator().manual_seed(hash((config.seed, partition_id, server_round)) % 2**63)
+    metrics = trainer.train(
+        partition.train,
+        epochs=config.client_epochs,
+        batch_size=config.batch_size,
+        teacher=teacher,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        generator=generator,
+    )
+    extracted = trainer.extract(partition.train)
+    save_edge(context, trainer)
+
+    content = RecordDict(
+        {
+            FEATURES_KEY: features_record(extracted, dtype),
+            METRICS_KEY: MetricRecord({"num-examples": len(partition.train), **metrics}),
+            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": dtype}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Upload the test split's features and labels; score the edge model locally."""
+    config = RunConfig.from_mapping(context.run_config)
+    partition_id, partition = node_partition(context, config)
+    server_round, dtype = _round_settings(msg, config)
+    trainer = load_edge(context, config, partition.num_classes, partition_id)
+    extracted = trainer.extract(partition.test)
+    scores = EdgeTrainer.score(extracted.logits, extracted.labels)
+    content = RecordDict(
+        {
+            FEATURES_KEY: features_record(extracted, dtype, with_logits=False),
+            METRICS_KEY: MetricRecord(
+                {
+                    "num-examples": len(partition.test),
+                    "edge_accuracy": scores["accuracy"],
+                    "edge_loss": scores["loss"],
+                }
+            ),
+            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": dtype}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

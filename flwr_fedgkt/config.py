@@ -1,0 +1,120 @@
+"""The run configuration: typed, defaulted and validated.
+
+Flower hands apps the ``[tool.flwr.app.config]`` table (plus ``--run-config``
+overrides) as a flat mapping of kebab-case keys. :meth:`RunConfig.from_mapping`
+turns it into a typed object and names any key that is wrong.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .features import FEATURE_DTYPES
+
+__all__ = ["RunConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All run-config keys, with their defaults (the attribute names are the keys
+    with ``-`` replaced by ``_``)."""
+
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    dataset: str = "digits"
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    batch_size: int = 32
+    client_epochs: int = 1
+    server_epochs: int = 2
+    client_lr: float = 0.01
+    server_lr: float = 0.001
+    temperature: float = 3.0
+    alpha: float = 1.0
+    feature_dtype: str = "float32"
+    server_model: str = "resnet55"
+    seed: int = 42
+    output_dir: str = ""
+    device: str = "auto"
+    round_timeout: float = 3600.0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], strict: bool = False) -> RunConfig:
+        """Build from run-config keys; unknown keys are ignored unless ``strict``."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        if strict:
+            unknown = sorted(set(mapping) - set(known))
+            if unknown:
+                raise ConfigError(f"unknown run-config keys: {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for key, f in known.items():
+            if key not in mapping:
+                continue
+            raw = mapping[key]
+            default = getattr(defaults, f.name)
+            try:
+                if isinstance(default, bool):
+                    value: Any = bool(raw)
+                elif isinstance(default, int):
+                    if isinstance(raw, float) and not raw.is_integer():
+                        raise ValueError
+                    value = int(raw)
+                elif isinstance(default, float):
+                    value = float(raw)
+                else:
+                    value = str(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"run-config {key!r} = {raw!r} is not a valid {type(default).__name__}"
+                ) from None
+            values[f.name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, as in ``pyproject.toml``."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        def fail(key: str, why: str) -> None:
+            raise ConfigError(f"run-config {key!r} = {getattr(self, key.replace('-', '_'))!r}: {why}")
+
+        if self.num_server_rounds < 1:
+            fail("num-server-rounds", "must be at least 1")
+        for key in ("fraction-train", "fraction-evaluate"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
+                fail(key, "must lie in [0, 1]")
+        for key in ("batch-size",):
+            if getattr(self, key.replace("-", "_")) < 2:
+                fail(key, "must be at least 2")
+        for key in ("client-epochs", "server-epochs", "min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
+            if getattr(self, key.replace("-", "_")) < 0:
+                fail(key, "must not be negative")
+        for key in ("client-lr", "server-lr", "temperature", "dirichlet-alpha", "round-timeout"):
+            if getattr(self, key.replace("-", "_")) <= 0:
+                fail(key, "must be positive")
+        if self.alpha < 0:
+            fail("alpha", "must not be negative")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
+        if self.server_model not in ("resnet55", "resnet109"):
+            fail("server-model", "expected resnet55 or resnet109")

@@ -1,0 +1,212 @@
+"""What a FedGKT client does, without Flower.
+
+One round on the edge: train the small model with ``CE + alpha * KD`` (KD against
+the server logits the client holds, each sample's target looked up **by its sample
+id**, never by batch position), then extract features, logits, labels and sample ids
+over the training split with the model in eval mode.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .data import SampleSet
+from .distill import ce_kd_loss, kd_loss
+from .models import seeded_model
+
+__all__ = ["LogitTable", "Extracted", "EdgeTrainer", "resolve_device"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LogitTable:
+    """Server logits keyed by sample id.
+
+    ``lookup(ids)`` returns the logits of those samples and a mask of the ones
+    that have a target (a sample the server has not scored yet has none).
+    """
+
+    def __init__(self, ids: np.ndarray | Tensor, logits: np.ndarray | Tensor) -> None:
+        ids_t = torch.as_tensor(ids, dtype=torch.long)
+        logits_t = torch.as_tensor(logits, dtype=torch.float32)
+        if ids_t.ndim != 1 or logits_t.ndim != 2 or logits_t.shape[0] != ids_t.shape[0]:
+            raise ValueError(
+                f"server logits of shape {tuple(logits_t.shape)} do not match "
+                f"{tuple(ids_t.shape)} sample ids"
+            )
+        order = torch.argsort(ids_t)
+        self.ids = ids_t[order]
+        self.logits = logits_t[order]
+        if self.ids.numel() > 1 and bool((self.ids[1:] == self.ids[:-1]).any()):
+            raise ValueError("server logits hold duplicate sample ids")
+
+    def __len__(self) -> int:
+        return int(self.ids.numel())
+
+    def lookup(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        ids = ids.to("cpu", torch.long)
+        if len(self) == 0:
+            return torch.zeros(len(ids), 0), torch.zeros(len(ids), dtype=torch.bool)
+        pos = torch.searchsorted(self.ids, ids).clamp_(max=len(self) - 1)
+        found = self.ids[pos] == ids
+        return self.logits[pos], found
+
+
+@dataclass
+class Extracted:
+    """What a client uploads: features, edge logits, labels and sample ids."""
+
+    features: Tensor  # N x 16 x 32 x 32, float32, CPU
+    logits: Tensor  # N x K, float32, CPU
+    labels: Tensor  # N, int64
+    ids: Tensor  # N, int64
+
+
+class EdgeTrainer:
+    """The edge model and its optimizer, which persist across rounds on one client.
+
+    Parameters
+    ----------
+    num_classes : int
+        Size of the classification head.
+    lr : float (default: 0.01)
+        SGD learning rate (momentum 0.9, weight decay 5e-4).
+    device : str (default: "auto")
+        ``auto`` uses CUDA when available.
+    model_name : str (default: "resnet8")
+        Edge architecture from :func:`flwr_fedgkt.models.build_model`.
+    seed : int | None (default: None)
+        Seeds the model initialisation (without touching the global RNG).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        lr: float = 0.01,
+        device: str = "auto",
+        model_name: str = "resnet8",
+        seed: int | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = seeded_model(model_name, num_classes, seed).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4
+        )
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- state ---------------------------------------------------------------------
+    def state_bytes(self) -> bytes:
+        """Model and optimizer state, serialised (for a client's persistent state)."""
+        buffer = io.BytesIO()
+        torch.save(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, buffer
+        )
+        return buffer.getvalue()
+
+    def load_state_bytes(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    # -- one round -----------------------------------------------------------------
+    def train(
+        self,
+        data: SampleSet,
+        epochs: int,
+        batch_size: int,
+        teacher: LogitTable | None = None,
+        temperature: float = 3.0,
+        alpha: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, float]:
+        """Train ``epochs`` over ``data``; KD targets come from ``teacher`` by sample id.
+
+        Returns the mean training loss and accuracy of the last epoch.
+        """
+        loader = DataLoader(
+            TensorDataset(data.images, data.labels, data.ids),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+        )
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(max(epochs, 0)):
+            loss_sum, correct, seen = 0.0, 0, 0
+            for images, labels, ids in loader:
+                images, labels = images.to(self.device), labels.to(self.device)
+                logits, _ = self.model(images)
+                loss = self._loss(logits, labels, ids, teacher, temperature, alpha)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                loss_sum += float(loss) * len(labels)
+                correct += int((logits.argmax(1) == labels).sum())
+                seen += len(labels)
+        return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+    def _loss(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        ids: Tensor,
+        teacher: LogitTable | None,
+        temperature: float,
+        alpha: float,
+    ) -> Tensor:
+        if teacher is None or len(teacher) == 0 or alpha == 0:
+            return ce_kd_loss(logits, labels, None)
+        targets, found = teacher.lookup(ids)
+        if bool(found.all()):
+            return ce_kd_loss(logits, labels, targets.to(self.device), temperature, alpha)
+        loss = F.cross_entropy(logits, labels)
+        if bool(found.any()):
+            mask = found.to(self.device)
+            # KD averaged over the samples that have a target, weighted by their share
+            kd = kd_loss(logits[mask], targets[found].to(self.device), temperature)
+            loss = loss + alpha * kd * (mask.sum() / len(mask))
+        return loss
+
+    @torch.no_grad()
+    def extract(self, data: SampleSet, batch_size: int = 256) -> Extracted:
+        """Features, logits, labels and ids over ``data``, in eval mode, in order."""
+        self.model.eval()
+        feats, logits = [], []
+        for start in range(0, len(data), batch_size):
+            out, f = self.model(data.images[start : start + batch_size].to(self.device))
+            feats.append(f.float().cpu())
+            logits.append(out.float().cpu())
+        num_classes = self.model.fc.out_features if isinstance(self.model.fc, nn.Linear) else 0
+        return Extracted(
+            features=torch.cat(feats) if feats else torch.zeros(0, 16, 32, 32),
+            logits=torch.cat(logits) if logits else torch.zeros(0, num_classes),
+            labels=data.labels.clone(),
+            ids=data.ids.clone(),
+        )
+
+    @staticmethod
+    def score(logits: Tensor, labels: Tensor) -> dict[str, float]:
+        """Cross-entropy loss and accuracy of ``logits`` against ``labels``."""
+        if len(labels) == 0:
+            return {"loss": 0.0, "accuracy": 0.0}
+        return {
+            "loss": float(F.cross_entropy(logits, labels)),
+            "accuracy": float((logits.argmax(1) == labels).float().mean()),
+        }

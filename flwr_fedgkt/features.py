@@ -1,0 +1,333 @@
+"""Feature payloads: the wire codec, validation of incoming replies, the feature store.
+
+A client's upload is a :class:`FeaturePayload`: its training split's feature maps
+(in a compact *wire dtype*), its edge logits, labels and sample ids. The server
+keeps features at rest in the wire dtype and widens them to float32 one batch at a
+time (:meth:`FeatureStore.batches`).
+
+Wire dtypes
+-----------
+``float32``  exact.
+``float16``  relative error <= 2^-11 in the normal range.
+``bfloat16`` relative error <= 2^-8 (sent as the raw 16 bits in an ``int16`` array).
+``int8``     8-bit affine per channel: ``x ~= offset[c] + scale[c] * q`` with ``q`` in
+             0..255 (sent as ``uint8``); absolute error <= scale[c] / 2, i.e. half a
+             step of the channel's range / 255. Edge features are post-ReLU and
+             non-negative, so an affine code uses all 256 levels where a symmetric
+             int8 code would waste half of them.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FEATURE_DTYPES",
+    "PayloadError",
+    "EncodedFeatures",
+    "FeaturePayload",
+    "encode_features",
+    "decode_features",
+    "validate_payload",
+    "FeatureStore",
+]
+
+FEATURE_DTYPES = ("float32", "float16", "bfloat16", "int8")
+
+_WIRE_NUMPY_DTYPE = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.int16),
+    "int8": np.dtype(np.uint8),
+}
+
+
+class PayloadError(ValueError):
+    """A client's payload is malformed; the message says what is wrong."""
+
+
+def _check_dtype_name(dtype: str) -> None:
+    if dtype not in FEATURE_DTYPES:
+        raise PayloadError(
+            f"unknown feature dtype {dtype!r}; expected one of {', '.join(FEATURE_DTYPES)}"
+        )
+
+
+@dataclass
+class EncodedFeatures:
+    """Features in a wire dtype, as numpy arrays ready for an ``ArrayRecord``."""
+
+    dtype: str
+    data: np.ndarray
+    scale: np.ndarray | None = None  # int8 only: per-channel step, float32 (C,)
+    offset: np.ndarray | None = None  # int8 only: per-channel minimum, float32 (C,)
+
+    @property
+    def nbytes(self) -> int:
+        extra = sum(a.nbytes for a in (self.scale, self.offset) if a is not None)
+        return int(self.data.nbytes + extra)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"features": self.data}
+        if self.scale is not None and self.offset is not None:
+            out["feature_scale"] = self.scale
+            out["feature_offset"] = self.offset
+        return out
+
+
+def encode_features(features: Tensor, dtype: str) -> EncodedFeatures:
+    """Encode ``N x C x H x W`` float features in the wire dtype ``dtype``."""
+    _check_dtype_name(dtype)
+    x = features.detach().to("cpu", torch.float32).contiguous()
+    if dtype == "float32":
+        return EncodedFeatures(dtype, x.numpy())
+    if dtype == "float16":
+        return EncodedFeatures(dtype, x.to(torch.float16).numpy())
+    if dtype == "bfloat16":
+        return EncodedFeatures(dtype, x.to(torch.bfloat16).view(torch.int16).numpy())
+    # int8: affine per channel
+    per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+    if per_channel.shape[1] == 0:
+        lo = torch.zeros(x.shape[1])
+        hi = torch.zeros(x.shape[1])
+    else:
+        lo, hi = per_channel.min(dim=1).values, per_channel.max(dim=1).values
+    scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+    shape = (1, -1, 1, 1)
+    q = torch.round((x - lo.view(shape)) / scale.view(shape)).clamp_(0, 255).to(torch.uint8)
+    return EncodedFeatures(dtype, q.numpy(), scale.numpy(), lo.numpy())
+
+
+def decode_features(encoded: EncodedFeatures) -> Tensor:
+    """Widen encoded features back to a float32 tensor."""
+    return _widen(
+        torch.from_numpy(np.ascontiguousarray(encoded.data)),
+        encoded.dtype,
+        None if encoded.scale is None else torch.from_numpy(encoded.scale),
+        None if encoded.offset is None else torch.from_numpy(encoded.offset),
+    )
+
+
+def _widen(data: Tensor, dtype: str, scale: Tensor | None, offset: Tensor | None) -> Tensor:
+    if dtype == "float32":
+        return data.float()
+    if dtype == "float16":
+        return data.float()
+    if dtype == "bfloat16":
+        return data.view(torch.bfloat16).float()
+    assert scale is not None and offset is not None
+    shape = (1, -1, 1, 1)
+    return data.float() * scale.view(shape) + offset.view(shape)
+
+
+@dataclass
+class FeaturePayload:
+    """One client's upload for one round."""
+
+    features: EncodedFeatures
+    logits: np.ndarray  # N x K float32
+    labels: np.ndarray  # N int64
+    ids: np.ndarray  # N int64
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(
+            self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.ids.nbytes
+        )
+
+
+def validate_payload(
+    arrays: Mapping[str, np.ndarray],
+    dtype: str,
+    feature_shape: tuple[int, int, int],
+    num_classes: int,
+    require_logits: bool = True,
+) -> FeaturePayload:
+    """Check every part of an incoming payload and build a :class:`FeaturePayload`.
+
+    Raises :class:`PayloadError` naming the first thing that is wrong: a missing
+    array, a wrong shape or dtype, non-finite values, labels out of range, lengths
+    that disagree, duplicate or negative sample ids.
+    """
+    _check_dtype_name(dtype)
+    required = ["features", "labels", "ids"] + (["logits"] if require_logits else [])
+    if dtype == "int8":
+        required += ["feature_scale", "feature_offset"]
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise PayloadError(f"missing arrays: {', '.join(missing)}")
+
+    features = arrays["features"]
+    expected_dtype = _WIRE_NUMPY_DTYPE[dtype]
+    if features.dtype != expected_dtype:
+        raise PayloadError(
+            f"features have dtype {features.dtype}, expected {expected_dtype} for {dtype!r}"
+        )
+    if features.ndim != 4 or tuple(features.shape[1:]) != tuple(feature_shape):
+        raise PayloadError(
+            f"features have shape {tuple(features.shape)}, expected (N, {', '.join(map(str, feature_shape))})"
+        )
+    n = features.shape[0]
+    if n == 0:
+        raise PayloadError("payload holds no samples")
+
+    labels, ids = arrays["labels"], arrays["ids"]
+    for name, arr in (("labels", labels), ("ids", ids)):
+        if arr.dtype.kind not in "iu":
+            raise PayloadError(f"{name} have dtype {arr.dtype}, expected an integer dtype")
+        if arr.shape != (n,):
+            raise PayloadError(f"{name} have shape {tuple(arr.shape)}, expected ({n},) to match the features")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise PayloadError(
+            f"labels out of range: min {labels.min()}, max {labels.max()}, classes {num_classes}"
+        )
+    if ids.min() < 0:
+        raise PayloadError(f"negative sample id {ids.min()}")
+    if np.unique(ids).size != n:
+        raise PayloadError(f"duplicate sample ids ({n - np.unique(ids).size} repeated)")
+
+    logits = np.zeros((n, num_classes), dtype=np.float32)
+    if require_logits:
+        logits = arrays["logits"]
+        if logits.dtype != np.float32:
+            raise PayloadError(f"logits have dtype {logits.dtype}, expected float32")
+        if logits.shape != (n, num_classes):
+            raise PayloadError(
+                f"logits have shape {tuple(logits.shape)}, expected ({n}, {num_classes})"
+            )
+        if not np.isfinite(logits).all():
+            raise PayloadError("logits contain NaN or Inf")
+
+    scale = offset = None
+    if dtype == "int8":
+        scale, offset = arrays["feature_scale"], arrays["feature_offset"]
+        for name, arr in (("feature_scale", scale), ("feature_offset", offset)):
+            if arr.dtype != np.float32 or arr.shape != (feature_shape[0],):
+                raise PayloadError(
+                    f"{name} has shape {tuple(arr.shape)} and dtype {arr.dtype}, "
+                    f"expected ({feature_shape[0]},) float32"
+                )
+            if not np.isfinite(arr).all():
+                raise PayloadError(f"{name} contains NaN or Inf")
+    elif dtype in ("float32", "float16"):
+        if not np.isfinite(features).all():
+            raise PayloadError("features contain NaN or Inf")
+    else:  # bfloat16: the exponent bits all set mean Inf or NaN
+        if ((features.view(np.uint16) & 0x7F80) == 0x7F80).any():
+            raise PayloadError("features contain NaN or Inf")
+
+    return FeaturePayload(
+        features=EncodedFeatures(dtype, features, scale, offset),
+        logits=logits,
+        labels=labels.astype(np.int64, copy=False),
+        ids=ids.astype(np.int64, copy=False),
+    )
+
+
+@dataclass
+class _Entry:
+    payload: FeaturePayload
+    round: int
+    data: Tensor = field(repr=False)  # features in the wire dtype, as a tensor view
+    scale: Tensor | None = field(default=None, repr=False)
+    offset: Tensor | None = field(default=None, repr=False)
+
+
+class FeatureStore:
+    """Features of every node, in their wire dtype, keyed by node.
+
+    A node's newer upload replaces its older one.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}
+
+    def put(self, node: int, payload: FeaturePayload, server_round: int) -> None:
+        enc = payload.features
+        self._entries[node] = _Entry(
+            payload=payload,
+            round=server_round,
+            data=torch.from_numpy(np.ascontiguousarray(enc.data)),
+            scale=None if enc.scale is None else torch.from_numpy(enc.scale),
+            offset=None if enc.offset is None else torch.from_numpy(enc.offset),
+        )
+
+    def remove(self, node: int) -> None:
+        self._entries.pop(node, None)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def nodes(self) -> list[int]:
+        return sorted(self._entries)
+
+    def payload(self, node: int) -> FeaturePayload:
+        return self._entries[node].payload
+
+    def last_round(self, node: int) -> int:
+        return self._entries[node].round
+
+    @property
+    def num_samples(self) -> int:
+        return sum(e.payload.num_samples for e in self._entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held at rest (features in wire dtype plus logits, labels, ids)."""
+        return sum(e.payload.nbytes for e in self._entries.values())
+
+    def node_features(self, node: int) -> Tensor:
+        """All of one node's features, widened to float32."""
+        e = self._entries[node]
+        return _widen(e.data, e.payload.features.dtype, e.scale, e.offset)
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None, nodes: list[int] | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(features, labels, client_logits)`` batches over the nodes' samples.
+
+        Samples are shuffled across all nodes when ``generator`` is given (in a
+        fixed order otherwise); features are widened to float32 one batch at a time.
+        """
+        keys = self.nodes() if nodes is None else sorted(nodes)
+        entries = [self._entries[k] for k in keys]
+        sizes = torch.tensor([e.payload.num_samples for e in entries], dtype=torch.long)
+        if len(entries) == 0:
+            return
+        offsets = torch.cumsum(sizes, 0) - sizes
+        total = int(sizes.sum())
+        order = (
+            torch.randperm(total, generator=generator) if generator is not None else torch.arange(total)
+        )
+        labels = [torch.from_numpy(e.payload.labels) for e in entries]
+        logits = [torch.from_numpy(e.payload.logits) for e in entries]
+        for start in range(0, total, batch_size):
+            idx = order[start : start + batch_size]
+            owner = torch.searchsorted(offsets, idx, right=True) - 1
+            feats, labs, logs, positions = [], [], [], []
+            for k in torch.unique(owner).tolist():
+                mask = owner == k
+                rows = idx[mask] - offsets[k]
+                e = entries[k]
+                feats.append(_widen(e.data[rows], e.payload.features.dtype, e.scale, e.offset))
+                labs.append(labels[k][rows])
+                logs.append(logits[k][rows])
+                positions.append(torch.nonzero(mask).flatten())
+            # restore the shuffled order inside the batch
+            inverse = torch.empty(len(idx), dtype=torch.long)
+            inverse[torch.cat(positions)] = torch.arange(len(idx))
+            yield torch.cat(feats)[inverse], torch.cat(labs)[inverse], torch.cat(logs)[inverse]

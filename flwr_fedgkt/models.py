@@ -1,0 +1,185 @@
+"""CIFAR-style ResNets with Bottleneck blocks, split for FedGKT.
+
+The edge model (ResNet-8) is a stem and one stage of two Bottleneck blocks. Its
+*features* are the stem's output (``B x 16 x 32 x 32`` for a 32x32 image); the
+server model (ResNet-55 / ResNet-109) is the rest of a ResNet-56 / ResNet-110 and
+takes those features as input. The full ResNet-56 / ResNet-110 serve the FedAvg
+baseline.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FEATURE_CHANNELS",
+    "Bottleneck",
+    "EdgeResNet",
+    "ServerResNet",
+    "FullResNet",
+    "MODEL_NAMES",
+    "build_model",
+    "count_parameters",
+    "seeded_model",
+]
+
+FEATURE_CHANNELS = 16
+"""Channels of the stem's output, i.e. of the features sent by the edge."""
+
+STAGE_WIDTHS = (16, 32, 64)
+
+
+class Bottleneck(nn.Module):
+    """ResNet Bottleneck block (1x1 -> 3x3 -> 1x1, expansion 4)."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(
+            planes, planes, kernel_size=3, stride=stride, padding=1, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_planes),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _stem() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, FEATURE_CHANNELS, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(FEATURE_CHANNELS),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _stages(blocks: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """Bottleneck stages on 16-channel input; returns the stages and their output width."""
+    in_planes = FEATURE_CHANNELS
+    stages = []
+    for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks)):
+        stride = 1 if index == 0 else 2
+        layers = []
+        for block in range(count):
+            layers.append(Bottleneck(in_planes, planes, stride if block == 0 else 1))
+            in_planes = planes * Bottleneck.expansion
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stages), in_planes
+
+
+def _init_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class EdgeResNet(nn.Module):
+    """Edge ResNet-8: stem -> one Bottleneck stage -> global pool -> fc.
+
+    ``forward`` returns ``(logits, features)``; ``features`` is the stem's output.
+    """
+
+    def __init__(self, num_classes: int = 10, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = _stem()
+        self.body, width = _stages((blocks,))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.stem(x)
+        out = self.pool(self.body(features)).flatten(1)
+        return self.fc(out), features
+
+
+class ServerResNet(nn.Module):
+    """The large model without its stem: three Bottleneck stages on edge features."""
+
+    def __init__(self, blocks: tuple[int, int, int], num_classes: int = 10) -> None:
+        super().__init__()
+        self.body, width = _stages(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc(self.pool(self.body(features)).flatten(1))
+
+
+class FullResNet(nn.Module):
+    """A whole CIFAR ResNet (stem + three Bottleneck stages), for the FedAvg baseline."""
+
+    def __init__(self, blocks: tuple[int, int, int], num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _stem()
+        self.body, width = _stages(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
+
+
+_FACTORIES: dict[str, Callable[[int], nn.Module]] = {
+    "resnet8": lambda n: EdgeResNet(n),
+    "resnet55": lambda n: ServerResNet((6, 6, 6), n),
+    "resnet109": lambda n: ServerResNet((12, 12, 12), n),
+    "resnet56": lambda n: FullResNet((6, 6, 6), n),
+    "resnet110": lambda n: FullResNet((12, 12, 12), n),
+}
+
+MODEL_NAMES = tuple(_FACTORIES)
+
+
+def build_model(name: str, num_classes: int = 10) -> nn.Module:
+    """Build a model by name: ``resnet8`` (edge), ``resnet55`` / ``resnet109``
+    (server), ``resnet56`` / ``resnet110`` (full, for FedAvg)."""
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
+        ) from None
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return factory(num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def seeded_model(name: str, num_classes: int = 10, seed: int | None = None) -> nn.Module:
+    """:func:`build_model` with its initialisation drawn from ``seed`` (when given),
+    leaving torch's global RNG as it was."""
+    if seed is None:
+        return build_model(name, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, num_classes)

@@ -1,0 +1,72 @@
+"""How FedGKT payloads travel in Flower records (the only Flower-aware codec code).
+
+Upload (client -> server), in the reply's ``RecordDict``:
+    ``"features"``: ArrayRecord with ``features`` (wire dtype), ``labels``, ``ids`` and,
+    for training, ``logits``; for ``int8`` also ``feature_scale``/``feature_offset``.
+    ``"metrics"``: MetricRecord with ``num-examples`` and the edge's own metrics.
+    ``"meta"``: ConfigRecord with ``feature-dtype`` and ``server-round``.
+Download (server -> client):
+    ``"server_logits"``: ArrayRecord with ``ids`` and ``logits`` (absent in round 1).
+    ``"config"``: ConfigRecord with the round's settings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from .edge import Extracted
+from .features import encode_features
+
+__all__ = [
+    "FEATURES_KEY",
+    "LOGITS_KEY",
+    "METRICS_KEY",
+    "META_KEY",
+    "CONFIG_KEY",
+    "features_record",
+    "logits_record",
+    "record_arrays",
+    "arrays_bytes",
+]
+
+FEATURES_KEY = "features"
+LOGITS_KEY = "server_logits"
+METRICS_KEY = "metrics"
+META_KEY = "meta"
+CONFIG_KEY = "config"
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()},
+        keep_input=True,
+    )
+
+
+def features_record(extracted: Extracted, dtype: str, with_logits: bool = True) -> ArrayRecord:
+    """Encode an extraction as an ArrayRecord in wire dtype ``dtype``."""
+    arrays = encode_features(extracted.features, dtype).arrays()
+    arrays["labels"] = extracted.labels.numpy().astype(np.int64)
+    arrays["ids"] = extracted.ids.numpy().astype(np.int64)
+    if with_logits:
+        arrays["logits"] = extracted.logits.numpy().astype(np.float32)
+    return _record(arrays)
+
+
+def logits_record(ids: np.ndarray, logits: np.ndarray) -> ArrayRecord:
+    return _record({"ids": ids.astype(np.int64), "logits": logits.astype(np.float32)})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The numpy arrays of an ArrayRecord, by key."""
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def arrays_bytes(content: RecordDict) -> int:
+    """Bytes of all ArrayRecords in a message's content, as Flower counts them."""
+    return int(sum(rec.count_bytes() for rec in content.array_records.values()))
+
+
+def round_config(values: dict[str, int | float | str]) -> ConfigRecord:
+    return ConfigRecord(dict(values))

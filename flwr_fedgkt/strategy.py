@@ -1,0 +1,364 @@
+"""FedGKT as a Flower strategy on the Message API.
+
+No weights are averaged. Each round:
+
+1. ``configure_train`` sends every sampled node its *own* server logits (none in
+   its first round) and the round's config;
+2. ``aggregate_train`` validates each reply, stores the valid ones' features, trains
+   the large server model on all stored features and computes fresh server logits
+   for each node that replied;
+3. ``configure_evaluate``/``aggregate_evaluate`` score the server model on the
+   nodes' test-split features and collect the edge model's own accuracy.
+
+A reply that fails validation is rejected with its reason (in the log and in the
+round's record) and touches neither the feature store nor the server model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from .features import FEATURE_DTYPES, FeaturePayload, FeatureStore, PayloadError, decode_features, validate_payload
+from .models import FEATURE_CHANNELS
+from .records import (
+    CONFIG_KEY,
+    FEATURES_KEY,
+    LOGITS_KEY,
+    META_KEY,
+    METRICS_KEY,
+    arrays_bytes,
+    logits_record,
+    record_arrays,
+)
+from .server import ServerTrainer
+
+__all__ = ["FedGKT"]
+
+RoundRecord = dict[str, Any]
+
+
+# pylint: disable=too-many-instance-attributes
+class FedGKT(Strategy):
+    """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
+
+    Implementation based on https://arxiv.org/abs/2007.14513
+
+    Parameters
+    ----------
+    trainer : ServerTrainer
+        The server-side large model with its optimizer; trained inside
+        ``aggregate_train``.
+    server_epochs : int (default: 1)
+        Epochs of server training per round over all stored features.
+    feature_dtype : str (default: "float32")
+        Wire dtype the clients encode features in: float32, float16, bfloat16, int8.
+    feature_shape : tuple[int, int, int] (default: (16, 32, 32))
+        Shape of one sample's features; replies with another shape are rejected.
+    fraction_train : float (default: 1.0)
+        Fraction of nodes sampled for training.
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes sampled for evaluation.
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes sampled for training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for evaluation.
+    min_available_nodes : int (default: 2)
+        Minimum number of connected nodes before a round starts.
+    on_round_end : Callable[[dict], None] | None (default: None)
+        Called with each round's record once the round's evaluation is done (the
+        ServerApp writes ``results.json`` there).
+    """
+
+    # pylint: disable=too-many-arguments,too-many-positional-arguments
+    def __init__(
+        self,
+        trainer: ServerTrainer,
+        server_epochs: int = 1,
+        feature_dtype: str = "float32",
+        feature_shape: tuple[int, int, int] = (FEATURE_CHANNELS, 32, 32),
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        on_round_end: Callable[[RoundRecord], None] | None = None,
+    ) -> None:
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(
+                f"feature_dtype {feature_dtype!r} is not one of {', '.join(FEATURE_DTYPES)}"
+            )
+        self.trainer = trainer
+        self.server_epochs = server_epochs
+        self.feature_dtype = feature_dtype
+        self.feature_shape = feature_shape
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.on_round_end = on_round_end
+        self.store = FeatureStore()
+        self.server_logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.history: list[RoundRecord] = []
+        self._round: RoundRecord = {}
+
+    # ------------------------------------------------------------------------------
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        log(INFO, "\t├──> Sampling:")
+        log(
+            INFO,
+            "\t│\t├──Fraction: train (%.2f) | evaluate ( %.2f)",
+            self.fraction_train,
+            self.fraction_evaluate,
+        )
+        log(
+            INFO,
+            "\t│\t├──Minimum nodes: train (%d) | evaluate (%d)",
+            self.min_train_nodes,
+            self.min_evaluate_nodes,
+        )
+        log(INFO, "\t│\t└──Minimum available nodes: %d", self.min_available_nodes)
+        log(INFO, "\t└──> Group knowledge transfer:")
+        log(
+            INFO,
+            "\t\t├── Server model: %s (%d params) on %s",
+            self.trainer.model_name,
+            self.trainer.num_parameters,
+            self.trainer.device,
+        )
+        log(
+            INFO,
+            "\t\t├── Server epochs per round: %d | KD T=%.2f alpha=%.2f",
+            self.server_epochs,
+            self.trainer.temperature,
+            self.trainer.alpha,
+        )
+        log(
+            INFO,
+            "\t\t└── Features: %s, shape %s",
+            self.feature_dtype,
+            "x".join(map(str, self.feature_shape)),
+        )
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        if fraction == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        sample_size = max(num_nodes, minimum, 1)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        return sorted(node_ids)
+
+    # -- training ------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One Message per sampled node, each carrying that node's own server logits."""
+        self._round = {
+            "round": server_round,
+            "started": time.perf_counter(),
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "rejected_replies": [],
+            "failed_nodes": [],
+        }
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        messages = []
+        for node_id in node_ids:
+            round_config = ConfigRecord(dict(config))
+            round_config["server-round"] = server_round
+            round_config["feature-dtype"] = self.feature_dtype
+            content = RecordDict({CONFIG_KEY: round_config})
+            if node_id in self.server_logits:
+                ids, logits = self.server_logits[node_id]
+                content[LOGITS_KEY] = logits_record(ids, logits)
+            self._round["bytes_down"] += arrays_bytes(content)
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            )
+        return messages
+
+    def _decode(
+        self, msg: Message, server_round: int, require_logits: bool
+    ) -> FeaturePayload:
+        """Validate one reply; raise PayloadError naming what is wrong."""
+        content = msg.content
+        if FEATURES_KEY not in content.array_records:
+            raise PayloadError(f"missing ArrayRecord {FEATURES_KEY!r}")
+        if META_KEY not in content.config_records:
+            raise PayloadError(f"missing ConfigRecord {META_KEY!r}")
+        meta = content.config_records[META_KEY]
+        reply_round = meta.get("server-round")
+        if reply_round != server_round:
+            raise PayloadError(f"reply is for round {reply_round}, expected {server_round}")
+        dtype = meta.get("feature-dtype")
+        if dtype != self.feature_dtype:
+            raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
+        try:
+            arrays = record_arrays(content.array_records[FEATURES_KEY])
+        except Exception as err:  # a corrupt Array cannot even be decoded
+            raise PayloadError(f"undecodable arrays: {err}") from None
+        return validate_payload(
+            arrays,
+            self.feature_dtype,
+            self.feature_shape,
+            self.trainer.num_classes,
+            require_logits=require_logits,
+        )
+
+    def _triage(
+        self, replies: Iterable[Message], server_round: int, require_logits: bool
+    ) -> list[tuple[int, FeaturePayload, dict[str, float]]]:
+        """Split replies into valid payloads and rejected/failed ones (recorded)."""
+        accepted = []
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = msg.error.reason
+                log(WARNING, "node %d failed: %s", node_id, reason)
+                self._round["failed_nodes"].append({"node_id": node_id, "reason": reason})
+                continue
+            self._round["bytes_up"] += arrays_bytes(msg.content)
+            try:
+                payload = self._decode(msg, server_round, require_logits)
+            except PayloadError as err:
+                log(WARNING, "rejected reply from node %d: %s", node_id, err)
+                self._round["rejected_replies"].append({"node_id": node_id, "reason": str(err)})
+                continue
+            metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
+            accepted.append((node_id, payload, {k: float(v) for k, v in metrics.items()}))  # type: ignore[arg-type]
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and store the features, train the server model, refresh logits."""
+        accepted = self._triage(replies, server_round, require_logits=True)
+        for node_id, payload, _ in accepted:
+            self.store.put(node_id, payload, server_round)
+
+        result = self.trainer.train(self.store, self.server_epochs)
+        for node_id, _, _ in accepted:
+            self.server_logits[node_id] = self.trainer.logits_for(self.store, node_id)
+
+        num_examples = sum(p.num_samples for _, p, _ in accepted)
+        metrics = MetricRecord(
+            {
+                "num-examples": num_examples,
+                "replies": len(accepted),
+                "server-train-loss": result.loss,
+                "server-train-accuracy": result.accuracy,
+                "server-train-seconds": result.seconds,
+            }
+        )
+        if num_examples:
+            for key in ("train_loss", "train_accuracy"):
+                values = [(m.get(key), p.num_samples) for _, p, m in accepted if key in m]
+                if values:
+                    metrics[f"edge-{key.replace('_', '-')}"] = float(
+                        sum(v * n for v, n in values) / sum(n for _, n in values)
+                    )
+        self._round.update(
+            {
+                "server_train_seconds": result.seconds,
+                "server_train_loss": result.loss,
+                "server_train_accuracy": result.accuracy,
+                "train_nodes": len(accepted),
+                "stored_samples": self.store.num_samples,
+                "stored_feature_bytes": self.store.nbytes,
+            }
+        )
+        return None, metrics
+
+    # -- evaluation ----------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask sampled nodes for the features of their test split."""
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        messages = []
+        for node_id in node_ids:
+            round_config = ConfigRecord(dict(config))
+            round_config["server-round"] = server_round
+            round_config["feature-dtype"] = self.feature_dtype
+            messages.append(
+                Message(
+                    content=RecordDict({CONFIG_KEY: round_config}),
+                    message_type=MessageType.EVALUATE,
+                    dst_node_id=node_id,
+                )
+            )
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Score the server model on the test features; report edge accuracy too."""
+        accepted = self._triage(replies, server_round, require_logits=False)
+        correct, loss_sum, total = 0.0, 0.0, 0
+        edge_correct, edge_loss = 0.0, 0.0
+        for _, payload, metrics in accepted:
+            scores = self.trainer.evaluate(
+                decode_features(payload.features), torch.from_numpy(payload.labels)
+            )
+            n = payload.num_samples
+            correct += scores["accuracy"] * n
+            loss_sum += scores["loss"] * n
+            edge_correct += metrics.get("edge_accuracy", 0.0) * n
+            edge_loss += metrics.get("edge_loss", 0.0) * n
+            total += n
+
+        record = self._round
+        record.update(
+            {
+                "accuracy": correct / total if total else None,
+                "loss": loss_sum / total if total else None,
+                "edge_accuracy": edge_correct / total if total else None,
+                "edge_loss": edge_loss / total if total else None,
+                "eval_nodes": len(accepted),
+                "eval_samples": total,
+            }
+        )
+        record["seconds"] = time.perf_counter() - record.pop("started", time.perf_counter())
+        self.history.append(record)
+        log(
+            INFO,
+            "round %d: accuracy %s | edge accuracy %s | up %.2f MB | down %.2f MB | "
+            "server train %.1fs | round %.1fs | rejected %d",
+            server_round,
+            _fmt(record["accuracy"]),
+            _fmt(record["edge_accuracy"]),
+            record["bytes_up"] / 1e6,
+            record["bytes_down"] / 1e6,
+            record.get("server_train_seconds", 0.0),
+            record["seconds"],
+            len(record["rejected_replies"]),
+        )
+        if self.on_round_end is not None:
+            self.on_round_end(record)
+        if not total:
+            return None
+        return MetricRecord(
+            {
+                "num-examples": total,
+                "accuracy": record["accuracy"],
+                "loss": record["loss"],
+                "edge-accuracy": record["edge_accuracy"],
+            }
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
