@@ -10,13 +10,12 @@ test split's features and labels, and the edge model's own test accuracy.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
 from .data import Partition, load_partition
-from .edge import EdgeTrainer, LogitTable
+from .edge import EdgeTrainer, LogitTable, edge_generator
 from .records import CONFIG_KEY, FEATURES_KEY, LOGITS_KEY, META_KEY, METRICS_KEY, features_record, record_arrays
 
 app = ClientApp()
@@ -82,8 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
         teacher = LogitTable(arrays["ids"], arrays["logits"])
 
-    # shuffling differs per node and round, and is reproducible for a given seed
-    generator = torch.Generator().manual_seed(hash((config.seed, partition_id, server_round)) % 2**63)
+    generator = edge_generator(config.seed, partition_id, server_round)
     metrics = trainer.train(
         partition.train,
         epochs=config.client_epochs,

@@ -38,9 +38,10 @@ class RunConfig:
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     batch_size: int = 32
+    server_batch_size: int = 64
     client_epochs: int = 1
     server_epochs: int = 2
-    client_lr: float = 0.01
+    client_lr: float = 0.003
     server_lr: float = 0.001
     temperature: float = 3.0
     alpha: float = 1.0
@@ -103,7 +104,7 @@ class RunConfig:
         for key in ("fraction-train", "fraction-evaluate"):
             if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
                 fail(key, "must lie in [0, 1]")
-        for key in ("batch-size",):
+        for key in ("batch-size", "server-batch-size"):
             if getattr(self, key.replace("-", "_")) < 2:
                 fail(key, "must be at least 2")
         for key in ("client-epochs", "server-epochs", "min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):

@@ -23,7 +23,7 @@ from .data import SampleSet
 from .distill import ce_kd_loss, kd_loss
 from .models import seeded_model
 
-__all__ = ["LogitTable", "Extracted", "EdgeTrainer", "resolve_device"]
+__all__ = ["LogitTable", "Extracted", "EdgeTrainer", "edge_generator", "resolve_device"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,6 +31,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def edge_generator(seed: int, partition_id: int, server_round: int) -> torch.Generator:
+    """The shuffling RNG of one node's edge training in one round: different per
+    node and round, reproducible for a given seed."""
+    return torch.Generator().manual_seed(hash((seed, partition_id, server_round)) % 2**63)
 
 
 class LogitTable:
@@ -83,8 +89,8 @@ class EdgeTrainer:
     ----------
     num_classes : int
         Size of the classification head.
-    lr : float (default: 0.01)
-        SGD learning rate (momentum 0.9, weight decay 5e-4).
+    lr : float (default: 0.003)
+        Adam learning rate (weight decay 5e-4).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     model_name : str (default: "resnet8")
@@ -96,16 +102,14 @@ class EdgeTrainer:
     def __init__(
         self,
         num_classes: int,
-        lr: float = 0.01,
+        lr: float = 0.003,
         device: str = "auto",
         model_name: str = "resnet8",
         seed: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.model = seeded_model(model_name, num_classes, seed).to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4
-        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=5e-4)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -157,7 +161,7 @@ class EdgeTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                loss_sum += float(loss) * len(labels)
+                loss_sum += float(loss.detach()) * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(labels)
         return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}

@@ -28,6 +28,7 @@ __all__ = [
     "logits_record",
     "record_arrays",
     "arrays_bytes",
+    "arrays_record",
 ]
 
 FEATURES_KEY = "features"
@@ -37,7 +38,7 @@ META_KEY = "meta"
 CONFIG_KEY = "config"
 
 
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(
         array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()},
         keep_input=True,
@@ -51,11 +52,11 @@ def features_record(extracted: Extracted, dtype: str, with_logits: bool = True) 
     arrays["ids"] = extracted.ids.numpy().astype(np.int64)
     if with_logits:
         arrays["logits"] = extracted.logits.numpy().astype(np.float32)
-    return _record(arrays)
+    return arrays_record(arrays)
 
 
 def logits_record(ids: np.ndarray, logits: np.ndarray) -> ArrayRecord:
-    return _record({"ids": ids.astype(np.int64), "logits": logits.astype(np.float32)})
+    return arrays_record({"ids": ids.astype(np.int64), "logits": logits.astype(np.float32)})
 
 
 def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:

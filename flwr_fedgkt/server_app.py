@@ -36,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
         lr=config.server_lr,
         temperature=config.temperature,
         alpha=config.alpha,
-        batch_size=config.batch_size,
+        batch_size=config.server_batch_size,
         seed=config.seed,
         device=config.device,
     )

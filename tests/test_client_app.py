@@ -1,0 +1,83 @@
+import io
+import math
+
+import numpy as np
+import torch
+from conftest import make_message
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+
+from flwr_fedgkt.client_app import STATE_KEY, evaluate, train
+from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, record_arrays
+
+RUN_CONFIG = {"dataset": "synthetic", "batch-size": 16, "client-epochs": 1, "seed": 3}
+
+
+def _context(node_id: int, partition_id: int) -> Context:
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": partition_id, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=dict(RUN_CONFIG),
+    )
+
+
+def _train_message(node_id: int, server_round: int, kind: str = MessageType.TRAIN):
+    content = RecordDict(
+        {"config": ConfigRecord({"server-round": server_round, "feature-dtype": "float16"})}
+    )
+    return make_message(content, src_node_id=0, dst_node_id=node_id, message_type=kind)
+
+
+def _state(ctx: Context) -> bytes:
+    return ctx.state.array_records[STATE_KEY]["blob"].numpy().tobytes()
+
+
+def _edge_weights(ctx: Context) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(_state(ctx)), weights_only=True)["model"]
+
+
+def test_edge_state_persists_across_rounds_on_a_node_and_differs_between_nodes() -> None:
+    # Prepare
+    node_a, node_b = _context(11, 0), _context(22, 1)
+    # Execute: two rounds on node a, one on node b
+    reply_1 = train(_train_message(11, 1), node_a)
+    weights_1 = _edge_weights(node_a)
+    train(_train_message(11, 2), node_a)
+    weights_2 = _edge_weights(node_a)
+    train(_train_message(22, 1), node_b)
+    weights_b = _edge_weights(node_b)
+    # Assert: round 2 continued from round 1's state (it moved on from it, and its
+    # optimizer has two rounds of steps), and nodes hold their own models
+    assert reply_1.content.array_records[FEATURES_KEY]["features"].numpy().dtype == np.float16
+    key = "stem.0.weight"
+    assert not torch.equal(weights_1[key], weights_2[key])
+    num_train = len(reply_1.content.array_records[FEATURES_KEY]["ids"].numpy())
+    steps_per_round = math.ceil(num_train / RUN_CONFIG["batch-size"])
+    optimizer_state = torch.load(io.BytesIO(_state(node_a)), weights_only=True)["optimizer"]
+    steps = {float(s["step"]) for s in optimizer_state["state"].values()}
+    assert steps == {2.0 * steps_per_round}
+    assert not torch.equal(weights_2[key], weights_b[key])
+
+
+def test_train_reply_carries_features_logits_labels_ids_and_metrics() -> None:
+    ctx = _context(5, 2)
+    reply = train(_train_message(5, 1), ctx)
+    arrays = record_arrays(reply.content.array_records[FEATURES_KEY])
+    n = len(arrays["ids"])
+    assert arrays["features"].shape == (n, 16, 32, 32)
+    assert arrays["logits"].shape == (n, 10)
+    assert arrays["labels"].shape == (n,)
+    assert reply.content.metric_records[METRICS_KEY]["num-examples"] == n
+    assert reply.content.config_records[META_KEY]["server-round"] == 1
+
+
+def test_evaluate_sends_test_features_and_the_edge_accuracy() -> None:
+    ctx = _context(5, 2)
+    train(_train_message(5, 1), ctx)
+    reply = evaluate(_train_message(5, 1, MessageType.EVALUATE), ctx)
+    arrays = record_arrays(reply.content.array_records[FEATURES_KEY])
+    metrics = reply.content.metric_records[METRICS_KEY]
+    assert "logits" not in arrays
+    assert metrics["num-examples"] == len(arrays["labels"]) > 0
+    assert 0.0 <= metrics["edge_accuracy"] <= 1.0

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from flwr_fedgkt.distill import ce_kd_loss, kd_loss
+
+
+def _softmax(row: list[float], t: float) -> list[float]:
+    exps = [math.exp(v / t) for v in row]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def test_kd_loss_matches_a_hand_computation() -> None:
+    # Prepare
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    t = 2.0
+    expected = 0.0
+    for s_row, t_row in zip(student, teacher):
+        p_t, p_s = _softmax(t_row, t), _softmax(s_row, t)
+        expected += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    expected = expected / len(student) * t**2
+    # Execute
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), temperature=t)
+    # Assert
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_loss_is_zero_for_identical_logits() -> None:
+    logits = torch.randn(8, 10)
+    assert kd_loss(logits, logits.clone(), 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_loss_is_positive_for_different_logits_and_trains_the_student_only() -> None:
+    student = torch.randn(4, 5, requires_grad=True)
+    teacher = torch.randn(4, 5, requires_grad=True)
+    loss = kd_loss(student, teacher, 3.0)
+    loss.backward()
+    assert loss.item() > 0
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_ce_kd_loss_adds_alpha_times_kd_to_cross_entropy() -> None:
+    logits, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    labels = torch.randint(0, 4, (6,))
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert ce_kd_loss(logits, labels, None).item() == pytest.approx(ce.item())
+    combined = ce_kd_loss(logits, labels, teacher, temperature=3.0, alpha=0.5)
+    assert combined.item() == pytest.approx(ce.item() + 0.5 * kd_loss(logits, teacher, 3.0).item())
+
+
+def test_kd_loss_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from flwr_fedgkt.features import (
+    FEATURE_DTYPES,
+    FeatureStore,
+    PayloadError,
+    decode_features,
+    encode_features,
+    validate_payload,
+)
+
+SHAPE = (16, 4, 4)
+
+
+def _features(n: int = 6) -> torch.Tensor:
+    return torch.relu(torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(0)) * 2)
+
+
+def _arrays(dtype: str = "float32", n: int = 6, num_classes: int = 10) -> dict[str, np.ndarray]:
+    arrays = encode_features(_features(n), dtype).arrays()
+    arrays["logits"] = np.zeros((n, num_classes), dtype=np.float32)
+    arrays["labels"] = np.arange(n, dtype=np.int64) % num_classes
+    arrays["ids"] = np.arange(100, 100 + n, dtype=np.int64)
+    return arrays
+
+
+@pytest.mark.parametrize(
+    "dtype, bytes_per_value, tolerance",
+    [("float32", 4, 0.0), ("float16", 2, 2**-10), ("bfloat16", 2, 2**-7), ("int8", 1, None)],
+)
+def test_codec_round_trip_within_its_bound(dtype, bytes_per_value, tolerance) -> None:
+    x = _features()
+    enc = encode_features(x, dtype)
+    back = decode_features(enc)
+    assert enc.data.nbytes == x.numel() * bytes_per_value
+    if dtype == "int8":
+        # half a quantisation step per channel
+        step = torch.from_numpy(enc.scale).view(1, -1, 1, 1)
+        assert ((back - x).abs() <= step / 2 + 1e-6).all()
+    else:
+        assert torch.allclose(back, x, rtol=tolerance, atol=1e-6)
+
+
+def test_valid_payload_is_accepted_for_every_dtype() -> None:
+    for dtype in FEATURE_DTYPES:
+        payload = validate_payload(_arrays(dtype), dtype, SHAPE, 10)
+        assert payload.num_samples == 6
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.pop("logits"), "missing arrays: logits"),
+        (lambda a: a.update(features=a["features"][:, :8]), "shape"),
+        (lambda a: a.update(features=a["features"].astype(np.float64)), "dtype"),
+        (lambda a: a["features"].__setitem__((0, 0, 0, 0), np.nan), "NaN or Inf"),
+        (lambda a: a["logits"].__setitem__((1, 1), np.inf), "logits contain NaN"),
+        (lambda a: a["labels"].__setitem__(0, 10), "labels out of range"),
+        (lambda a: a.update(ids=a["ids"][:-1]), "ids have shape"),
+        (lambda a: a["ids"].__setitem__(1, 100), "duplicate sample ids"),
+        (lambda a: a["ids"].__setitem__(1, -5), "negative sample id"),
+        (lambda a: a.update(labels=a["labels"].astype(np.float32)), "integer dtype"),
+    ],
+)
+def test_malformed_payload_is_rejected_with_a_reason(mutate, message) -> None:
+    arrays = _arrays()
+    mutate(arrays)
+    with pytest.raises(PayloadError, match=message):
+        validate_payload(arrays, "float32", SHAPE, 10)
+
+
+def test_store_batches_shuffle_across_nodes_and_keep_rows_together() -> None:
+    # Prepare: two nodes; each sample's feature value equals its label
+    store = FeatureStore()
+    for node, labels in ((1, [0, 1, 2, 3]), (2, [4, 5, 6])):
+        n = len(labels)
+        feats = torch.tensor(labels, dtype=torch.float32).view(n, 1, 1, 1).expand(n, *SHAPE)
+        arrays = encode_features(feats.contiguous(), "float16").arrays()
+        arrays.update(
+            logits=np.tile(np.array(labels, dtype=np.float32)[:, None], (1, 10)),
+            labels=np.array(labels, dtype=np.int64),
+            ids=np.arange(n, dtype=np.int64),
+        )
+        store.put(node, validate_payload(arrays, "float16", SHAPE, 10), server_round=1)
+    # Execute
+    batches = list(store.batches(3, torch.Generator().manual_seed(0)))
+    # Assert
+    labels = torch.cat([b[1] for b in batches])
+    assert sorted(labels.tolist()) == list(range(7))
+    assert labels.tolist() != list(range(7))  # shuffled, not node after node
+    for feats, labs, logits in batches:
+        assert feats.dtype == torch.float32
+        assert torch.equal(feats[:, 0, 0, 0], labs.float())
+        assert torch.equal(logits[:, 0], labs.float())
+    assert store.num_samples == 7
+    assert store.nbytes > 0
