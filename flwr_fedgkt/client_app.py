@@ -16,7 +16,15 @@ from flwr.clientapp import ClientApp
 from .config import RunConfig
 from .data import Partition, load_partition
 from .edge import EdgeTrainer, LogitTable, edge_generator
-from .records import CONFIG_KEY, FEATURES_KEY, LOGITS_KEY, META_KEY, METRICS_KEY, features_record, record_arrays
+from .records import (
+    CONFIG_KEY,
+    FEATURES_KEY,
+    LOGITS_KEY,
+    META_KEY,
+    METRICS_KEY,
+    features_record,
+    record_arrays,
+)
 
 app = ClientApp()
 
@@ -31,7 +39,7 @@ def node_partition(context: Context, config: RunConfig) -> tuple[int, Partition]
     except KeyError as err:
         raise ValueError(
             f"node config lacks {err.args[0]!r}; start the SuperNode with "
-            "--node-config \"partition-id=<i> num-partitions=<n>\""
+            '--node-config "partition-id=<i> num-partitions=<n>"'
         ) from None
     return partition_id, load_partition(
         config.dataset,

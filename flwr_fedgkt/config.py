@@ -28,7 +28,7 @@ class RunConfig:
     """All run-config keys, with their defaults (the attribute names are the keys
     with ``-`` replaced by ``_``)."""
 
-    num_server_rounds: int = 10
+    num_server_rounds: int = 8
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_nodes: int = 2
@@ -40,12 +40,12 @@ class RunConfig:
     batch_size: int = 32
     server_batch_size: int = 64
     client_epochs: int = 1
-    server_epochs: int = 2
+    server_epochs: int = 1
     client_lr: float = 0.003
-    server_lr: float = 0.001
+    server_lr: float = 0.003
     temperature: float = 3.0
     alpha: float = 1.0
-    feature_dtype: str = "float32"
+    feature_dtype: str = "float16"
     server_model: str = "resnet55"
     seed: int = 42
     output_dir: str = ""
@@ -97,7 +97,9 @@ class RunConfig:
 
     def validate(self) -> None:
         def fail(key: str, why: str) -> None:
-            raise ConfigError(f"run-config {key!r} = {getattr(self, key.replace('-', '_'))!r}: {why}")
+            raise ConfigError(
+                f"run-config {key!r} = {getattr(self, key.replace('-', '_'))!r}: {why}"
+            )
 
         if self.num_server_rounds < 1:
             fail("num-server-rounds", "must be at least 1")
@@ -107,7 +109,13 @@ class RunConfig:
         for key in ("batch-size", "server-batch-size"):
             if getattr(self, key.replace("-", "_")) < 2:
                 fail(key, "must be at least 2")
-        for key in ("client-epochs", "server-epochs", "min-train-nodes", "min-evaluate-nodes", "min-available-nodes"):
+        for key in (
+            "client-epochs",
+            "server-epochs",
+            "min-train-nodes",
+            "min-evaluate-nodes",
+            "min-available-nodes",
+        ):
             if getattr(self, key.replace("-", "_")) < 0:
                 fail(key, "must not be negative")
         for key in ("client-lr", "server-lr", "temperature", "dirichlet-alpha", "round-timeout"):

@@ -170,7 +170,9 @@ def partition_indices(
     part.dataset = Dataset.from_dict(
         {"index": np.arange(len(labels), dtype=np.int64), "label": np.asarray(labels)}
     )
-    return [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
+    return [
+        np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)
+    ]
 
 
 @lru_cache(maxsize=8)

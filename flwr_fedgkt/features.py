@@ -142,9 +142,7 @@ class FeaturePayload:
 
     @property
     def nbytes(self) -> int:
-        return int(
-            self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.ids.nbytes
-        )
+        return int(self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.ids.nbytes)
 
 
 def validate_payload(
@@ -175,9 +173,8 @@ def validate_payload(
             f"features have dtype {features.dtype}, expected {expected_dtype} for {dtype!r}"
         )
     if features.ndim != 4 or tuple(features.shape[1:]) != tuple(feature_shape):
-        raise PayloadError(
-            f"features have shape {tuple(features.shape)}, expected (N, {', '.join(map(str, feature_shape))})"
-        )
+        expected = ", ".join(map(str, feature_shape))
+        raise PayloadError(f"features have shape {tuple(features.shape)}, expected (N, {expected})")
     n = features.shape[0]
     if n == 0:
         raise PayloadError("payload holds no samples")
@@ -187,7 +184,9 @@ def validate_payload(
         if arr.dtype.kind not in "iu":
             raise PayloadError(f"{name} have dtype {arr.dtype}, expected an integer dtype")
         if arr.shape != (n,):
-            raise PayloadError(f"{name} have shape {tuple(arr.shape)}, expected ({n},) to match the features")
+            raise PayloadError(
+                f"{name} have shape {tuple(arr.shape)}, expected ({n},) to match the features"
+            )
     if labels.min() < 0 or labels.max() >= num_classes:
         raise PayloadError(
             f"labels out of range: min {labels.min()}, max {labels.max()}, classes {num_classes}"
@@ -296,7 +295,10 @@ class FeatureStore:
         return _widen(e.data, e.payload.features.dtype, e.scale, e.offset)
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None, nodes: list[int] | None = None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        nodes: list[int] | None = None,
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Yield ``(features, labels, client_logits)`` batches over the nodes' samples.
 
@@ -311,7 +313,9 @@ class FeatureStore:
         offsets = torch.cumsum(sizes, 0) - sizes
         total = int(sizes.sum())
         order = (
-            torch.randperm(total, generator=generator) if generator is not None else torch.arange(total)
+            torch.randperm(total, generator=generator)
+            if generator is not None
+            else torch.arange(total)
         )
         labels = [torch.from_numpy(e.payload.labels) for e in entries]
         logits = [torch.from_numpy(e.payload.logits) for e in entries]

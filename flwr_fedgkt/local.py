@@ -23,12 +23,19 @@ from .server import ServerTrainer
 __all__ = ["run_local"]
 
 
-def run_local(config: RunConfig, num_partitions: int, verbose: bool = False) -> list[dict[str, Any]]:
+def run_local(
+    config: RunConfig, num_partitions: int, verbose: bool = False
+) -> list[dict[str, Any]]:
     """Run ``config.num_server_rounds`` FedGKT rounds over ``num_partitions`` nodes
     with full participation; return one record per round."""
     partitions = [
         load_partition(
-            config.dataset, i, num_partitions, config.partitioner, config.dirichlet_alpha, config.seed
+            config.dataset,
+            i,
+            num_partitions,
+            config.partitioner,
+            config.dirichlet_alpha,
+            config.seed,
         )
         for i in range(num_partitions)
     ]
@@ -53,7 +60,7 @@ def run_local(config: RunConfig, num_partitions: int, verbose: bool = False) -> 
     history = []
     for server_round in range(1, config.num_server_rounds + 1):
         start = time.perf_counter()
-        for i, (edge, part) in enumerate(zip(edges, partitions)):
+        for i, (edge, part) in enumerate(zip(edges, partitions, strict=True)):
             edge.train(
                 part.train,
                 epochs=config.client_epochs,
@@ -66,12 +73,14 @@ def run_local(config: RunConfig, num_partitions: int, verbose: bool = False) -> 
             ex = edge.extract(part.train)
             arrays = encode_features(ex.features, config.feature_dtype).arrays()
             arrays.update(logits=ex.logits.numpy(), labels=ex.labels.numpy(), ids=ex.ids.numpy())
-            store.put(i, validate_payload(arrays, config.feature_dtype, shape, num_classes), server_round)
+            store.put(
+                i, validate_payload(arrays, config.feature_dtype, shape, num_classes), server_round
+            )
         result = server.train(store, config.server_epochs)
         for i in range(num_partitions):
             teachers[i] = LogitTable(*server.logits_for(store, i))
         correct = edge_correct = total = 0.0
-        for edge, part in zip(edges, partitions):
+        for edge, part in zip(edges, partitions, strict=True):
             ex = edge.extract(part.test)
             feats = decode_features(encode_features(ex.features, config.feature_dtype))
             scores = server.evaluate(feats, ex.labels)

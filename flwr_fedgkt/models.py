@@ -44,9 +44,7 @@ class Bottleneck(nn.Module):
         out_planes = planes * self.expansion
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(
-            planes, planes, kernel_size=3, stride=stride, padding=1, bias=False
-        )
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
@@ -77,7 +75,7 @@ def _stages(blocks: tuple[int, ...]) -> tuple[nn.Sequential, int]:
     """Bottleneck stages on 16-channel input; returns the stages and their output width."""
     in_planes = FEATURE_CHANNELS
     stages = []
-    for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks)):
+    for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks, strict=False)):
         stride = 1 if index == 0 else 2
         layers = []
         for block in range(count):

@@ -74,17 +74,14 @@ class ServerTrainer:
             raise ValueError(f"server model must be resnet55 or resnet109, got {model_name!r}")
         self.device = resolve_device(device)
         # channels-last convolutions run ~1.5x faster on the CPU and suit CUDA too
-        self.model = seeded_model(model_name, num_classes, seed).to(
-            self.device, memory_format=torch.channels_last
-        )
+        self.model = seeded_model(model_name, num_classes, seed).to(self.device)
+        self.model.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
         self.model_name = model_name
         self.temperature = temperature
         self.alpha = alpha
         self.batch_size = batch_size
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=lr, weight_decay=weight_decay
-        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         # As in the reference: halve the learning rate when the training loss stalls.
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=0.5, patience=3
@@ -95,7 +92,9 @@ class ServerTrainer:
     def num_parameters(self) -> int:
         return count_parameters(self.model)
 
-    def train(self, store: FeatureStore, epochs: int, nodes: list[int] | None = None) -> ServerTrainResult:
+    def train(
+        self, store: FeatureStore, epochs: int, nodes: list[int] | None = None
+    ) -> ServerTrainResult:
         """Train ``epochs`` over the stored features of ``nodes`` (all by default)."""
         start = time.perf_counter()
         self.model.train()

@@ -29,7 +29,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
-from .features import FEATURE_DTYPES, FeaturePayload, FeatureStore, PayloadError, decode_features, validate_payload
+from .features import (
+    FEATURE_DTYPES,
+    FeaturePayload,
+    FeatureStore,
+    PayloadError,
+    decode_features,
+    validate_payload,
+)
 from .models import FEATURE_CHANNELS
 from .records import (
     CONFIG_KEY,
@@ -190,9 +197,7 @@ class FedGKT(Strategy):
             )
         return messages
 
-    def _decode(
-        self, msg: Message, server_round: int, require_logits: bool
-    ) -> FeaturePayload:
+    def _decode(self, msg: Message, server_round: int, require_logits: bool) -> FeaturePayload:
         """Validate one reply; raise PayloadError naming what is wrong."""
         content = msg.content
         if FEATURES_KEY not in content.array_records:
@@ -202,7 +207,7 @@ class FedGKT(Strategy):
         meta = content.config_records[META_KEY]
         reply_round = meta.get("server-round")
         if reply_round != server_round:
-            raise PayloadError(f"reply is for round {reply_round}, expected {server_round}")
+            raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
         dtype = meta.get("feature-dtype")
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
@@ -265,7 +270,7 @@ class FedGKT(Strategy):
         )
         if num_examples:
             for key in ("train_loss", "train_accuracy"):
-                values = [(m.get(key), p.num_samples) for _, p, m in accepted if key in m]
+                values = [(m[key], p.num_samples) for _, p, m in accepted if key in m]
                 if values:
                     metrics[f"edge-{key.replace('_', '-')}"] = float(
                         sum(v * n for v, n in values) / sum(n for _, n in values)

@@ -18,9 +18,9 @@ def test_kd_loss_matches_a_hand_computation() -> None:
     teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
     t = 2.0
     expected = 0.0
-    for s_row, t_row in zip(student, teacher):
+    for s_row, t_row in zip(student, teacher, strict=True):
         p_t, p_s = _softmax(t_row, t), _softmax(s_row, t)
-        expected += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+        expected += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s, strict=True))
     expected = expected / len(student) * t**2
     # Execute
     got = kd_loss(torch.tensor(student), torch.tensor(teacher), temperature=t)

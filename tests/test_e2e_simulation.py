@@ -28,8 +28,15 @@ def test_flwr_run_trains_fedgkt_and_writes_results(tmp_path) -> None:
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     for record in rounds:
-        for key in ("accuracy", "edge_accuracy", "loss", "bytes_up", "bytes_down",
-                    "server_train_seconds", "rejected_replies"):
+        for key in (
+            "accuracy",
+            "edge_accuracy",
+            "loss",
+            "bytes_up",
+            "bytes_down",
+            "server_train_seconds",
+            "rejected_replies",
+        ):
             assert key in record, key
         assert record["bytes_up"] > 0
         assert record["rejected_replies"] == []

@@ -33,7 +33,9 @@ def test_kd_targets_are_looked_up_by_sample_id_under_shuffling(monkeypatch) -> N
     monkeypatch.setattr(edge_module, "ce_kd_loss", recording)
     trainer = EdgeTrainer(10, seed=0, device="cpu")
     # Execute
-    trainer.train(data, epochs=2, batch_size=16, teacher=table, generator=torch.Generator().manual_seed(2))
+    trainer.train(
+        data, epochs=2, batch_size=16, teacher=table, generator=torch.Generator().manual_seed(2)
+    )
     # Assert: every batch was distilled against its own samples' targets
     assert len(seen) == 6
     for labels, teacher in seen:
@@ -72,10 +74,17 @@ def test_training_reduces_the_loss_and_state_round_trips() -> None:
     trainer = EdgeTrainer(10, seed=0, device="cpu")
     first = trainer.train(data, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(0))
     for _ in range(8):
-        last = trainer.train(data, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(0))
+        last = trainer.train(
+            data, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(0)
+        )
     assert last["train_loss"] < first["train_loss"]
     clone = EdgeTrainer(10, seed=99, device="cpu")
     clone.load_state_bytes(trainer.state_bytes())
-    for a, b in zip(trainer.model.state_dict().values(), clone.model.state_dict().values()):
+    for a, b in zip(
+        trainer.model.state_dict().values(), clone.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
-    assert clone.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
+    assert (
+        clone.optimizer.state_dict()["state"].keys()
+        == trainer.optimizer.state_dict()["state"].keys()
+    )

@@ -49,7 +49,9 @@ def _reply(node_id: int, server_round: int, sample_ids: np.ndarray, seed: int = 
     content = RecordDict(
         {
             FEATURES_KEY: arrays_record(arrays),
-            METRICS_KEY: MetricRecord({"num-examples": n, "train_loss": 1.0, "train_accuracy": 0.5}),
+            METRICS_KEY: MetricRecord(
+                {"num-examples": n, "train_loss": 1.0, "train_accuracy": 0.5}
+            ),
             META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": "float32"}),
         }
     )
@@ -73,7 +75,9 @@ def test_each_node_gets_its_own_server_logits(task_identity) -> None:
         1, [_reply(101, 1, np.arange(0, 12)), _reply(202, 1, np.arange(50, 70), seed=1)]
     )
     # Execute
-    second = {m.metadata.dst_node_id: m for m in strategy.configure_train(2, None, ConfigRecord(), grid)}
+    second = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(2, None, ConfigRecord(), grid)
+    }
     # Assert
     ids_101 = record_arrays(second[101].content.array_records[LOGITS_KEY])["ids"]
     ids_202 = record_arrays(second[202].content.array_records[LOGITS_KEY])["ids"]
