@@ -305,7 +305,10 @@ class FeatureStore:
         Samples are shuffled across all nodes when ``generator`` is given (in a
         fixed order otherwise); features are widened to float32 one batch at a time.
         """
-        keys = self.nodes() if nodes is None else sorted(nodes)
+        keys = self.nodes() if nodes is None else list(nodes)
+        # Order nodes by their smallest sample id, which is stable across runs (node
+        # ids are not), so that a seeded run shuffles the same way every time.
+        keys.sort(key=lambda k: (int(self._entries[k].payload.ids.min()), k))
         entries = [self._entries[k] for k in keys]
         sizes = torch.tensor([e.payload.num_samples for e in entries], dtype=torch.long)
         if len(entries) == 0:

@@ -53,6 +53,7 @@ def run_local(
         batch_size=config.server_batch_size,
         seed=config.seed,
         device=config.device,
+        total_epochs=config.num_server_rounds * config.server_epochs,
     )
     store = FeatureStore()
     teachers: dict[int, LogitTable] = {}

@@ -54,6 +54,11 @@ class ServerTrainer:
         Server training batch size.
     seed : int (default: 0)
         Seeds the model initialisation and the shuffling.
+    total_epochs : int | None (default: None)
+        Server epochs of the whole run (rounds x server epochs). When given, the
+        learning rate follows a cosine decay to 5% of ``lr`` over them, so the last
+        rounds train with a small step; otherwise it is halved whenever the
+        training loss stalls for 3 rounds (as in the reference implementation).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     """
@@ -69,6 +74,7 @@ class ServerTrainer:
         batch_size: int = 64,
         seed: int = 0,
         device: str = "auto",
+        total_epochs: int | None = None,
     ) -> None:
         if model_name not in ("resnet55", "resnet109"):
             raise ValueError(f"server model must be resnet55 or resnet109, got {model_name!r}")
@@ -82,10 +88,16 @@ class ServerTrainer:
         self.alpha = alpha
         self.batch_size = batch_size
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
-        # As in the reference: halve the learning rate when the training loss stalls.
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="min", factor=0.5, patience=3
-        )
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+        if total_epochs:
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=total_epochs, eta_min=0.05 * lr
+            )
+        else:
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=0.5, patience=3
+            )
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -116,8 +128,10 @@ class ServerTrainer:
                 loss_sum += float(loss.detach()) * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(labels)
-        if seen:
-            self.scheduler.step(loss_sum / seen)
+            if seen and self.scheduler is not None:
+                self.scheduler.step()
+        if seen and self.plateau is not None:
+            self.plateau.step(loss_sum / seen)
         return ServerTrainResult(
             loss=loss_sum / max(seen, 1),
             accuracy=correct / max(seen, 1),

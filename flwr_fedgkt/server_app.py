@@ -39,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
         batch_size=config.server_batch_size,
         seed=config.seed,
         device=config.device,
+        total_epochs=config.num_server_rounds * config.server_epochs,
     )
     header = {
         "algorithm": "fedgkt",
