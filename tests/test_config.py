@@ -4,9 +4,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 import pytest
+from flower_processes import REPO
 
 from flwr_fedgkt.config import ConfigError, RunConfig
-from flower_processes import REPO
 
 
 def test_pyproject_run_config_matches_the_typed_defaults() -> None:
