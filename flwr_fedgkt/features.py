@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,34 +237,65 @@ def validate_payload(
 
 @dataclass
 class _Entry:
-    payload: FeaturePayload
+    payload: FeaturePayload  # its features.data is in memory or memory-mapped
     round: int
-    data: Tensor = field(repr=False)  # features in the wire dtype, as a tensor view
     scale: Tensor | None = field(default=None, repr=False)
     offset: Tensor | None = field(default=None, repr=False)
+    path: Path | None = None
+
+    def rows(self, index: np.ndarray) -> Tensor:
+        """Rows ``index`` of the features, widened to float32 (reads only those rows)."""
+        enc = self.payload.features
+        data = torch.from_numpy(np.ascontiguousarray(enc.data[index]))
+        return _widen(data, enc.dtype, self.scale, self.offset)
 
 
 class FeatureStore:
     """Features of every node, in their wire dtype, keyed by node.
 
-    A node's newer upload replaces its older one.
+    A node's newer upload replaces its older one. With ``directory`` set the
+    features live in memory-mapped ``.npy`` files there (only labels, ids and edge
+    logits stay in memory), so a federation whose features exceed RAM still trains;
+    batches read just their rows. Without it they stay in memory.
+
+    Parameters
+    ----------
+    directory : str | Path | None (default: None)
+        Folder for memory-mapped feature files; ``None`` keeps features in memory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self._entries: dict[int, _Entry] = {}
 
     def put(self, node: int, payload: FeaturePayload, server_round: int) -> None:
         enc = payload.features
+        path = None
+        if self.directory is not None:
+            path = self.directory / f"node-{node}-round-{server_round}.npy"
+            np.save(path, np.ascontiguousarray(enc.data))
+            mapped = np.load(path, mmap_mode="r")
+            payload = FeaturePayload(
+                EncodedFeatures(enc.dtype, mapped, enc.scale, enc.offset),
+                payload.logits,
+                payload.labels,
+                payload.ids,
+            )
+        self.remove(node)
         self._entries[node] = _Entry(
             payload=payload,
             round=server_round,
-            data=torch.from_numpy(np.ascontiguousarray(enc.data)),
             scale=None if enc.scale is None else torch.from_numpy(enc.scale),
             offset=None if enc.offset is None else torch.from_numpy(enc.offset),
+            path=path,
         )
 
     def remove(self, node: int) -> None:
-        self._entries.pop(node, None)
+        entry = self._entries.pop(node, None)
+        if entry is not None and entry.path is not None:
+            entry.path.unlink(missing_ok=True)
 
     def __contains__(self, node: object) -> bool:
         return node in self._entries
@@ -291,8 +323,8 @@ class FeatureStore:
 
     def node_features(self, node: int) -> Tensor:
         """All of one node's features, widened to float32."""
-        e = self._entries[node]
-        return _widen(e.data, e.payload.features.dtype, e.scale, e.offset)
+        entry = self._entries[node]
+        return entry.rows(np.arange(entry.payload.num_samples))
 
     def batches(
         self,
@@ -329,8 +361,7 @@ class FeatureStore:
             for k in torch.unique(owner).tolist():
                 mask = owner == k
                 rows = idx[mask] - offsets[k]
-                e = entries[k]
-                feats.append(_widen(e.data[rows], e.payload.features.dtype, e.scale, e.offset))
+                feats.append(entries[k].rows(rows.numpy()))
                 labs.append(labels[k][rows])
                 logs.append(logits[k][rows])
                 positions.append(torch.nonzero(mask).flatten())

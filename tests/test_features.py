@@ -96,3 +96,48 @@ def test_store_batches_shuffle_across_nodes_and_keep_rows_together() -> None:
         assert torch.equal(logits[:, 0], labs.float())
     assert store.num_samples == 7
     assert store.nbytes > 0
+
+
+def _filled_store(store: FeatureStore, dtype: str = "int8") -> FeatureStore:
+    for node, first_id in ((3, 0), (1, 100)):
+        arrays = _arrays(dtype, n=10)
+        arrays["ids"] = np.arange(first_id, first_id + 10, dtype=np.int64)
+        store.put(node, validate_payload(arrays, dtype, SHAPE, 10), server_round=1)
+    return store
+
+
+def test_disk_store_trains_exactly_like_the_memory_store(tmp_path) -> None:
+    from flwr_fedgkt.server import ServerTrainer
+
+    # Prepare
+    memory = _filled_store(FeatureStore())
+    disk = _filled_store(FeatureStore(tmp_path / "store"))
+    trainers = [ServerTrainer(10, batch_size=4, seed=5, device="cpu") for _ in range(2)]
+    # Execute
+    results = [t.train(store, epochs=2) for t, store in zip(trainers, (memory, disk), strict=True)]
+    # Assert
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "node-1-round-1.npy",
+        "node-3-round-1.npy",
+    ]
+    assert isinstance(disk.payload(1).features.data, np.memmap)
+    assert results[0].loss == results[1].loss
+    for a, b in zip(
+        trainers[0].model.state_dict().values(),
+        trainers[1].model.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_disk_store_replaces_a_nodes_file_on_a_new_upload(tmp_path) -> None:
+    store = _filled_store(FeatureStore(tmp_path))
+    arrays = _arrays("int8", n=4)
+    store.put(3, validate_payload(arrays, "int8", SHAPE, 10), server_round=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "node-1-round-1.npy",
+        "node-3-round-2.npy",
+    ]
+    assert store.node_features(3).shape == (4, *SHAPE)
+    store.remove(1)
+    assert [p.name for p in tmp_path.iterdir()] == ["node-3-round-2.npy"]
