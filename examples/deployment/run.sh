@@ -8,7 +8,8 @@
 #                                                   # ... and show a node with an
 #                                                   # unregistered key being refused
 # Options: --nodes N (default 2), --work DIR (default: a new temporary folder),
-#          --run-config "k=v ..." (extra run-config overrides).
+#          --run-config "k=v ..." (run-config overrides; default
+#          "num-server-rounds=2").
 # Every process the script starts is stopped by its id when it ends.
 set -euo pipefail
 
@@ -18,7 +19,7 @@ TLS=0
 SHOW_UNREGISTERED=0
 NODES=2
 WORK=""
-RUN_CONFIG="num-server-rounds=2 dataset='digits'"
+RUN_CONFIG=""
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,12 +27,13 @@ while [ $# -gt 0 ]; do
     --show-unregistered) SHOW_UNREGISTERED=1 ;;
     --nodes) NODES="$2"; shift ;;
     --work) WORK="$2"; shift ;;
-    --run-config) RUN_CONFIG="$RUN_CONFIG $2"; shift ;;
+    --run-config) RUN_CONFIG="$2"; shift ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+RUN_CONFIG=${RUN_CONFIG:-num-server-rounds=2}
 if [ "$SHOW_UNREGISTERED" = 1 ] && [ "$TLS" = 0 ]; then
   echo "--show-unregistered needs --tls (authentication runs over TLS)" >&2; exit 2
 fi
@@ -148,6 +150,6 @@ flwr run . deployment --stream --federation-config "num-supernodes=$NODES" \
 echo "results: $WORK/out/results.json"
 echo "logs:    $WORK/logs/"
 if [ "$SHOW_UNREGISTERED" = 1 ]; then
-  echo "--- the node with an unregistered key (logs/unregistered.log):"
-  tail -n 5 "$WORK/logs/unregistered.log"
+  echo "--- the node with an unregistered key was refused (logs/unregistered.log):"
+  grep -A 2 "ERROR" "$WORK/logs/unregistered.log" || tail -n 5 "$WORK/logs/unregistered.log"
 fi
