@@ -9,13 +9,16 @@ test split's features and labels, and the edge model's own test accuracy.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
-from .data import Partition, load_partition
-from .edge import EdgeTrainer, LogitTable, edge_generator
+from .data import Partition, SampleSet, load_partition
+from .edge import EdgeTrainer, Extracted, LogitTable, edge_generator
 from .records import (
     CONFIG_KEY,
     FEATURES_KEY,
@@ -69,11 +72,53 @@ def save_edge(context: Context, trainer: EdgeTrainer) -> None:
     context.state[STATE_KEY] = ArrayRecord(array_dict={"blob": Array(blob.copy())})
 
 
-def _round_settings(msg: Message, config: RunConfig) -> tuple[int, str]:
-    round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-    server_round = int(round_config.get("server-round", 0))  # type: ignore[arg-type]
+def round_settings(round_config: Mapping[str, Any], config: RunConfig) -> tuple[int, str]:
+    """``(server round, feature dtype)`` of a round's config from the server."""
+    server_round = int(round_config.get("server-round", 0))
     dtype = str(round_config.get("feature-dtype", config.feature_dtype))
     return server_round, dtype
+
+
+def _round_settings(msg: Message, config: RunConfig) -> tuple[int, str]:
+    return round_settings(msg.content.config_records.get(CONFIG_KEY, ConfigRecord()), config)
+
+
+def train_edge(
+    context: Context,
+    config: RunConfig,
+    partition_id: int,
+    data: SampleSet,
+    num_classes: int,
+    server_round: int,
+    teacher: LogitTable | None,
+) -> tuple[Extracted, dict[str, float]]:
+    """One edge round on this node: restore the edge model from ``context.state``,
+    train it on ``data`` (KD against ``teacher`` by sample id), extract features,
+    logits, labels and ids over ``data``, and save the edge state again."""
+    trainer = load_edge(context, config, num_classes, partition_id)
+    generator = edge_generator(config.seed, partition_id, server_round)
+    metrics = trainer.train(
+        data,
+        epochs=config.client_epochs,
+        batch_size=config.batch_size,
+        teacher=teacher,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        generator=generator,
+    )
+    extracted = trainer.extract(data)
+    save_edge(context, trainer)
+    return extracted, metrics
+
+
+def extract_test(
+    context: Context, config: RunConfig, partition_id: int, data: SampleSet, num_classes: int
+) -> tuple[Extracted, dict[str, float]]:
+    """The edge model's features over ``data`` (a test split) and its own
+    ``{"loss", "accuracy"}`` on them."""
+    trainer = load_edge(context, config, num_classes, partition_id)
+    extracted = trainer.extract(data)
+    return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)
 
 
 @app.train()
@@ -82,25 +127,15 @@ def train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
     partition_id, partition = node_partition(context, config)
     server_round, dtype = _round_settings(msg, config)
-    trainer = load_edge(context, config, partition.num_classes, partition_id)
 
     teacher = None
     if LOGITS_KEY in msg.content.array_records:
         arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
         teacher = LogitTable(arrays["ids"], arrays["logits"])
 
-    generator = edge_generator(config.seed, partition_id, server_round)
-    metrics = trainer.train(
-        partition.train,
-        epochs=config.client_epochs,
-        batch_size=config.batch_size,
-        teacher=teacher,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        generator=generator,
+    extracted, metrics = train_edge(
+        context, config, partition_id, partition.train, partition.num_classes, server_round, teacher
     )
-    extracted = trainer.extract(partition.train)
-    save_edge(context, trainer)
 
     content = RecordDict(
         {
@@ -118,9 +153,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
     partition_id, partition = node_partition(context, config)
     server_round, dtype = _round_settings(msg, config)
-    trainer = load_edge(context, config, partition.num_classes, partition_id)
-    extracted = trainer.extract(partition.test)
-    scores = EdgeTrainer.score(extracted.logits, extracted.labels)
+    extracted, scores = extract_test(
+        context, config, partition_id, partition.test, partition.num_classes
+    )
     content = RecordDict(
         {
             FEATURES_KEY: features_record(extracted, dtype, with_logits=False),

@@ -12,12 +12,18 @@ No weights are averaged. Each round:
 
 A reply that fails validation is rejected with its reason (in the log and in the
 round's record) and touches neither the feature store nor the server model.
+
+Everything a round does on the server besides moving messages (validating a reply,
+training the server model, scoring test features, the round's record) lives in
+:class:`FedGKTBase`, which the legacy-API strategy
+(:class:`flwr_fedgkt.compat.LegacyFedGKT`) shares: both faces run the same code.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from logging import INFO, WARNING
 from typing import Any
 
@@ -50,41 +56,32 @@ from .records import (
 )
 from .server import ServerTrainer
 
-__all__ = ["FedGKT"]
+__all__ = ["FedGKT", "FedGKTBase", "AcceptedReply", "sample_size"]
 
 RoundRecord = dict[str, Any]
+# a reply that passed validation: the node, its payload and its numeric metrics
+AcceptedReply = tuple[int, FeaturePayload, dict[str, float]]
+
+
+def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
+    """Nodes to sample out of ``num_nodes``: ``fraction`` of them, at least ``minimum``
+    and at least one; none when ``fraction`` is 0."""
+    if fraction == 0.0:
+        return 0
+    return max(int(num_nodes * fraction), minimum, 1)
 
 
 # pylint: disable=too-many-instance-attributes
-class FedGKT(Strategy):
-    """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
+class FedGKTBase:
+    """The server side of FedGKT, whichever Flower API carries its messages.
 
-    Implementation based on https://arxiv.org/abs/2007.14513
-
-    Parameters
-    ----------
-    trainer : ServerTrainer
-        The server-side large model with its optimizer; trained inside
-        ``aggregate_train``.
-    server_epochs : int (default: 1)
-        Epochs of server training per round over all stored features.
-    feature_dtype : str (default: "float32")
-        Wire dtype the clients encode features in: float32, float16, bfloat16, int8.
-    feature_shape : tuple[int, int, int] (default: (16, 32, 32))
-        Shape of one sample's features; replies with another shape are rejected.
-    fraction_train : float (default: 1.0)
-        Fraction of nodes sampled for training.
-    fraction_evaluate : float (default: 1.0)
-        Fraction of nodes sampled for evaluation.
-    min_train_nodes : int (default: 2)
-        Minimum number of nodes sampled for training.
-    min_evaluate_nodes : int (default: 2)
-        Minimum number of nodes sampled for evaluation.
-    min_available_nodes : int (default: 2)
-        Minimum number of connected nodes before a round starts.
-    on_round_end : Callable[[dict], None] | None (default: None)
-        Called with each round's record once the round's evaluation is done (the
-        ServerApp writes ``results.json`` there).
+    Holds the server trainer, the feature store, every node's server logits and the
+    rounds' records. It validates replies, trains the server model on the stored
+    features, refreshes server logits, scores test features and closes each round's
+    record; the strategies built on it (:class:`FedGKT` on the Message API,
+    :class:`flwr_fedgkt.compat.LegacyFedGKT` on the legacy Strategy API) only turn
+    Flower messages into these calls and back. Its parameters are those documented
+    on :class:`FedGKT`.
     """
 
     # pylint: disable=too-many-arguments,too-many-positional-arguments
@@ -159,19 +156,9 @@ class FedGKT(Strategy):
             "x".join(map(str, self.feature_shape)),
         )
 
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        if fraction == 0.0:
-            return []
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        sample_size = max(num_nodes, minimum, 1)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
-        return sorted(node_ids)
-
-    # -- training ------------------------------------------------------------------
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """One Message per sampled node, each carrying that node's own server logits."""
+    # -- the round's record --------------------------------------------------------
+    def _begin_round(self, server_round: int) -> None:
+        """Open the record of round ``server_round`` (at the start of its training)."""
         self._round = {
             "round": server_round,
             "started": time.perf_counter(),
@@ -180,31 +167,25 @@ class FedGKT(Strategy):
             "rejected_replies": [],
             "failed_nodes": [],
         }
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
-        messages = []
-        for node_id in node_ids:
-            round_config = ConfigRecord(dict(config))
-            round_config["server-round"] = server_round
-            round_config["feature-dtype"] = self.feature_dtype
-            content = RecordDict({CONFIG_KEY: round_config})
-            if node_id in self.server_logits:
-                ids, logits = self.server_logits[node_id]
-                content[LOGITS_KEY] = logits_record(ids, logits)
-            self._round["bytes_down"] += arrays_bytes(content)
-            messages.append(
-                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
-            )
-        return messages
 
-    def _decode(self, msg: Message, server_round: int, require_logits: bool) -> FeaturePayload:
-        """Validate one reply; raise PayloadError naming what is wrong."""
-        content = msg.content
-        if FEATURES_KEY not in content.array_records:
-            raise PayloadError(f"missing ArrayRecord {FEATURES_KEY!r}")
-        if META_KEY not in content.config_records:
-            raise PayloadError(f"missing ConfigRecord {META_KEY!r}")
-        meta = content.config_records[META_KEY]
+    def _round_config(self, server_round: int, base: Mapping[str, Any]) -> dict[str, Any]:
+        """``base`` plus the two settings every reply must echo back."""
+        return {**base, "server-round": server_round, "feature-dtype": self.feature_dtype}
+
+    def _record_failure(self, node_id: int | None, reason: str | None) -> None:
+        log(WARNING, "node %s failed: %s", node_id, reason)
+        self._round["failed_nodes"].append({"node_id": node_id, "reason": reason})
+
+    # -- replies -------------------------------------------------------------------
+    def _validate_reply(
+        self,
+        meta: Mapping[str, Any],
+        arrays: Callable[[], Mapping[str, np.ndarray]],
+        server_round: int,
+        require_logits: bool,
+    ) -> FeaturePayload:
+        """Check a reply's round and dtype, then decode (``arrays()``) and validate its
+        arrays; raise PayloadError naming what is wrong."""
         reply_round = meta.get("server-round")
         if reply_round != server_round:
             raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
@@ -212,45 +193,38 @@ class FedGKT(Strategy):
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
         try:
-            arrays = record_arrays(content.array_records[FEATURES_KEY])
-        except Exception as err:  # a corrupt Array cannot even be decoded
+            decoded = arrays()
+        except PayloadError:
+            raise
+        except Exception as err:  # a corrupt array cannot even be decoded
             raise PayloadError(f"undecodable arrays: {err}") from None
         return validate_payload(
-            arrays,
+            decoded,
             self.feature_dtype,
             self.feature_shape,
             self.trainer.num_classes,
             require_logits=require_logits,
         )
 
-    def _triage(
-        self, replies: Iterable[Message], server_round: int, require_logits: bool
-    ) -> list[tuple[int, FeaturePayload, dict[str, float]]]:
-        """Split replies into valid payloads and rejected/failed ones (recorded)."""
-        accepted = []
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
-            if msg.has_error():
-                reason = msg.error.reason
-                log(WARNING, "node %d failed: %s", node_id, reason)
-                self._round["failed_nodes"].append({"node_id": node_id, "reason": reason})
-                continue
-            self._round["bytes_up"] += arrays_bytes(msg.content)
-            try:
-                payload = self._decode(msg, server_round, require_logits)
-            except PayloadError as err:
-                log(WARNING, "rejected reply from node %d: %s", node_id, err)
-                self._round["rejected_replies"].append({"node_id": node_id, "reason": str(err)})
-                continue
-            metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
-            accepted.append((node_id, payload, {k: float(v) for k, v in metrics.items()}))  # type: ignore[arg-type]
-        return accepted
+    def _accept_reply(
+        self, node_id: int, nbytes: int, validate: Callable[[], FeaturePayload]
+    ) -> FeaturePayload | None:
+        """Count a reply's ``nbytes`` and validate it; a PayloadError rejects it (its
+        reason goes to the log and the round's record) and gives None."""
+        self._round["bytes_up"] += nbytes
+        try:
+            return validate()
+        except PayloadError as err:
+            log(WARNING, "rejected reply from node %d: %s", node_id, err)
+            self._round["rejected_replies"].append({"node_id": node_id, "reason": str(err)})
+            return None
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and store the features, train the server model, refresh logits."""
-        accepted = self._triage(replies, server_round, require_logits=True)
+    # -- training and evaluation on the server --------------------------------------
+    def _train_server(self, server_round: int, accepted: list[AcceptedReply]) -> dict[str, float]:
+        """Store the accepted features, train the server model, refresh server logits.
+
+        Returns the round's training metrics (the strategy's aggregated metrics).
+        """
         for node_id, payload, _ in accepted:
             self.store.put(node_id, payload, server_round)
 
@@ -259,15 +233,13 @@ class FedGKT(Strategy):
             self.server_logits[node_id] = self.trainer.logits_for(self.store, node_id)
 
         num_examples = sum(p.num_samples for _, p, _ in accepted)
-        metrics = MetricRecord(
-            {
-                "num-examples": num_examples,
-                "replies": len(accepted),
-                "server-train-loss": result.loss,
-                "server-train-accuracy": result.accuracy,
-                "server-train-seconds": result.seconds,
-            }
-        )
+        metrics: dict[str, float] = {
+            "num-examples": num_examples,
+            "replies": len(accepted),
+            "server-train-loss": result.loss,
+            "server-train-accuracy": result.accuracy,
+            "server-train-seconds": result.seconds,
+        }
         if num_examples:
             for key in ("train_loss", "train_accuracy"):
                 values = [(m[key], p.num_samples) for _, p, m in accepted if key in m]
@@ -285,33 +257,16 @@ class FedGKT(Strategy):
                 "stored_feature_bytes": self.store.nbytes,
             }
         )
-        return None, metrics
+        return metrics
 
-    # -- evaluation ----------------------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Ask sampled nodes for the features of their test split."""
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        messages = []
-        for node_id in node_ids:
-            round_config = ConfigRecord(dict(config))
-            round_config["server-round"] = server_round
-            round_config["feature-dtype"] = self.feature_dtype
-            messages.append(
-                Message(
-                    content=RecordDict({CONFIG_KEY: round_config}),
-                    message_type=MessageType.EVALUATE,
-                    dst_node_id=node_id,
-                )
-            )
-        return messages
+    def _close_round(
+        self, server_round: int, accepted: list[AcceptedReply]
+    ) -> dict[str, float] | None:
+        """Score the server model on the accepted test features, average the edge
+        model's own scores, and close the round's record (log, history, callback).
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Score the server model on the test features; report edge accuracy too."""
-        accepted = self._triage(replies, server_round, require_logits=False)
+        Returns the round's evaluation metrics, or None when no sample was scored.
+        """
         correct, loss_sum, total = 0.0, 0.0, 0
         edge_correct, edge_loss = 0.0, 0.0
         for _, payload, metrics in accepted:
@@ -355,14 +310,141 @@ class FedGKT(Strategy):
             self.on_round_end(record)
         if not total:
             return None
-        return MetricRecord(
-            {
-                "num-examples": total,
-                "accuracy": record["accuracy"],
-                "loss": record["loss"],
-                "edge-accuracy": record["edge_accuracy"],
-            }
+        return {
+            "num-examples": total,
+            "accuracy": record["accuracy"],
+            "loss": record["loss"],
+            "edge-accuracy": record["edge_accuracy"],
+        }
+
+
+class FedGKT(FedGKTBase, Strategy):
+    """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
+
+    Implementation based on https://arxiv.org/abs/2007.14513
+
+    Parameters
+    ----------
+    trainer : ServerTrainer
+        The server-side large model with its optimizer; trained inside
+        ``aggregate_train``.
+    server_epochs : int (default: 1)
+        Epochs of server training per round over all stored features.
+    feature_dtype : str (default: "float32")
+        Wire dtype the clients encode features in: float32, float16, bfloat16, int8.
+    feature_shape : tuple[int, int, int] (default: (16, 32, 32))
+        Shape of one sample's features; replies with another shape are rejected.
+    fraction_train : float (default: 1.0)
+        Fraction of nodes sampled for training.
+    fraction_evaluate : float (default: 1.0)
+        Fraction of nodes sampled for evaluation.
+    min_train_nodes : int (default: 2)
+        Minimum number of nodes sampled for training.
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of nodes sampled for evaluation.
+    min_available_nodes : int (default: 2)
+        Minimum number of connected nodes before a round starts.
+    on_round_end : Callable[[dict], None] | None (default: None)
+        Called with each round's record once the round's evaluation is done (the
+        ServerApp writes ``results.json`` there).
+    """
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        size = sample_size(len(list(grid.get_node_ids())), fraction, minimum)
+        if size == 0:
+            return []
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
+        return sorted(node_ids)
+
+    # -- training ------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One Message per sampled node, each carrying that node's own server logits."""
+        self._begin_round(server_round)
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        log(INFO, "configure_train: sampled %d nodes", len(node_ids))
+        messages = []
+        for node_id in node_ids:
+            round_config = ConfigRecord(self._round_config(server_round, config))
+            content = RecordDict({CONFIG_KEY: round_config})
+            if node_id in self.server_logits:
+                ids, logits = self.server_logits[node_id]
+                content[LOGITS_KEY] = logits_record(ids, logits)
+            self._round["bytes_down"] += arrays_bytes(content)
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            )
+        return messages
+
+    def _decode(self, msg: Message, server_round: int, require_logits: bool) -> FeaturePayload:
+        """Validate one reply; raise PayloadError naming what is wrong."""
+        content = msg.content
+        if FEATURES_KEY not in content.array_records:
+            raise PayloadError(f"missing ArrayRecord {FEATURES_KEY!r}")
+        if META_KEY not in content.config_records:
+            raise PayloadError(f"missing ConfigRecord {META_KEY!r}")
+        return self._validate_reply(
+            content.config_records[META_KEY],
+            partial(record_arrays, content.array_records[FEATURES_KEY]),
+            server_round,
+            require_logits,
         )
+
+    def _triage(
+        self, replies: Iterable[Message], server_round: int, require_logits: bool
+    ) -> list[AcceptedReply]:
+        """Split replies into valid payloads and rejected/failed ones (recorded)."""
+        accepted = []
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                self._record_failure(node_id, msg.error.reason)
+                continue
+            payload = self._accept_reply(
+                node_id,
+                arrays_bytes(msg.content),
+                partial(self._decode, msg, server_round, require_logits),
+            )
+            if payload is None:
+                continue
+            metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
+            accepted.append((node_id, payload, {k: float(v) for k, v in metrics.items()}))  # type: ignore[arg-type]
+        return accepted
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and store the features, train the server model, refresh logits."""
+        accepted = self._triage(replies, server_round, require_logits=True)
+        metrics = self._train_server(server_round, accepted)
+        return None, MetricRecord({k: v for k, v in metrics.items()})
+
+    # -- evaluation ----------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask sampled nodes for the features of their test split."""
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        messages = []
+        for node_id in node_ids:
+            round_config = ConfigRecord(self._round_config(server_round, config))
+            messages.append(
+                Message(
+                    content=RecordDict({CONFIG_KEY: round_config}),
+                    message_type=MessageType.EVALUATE,
+                    dst_node_id=node_id,
+                )
+            )
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Score the server model on the test features; report edge accuracy too."""
+        accepted = self._triage(replies, server_round, require_logits=False)
+        metrics = self._close_round(server_round, accepted)
+        return None if metrics is None else MetricRecord({k: v for k, v in metrics.items()})
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,528 @@
+"""FedGKT on Flower's legacy API: a ``NumPyClient`` and a legacy ``Strategy``.
+
+Deployments built on ``ClientApp(client_fn=...)`` with a
+:class:`flwr.client.NumPyClient` and ``ServerApp(server_fn=...)`` with a
+:class:`flwr.server.strategy.Strategy` adopt FedGKT by returning
+:class:`FedGKTNumPyClient` from their ``client_fn`` and :class:`LegacyFedGKT` from
+their ``server_fn``. Both are faces over the same code as the Message-API apps: the
+client runs :func:`flwr_fedgkt.client_app.train_edge` /
+:func:`~flwr_fedgkt.client_app.extract_test` (edge state in ``context.state``), the
+strategy inherits :class:`flwr_fedgkt.strategy.FedGKTBase` (reply validation,
+server training, server logits, scoring, round records).
+
+What travels
+------------
+Server -> client, ``FitIns``
+    ``parameters``: ``[ids, logits]``, the node's server logits keyed by sample id
+    (``(N,)`` int64 and ``(N, K)`` float32); ``[]`` before the node's first round.
+    ``config``: ``server-round`` and ``feature-dtype``.
+Client -> server, ``FitRes`` (what :meth:`FedGKTNumPyClient.fit` returns)
+    ``parameters``: the arrays named by :data:`FIT_ARRAYS`, in that order --
+    ``features`` ``(N, 16, 32, 32)`` in the wire dtype (``float16``; ``bfloat16`` as
+    its raw bits in ``int16``; ``uint8`` codes for ``int8``), ``logits`` ``(N, K)``
+    float32, ``labels`` ``(N,)`` int64, ``ids`` ``(N,)`` int64 -- followed, for
+    ``int8`` only, by :data:`INT8_ARRAYS` (``feature_scale``, ``feature_offset``,
+    ``(16,)`` float32 each).
+    ``num_examples``: ``N``. ``metrics``: ``server-round``, ``feature-dtype``,
+    ``train_loss``, ``train_accuracy``.
+Server -> client, ``EvaluateIns``
+    ``parameters``: ``[]``; ``config``: ``server-round`` and ``feature-dtype``.
+Client -> server, ``EvaluateRes``
+    ``loss``: the edge model's test loss; ``num_examples``: test samples.
+    ``metrics``: ``server-round``, ``feature-dtype``, ``edge_accuracy``,
+    ``edge_loss`` and the test split's ``features``, ``labels``, ``ids`` (and for
+    ``int8`` ``feature_scale``, ``feature_offset``) as ``.npy`` bytes under
+    ``array.<name>``: a legacy ``EvaluateRes`` has no other room for arrays.
+
+The server validates every reply exactly as the Message-API strategy does; a bad
+reply is rejected with its reason in the round's record and touches neither the
+feature store nor the server model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.client import NumPyClient
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+)
+from flwr.server import ServerAppComponents, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from flwr.supercore import log
+from torch import Tensor
+
+from .accounting import model_profile
+from .client_app import extract_test, round_settings, train_edge
+from .config import RunConfig
+from .data import SampleSet, load_dataset
+from .edge import Extracted, LogitTable
+from .features import FeaturePayload, PayloadError
+from .records import features_record, record_arrays
+from .results import ResultsWriter
+from .server import ServerTrainer
+from .server_app import default_output_dir
+from .strategy import AcceptedReply, FedGKTBase, sample_size
+
+__all__ = [
+    "FIT_ARRAYS",
+    "INT8_ARRAYS",
+    "EVALUATE_ARRAY_PREFIX",
+    "FedGKTNumPyClient",
+    "LegacyFedGKT",
+    "samples_from_loader",
+    "server_fn",
+]
+
+FIT_ARRAYS = ("features", "logits", "labels", "ids")
+"""Names of the arrays a training reply carries, in their order in ``parameters``."""
+INT8_ARRAYS = ("feature_scale", "feature_offset")
+"""Arrays appended after :data:`FIT_ARRAYS` (and sent on evaluation) for ``int8``."""
+EVALUATE_ARRAY_PREFIX = "array."
+"""Prefix of the evaluation reply's metric keys that hold ``.npy`` bytes."""
+
+_EVALUATE_ARRAYS = ("features", "labels", "ids")
+
+
+def _array_names(names: Sequence[str], dtype: str) -> tuple[str, ...]:
+    return tuple(names) + (INT8_ARRAYS if dtype == "int8" else ())
+
+
+def _upload_arrays(extracted: Extracted, dtype: str, with_logits: bool) -> dict[str, np.ndarray]:
+    """The arrays the Message-API client uploads for ``extracted``, by name."""
+    return record_arrays(features_record(extracted, dtype, with_logits=with_logits))
+
+
+def _empty_parameters() -> Parameters:
+    return Parameters(tensors=[], tensor_type="numpy.ndarray")
+
+
+def _parameters_bytes(parameters: Parameters) -> int:
+    return sum(len(tensor) for tensor in parameters.tensors)
+
+
+def samples_from_loader(loader: Iterable[Sequence[Tensor]]) -> SampleSet:
+    """Collect batches of ``(images, labels, sample_ids)`` into a :class:`SampleSet`.
+
+    For a deployment whose data comes as a ``torch.utils.data.DataLoader``: its
+    dataset must yield each sample's stable integer id (unique across all nodes) as
+    the third item. The loader is read once, in its order; FedGKT shuffles by itself
+    (seeded), so pass a loader without shuffling for reproducible runs.
+    """
+    images, labels, ids = [], [], []
+    for batch in loader:
+        if len(batch) != 3:
+            raise ValueError(
+                f"expected batches of (images, labels, sample_ids), got {len(batch)} items"
+            )
+        images.append(torch.as_tensor(batch[0], dtype=torch.float32))
+        labels.append(torch.as_tensor(batch[1], dtype=torch.long))
+        ids.append(torch.as_tensor(batch[2], dtype=torch.long))
+    if not images:
+        raise ValueError("the loader yielded no batches")
+    return SampleSet(torch.cat(images), torch.cat(labels), torch.cat(ids))
+
+
+class FedGKTNumPyClient(NumPyClient):
+    """The FedGKT edge as a legacy ``NumPyClient``.
+
+    ``fit`` runs one edge round exactly as the Message-API ClientApp does (restore
+    the edge model and optimizer from ``context.state``, train with CE + KD against
+    the server logits that came with the instructions, extract over the training
+    split, save the state) and returns the features, logits, labels and sample ids
+    (see the module docstring for their order). ``evaluate`` returns the test
+    split's features and labels, and the edge model's own test loss and accuracy.
+    Edge weights never leave the node. Training settings (``client-epochs``,
+    ``batch-size``, ``client-lr``, ``temperature``, ``alpha``, ``seed``, ``device``)
+    come from the run config; the feature dtype and round from the server.
+
+    Parameters
+    ----------
+    context : Context
+        The ``Context`` that ``client_fn`` receives: its ``state`` keeps the edge
+        model between rounds, its ``run_config`` holds the run's settings.
+    train : SampleSet | Iterable[Sequence[Tensor]]
+        The node's training split: a :class:`~flwr_fedgkt.data.SampleSet` or a loader
+        of ``(images, labels, sample_ids)`` batches (see :func:`samples_from_loader`).
+        Images are ``3 x 32 x 32`` float tensors.
+    test : SampleSet | Iterable[Sequence[Tensor]]
+        The node's test split, in the same form.
+    num_classes : int
+        Number of classes of the task.
+    partition_id : int
+        This node's index in the federation; it seeds the edge model's
+        initialisation and its shuffling, so that nodes differ and runs repeat.
+    """
+
+    # pylint: disable=too-many-arguments,too-many-positional-arguments
+    def __init__(
+        self,
+        context: Context,
+        train: SampleSet | Iterable[Sequence[Tensor]],
+        test: SampleSet | Iterable[Sequence[Tensor]],
+        num_classes: int,
+        partition_id: int,
+    ) -> None:
+        self.context = context
+        self.config = RunConfig.from_mapping(context.run_config)
+        self.train_set = train if isinstance(train, SampleSet) else samples_from_loader(train)
+        self.test_set = test if isinstance(test, SampleSet) else samples_from_loader(test)
+        self.num_classes = num_classes
+        self.partition_id = partition_id
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Train the edge model one round; return features, logits, labels and ids.
+
+        Parameters
+        ----------
+        parameters : NDArrays
+            ``[ids, logits]``: this node's server logits by sample id, or ``[]``
+            before its first round.
+        config : dict[str, Scalar]
+            ``server-round`` and ``feature-dtype``.
+
+        Returns
+        -------
+        tuple[NDArrays, int, dict[str, Scalar]]
+            The arrays of :data:`FIT_ARRAYS` (plus :data:`INT8_ARRAYS` for ``int8``),
+            the number of training samples, and ``server-round``, ``feature-dtype``,
+            ``train_loss``, ``train_accuracy``.
+        """
+        server_round, dtype = round_settings(config, self.config)
+        if len(parameters) not in (0, 2):
+            raise ValueError(
+                f"expected [] or [ids, logits] as parameters, got {len(parameters)} arrays"
+            )
+        teacher = LogitTable(parameters[0], parameters[1]) if parameters else None
+        extracted, metrics = train_edge(
+            self.context,
+            self.config,
+            self.partition_id,
+            self.train_set,
+            self.num_classes,
+            server_round,
+            teacher,
+        )
+        arrays = _upload_arrays(extracted, dtype, with_logits=True)
+        reply: dict[str, Scalar] = {"server-round": server_round, "feature-dtype": dtype}
+        reply.update(metrics)
+        return (
+            [arrays[name] for name in _array_names(FIT_ARRAYS, dtype)],
+            len(self.train_set),
+            reply,
+        )
+
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """Send the test split's features and labels; score the edge model locally.
+
+        Returns
+        -------
+        tuple[float, int, dict[str, Scalar]]
+            The edge model's test loss, the number of test samples, and
+            ``server-round``, ``feature-dtype``, ``edge_accuracy``, ``edge_loss`` and
+            the arrays as ``.npy`` bytes under ``array.<name>``.
+        """
+        server_round, dtype = round_settings(config, self.config)
+        extracted, scores = extract_test(
+            self.context, self.config, self.partition_id, self.test_set, self.num_classes
+        )
+        arrays = _upload_arrays(extracted, dtype, with_logits=False)
+        reply: dict[str, Scalar] = {
+            "server-round": server_round,
+            "feature-dtype": dtype,
+            "edge_accuracy": scores["accuracy"],
+            "edge_loss": scores["loss"],
+        }
+        for name in _array_names(_EVALUATE_ARRAYS, dtype):
+            reply[EVALUATE_ARRAY_PREFIX + name] = ndarray_to_bytes(arrays[name])
+        return float(scores["loss"]), len(self.test_set), reply
+
+
+# -- server side --------------------------------------------------------------------
+def _node_id(proxy: ClientProxy) -> int:
+    node_id = getattr(proxy, "node_id", None)
+    return int(node_id) if node_id is not None else int(proxy.cid)
+
+
+def _numeric(metrics: Mapping[str, Scalar]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def _fit_arrays(parameters: Parameters, dtype: str) -> dict[str, np.ndarray]:
+    """The named arrays of a training reply (order: :data:`FIT_ARRAYS`)."""
+    names = _array_names(FIT_ARRAYS, dtype)
+    if len(parameters.tensors) != len(names):
+        raise PayloadError(
+            f"expected {len(names)} arrays ({', '.join(names)}) for {dtype!r} features, "
+            f"got {len(parameters.tensors)}"
+        )
+    return {name: bytes_to_ndarray(t) for name, t in zip(names, parameters.tensors, strict=True)}
+
+
+def _evaluate_arrays(metrics: Mapping[str, Scalar]) -> dict[str, np.ndarray]:
+    """The named arrays of an evaluation reply (``array.<name>`` metrics)."""
+    arrays = {}
+    for key, value in metrics.items():
+        if key.startswith(EVALUATE_ARRAY_PREFIX):
+            if not isinstance(value, bytes):
+                raise PayloadError(f"metric {key!r} holds {type(value).__name__}, not bytes")
+            arrays[key[len(EVALUATE_ARRAY_PREFIX) :]] = bytes_to_ndarray(value)
+    return arrays
+
+
+def _evaluate_bytes(metrics: Mapping[str, Scalar]) -> int:
+    return sum(
+        len(v)
+        for k, v in metrics.items()
+        if k.startswith(EVALUATE_ARRAY_PREFIX) and isinstance(v, bytes)
+    )
+
+
+class LegacyFedGKT(FedGKTBase, Strategy):
+    """Group Knowledge Transfer as a legacy ``flwr.server.strategy.Strategy``.
+
+    The drop-in for ``FedAvg`` in a ``ServerApp(server_fn=...)``: ``configure_fit``
+    gives every sampled client its own ``FitIns`` with its own server logits;
+    ``aggregate_fit`` validates each reply, stores the features, trains the server
+    model and computes fresh server logits per client; ``configure_evaluate`` /
+    ``aggregate_evaluate`` score the server model on the clients' test features and
+    report the edge model's own accuracy. No global model exists: the ``Parameters``
+    the legacy ``Server`` carries between rounds stay empty. The server-side work is
+    :class:`~flwr_fedgkt.strategy.FedGKTBase`'s, shared with the Message-API
+    :class:`~flwr_fedgkt.strategy.FedGKT`.
+
+    Implementation based on https://arxiv.org/abs/2007.14513
+
+    Parameters
+    ----------
+    trainer : ServerTrainer
+        The server-side large model with its optimizer; trained inside
+        ``aggregate_fit``.
+    server_epochs : int (default: 1)
+        Epochs of server training per round over all stored features.
+    feature_dtype : str (default: "float32")
+        Wire dtype the clients encode features in: float32, float16, bfloat16, int8.
+    feature_shape : tuple[int, int, int] (default: (16, 32, 32))
+        Shape of one sample's features; replies with another shape are rejected.
+    fraction_train : float (default: 1.0)
+        Fraction of clients sampled for training (``fraction_fit`` in ``FedAvg``).
+    fraction_evaluate : float (default: 1.0)
+        Fraction of clients sampled for evaluation.
+    min_train_nodes : int (default: 2)
+        Minimum number of clients sampled for training (``min_fit_clients``).
+    min_evaluate_nodes : int (default: 2)
+        Minimum number of clients sampled for evaluation.
+    min_available_nodes : int (default: 2)
+        Minimum number of connected clients before a round starts.
+    on_round_end : Callable[[dict], None] | None (default: None)
+        Called with each round's record once the round's evaluation is done (for
+        example a :class:`~flwr_fedgkt.results.ResultsWriter`).
+    """
+
+    def __repr__(self) -> str:
+        return (
+            f"LegacyFedGKT(server_model={self.trainer.model_name!r}, "
+            f"feature_dtype={self.feature_dtype!r}, server_epochs={self.server_epochs})"
+        )
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """No global model: empty parameters (and the strategy's summary in the log)."""
+        log(INFO, "Starting %s strategy:", self.__class__.__name__)
+        self.summary()
+        return _empty_parameters()
+
+    def _sample(
+        self, client_manager: ClientManager, fraction: float, minimum: int
+    ) -> list[ClientProxy]:
+        size = sample_size(client_manager.num_available(), fraction, minimum)
+        if size == 0:
+            return []
+        clients = client_manager.sample(
+            num_clients=size, min_num_clients=max(self.min_available_nodes, size)
+        )
+        return sorted(clients, key=_node_id)
+
+    # -- training ------------------------------------------------------------------
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """One ``FitIns`` per sampled client, each with that client's server logits."""
+        self._begin_round(server_round)
+        clients = self._sample(client_manager, self.fraction_train, self.min_train_nodes)
+        log(INFO, "configure_fit: sampled %d nodes", len(clients))
+        instructions = []
+        for proxy in clients:
+            node_id = _node_id(proxy)
+            fit_parameters = _empty_parameters()
+            if node_id in self.server_logits:
+                ids, logits = self.server_logits[node_id]
+                fit_parameters = ndarrays_to_parameters(
+                    [ids.astype(np.int64), logits.astype(np.float32)]
+                )
+            self._round["bytes_down"] += _parameters_bytes(fit_parameters)
+            config: dict[str, Scalar] = self._round_config(server_round, {})
+            instructions.append((proxy, FitIns(parameters=fit_parameters, config=config)))
+        return instructions
+
+    def _record_failures(self, failures: Sequence[tuple[ClientProxy, Any] | BaseException]) -> None:
+        for failure in failures:
+            if isinstance(failure, BaseException):
+                self._record_failure(None, f"{type(failure).__name__}: {failure}")
+            else:
+                proxy, res = failure
+                self._record_failure(_node_id(proxy), res.status.message)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate and store the features, train the server model, refresh logits."""
+        self._record_failures(failures)
+        accepted: list[AcceptedReply] = []
+        for proxy, res in results:
+            node_id = _node_id(proxy)
+            payload = self._accept_reply(
+                node_id,
+                _parameters_bytes(res.parameters),
+                partial(
+                    self._validate_reply,
+                    res.metrics,
+                    partial(_fit_arrays, res.parameters, self.feature_dtype),
+                    server_round,
+                    True,
+                ),
+            )
+            if payload is not None:
+                accepted.append((node_id, payload, _numeric(res.metrics)))
+        accepted.sort(key=lambda reply: reply[0])
+        metrics = self._train_server(server_round, accepted)
+        return None, {k: v for k, v in metrics.items()}
+
+    # -- evaluation ----------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Ask sampled clients for the features of their test split."""
+        clients = self._sample(client_manager, self.fraction_evaluate, self.min_evaluate_nodes)
+        if not clients:
+            # the legacy Server calls no aggregate_evaluate then: close the round here
+            self._close_round(server_round, [])
+            return []
+        config: dict[str, Scalar] = self._round_config(server_round, {})
+        return [
+            (proxy, EvaluateIns(parameters=_empty_parameters(), config=dict(config)))
+            for proxy in clients
+        ]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Score the server model on the test features; report edge accuracy too."""
+        self._record_failures(failures)
+        accepted: list[AcceptedReply] = []
+        for proxy, res in results:
+            node_id = _node_id(proxy)
+            payload: FeaturePayload | None = self._accept_reply(
+                node_id,
+                _evaluate_bytes(res.metrics),
+                partial(
+                    self._validate_reply,
+                    res.metrics,
+                    partial(_evaluate_arrays, res.metrics),
+                    server_round,
+                    False,
+                ),
+            )
+            if payload is not None:
+                accepted.append((node_id, payload, _numeric(res.metrics)))
+        accepted.sort(key=lambda reply: reply[0])
+        metrics = self._close_round(server_round, accepted)
+        if metrics is None:
+            return None, {}
+        return float(metrics["loss"]), {k: v for k, v in metrics.items()}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """No centralized evaluation: the server model is scored in
+        ``aggregate_evaluate`` on the clients' test features."""
+        return None
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    """The legacy ServerApp's components, configured from the run config.
+
+    :class:`LegacyFedGKT` with the same server model, optimizer and schedule as the
+    Message-API ServerApp, writing the same ``results.json`` to ``output-dir``; the
+    ``ServerConfig`` runs ``num-server-rounds`` rounds of at most ``round-timeout``
+    seconds. Use as ``ServerApp(server_fn=server_fn)``.
+    """
+    config = RunConfig.from_mapping(context.run_config)
+    output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
+    _, num_classes = load_dataset(config.dataset, config.seed)
+    trainer = ServerTrainer(
+        num_classes,
+        model_name=config.server_model,
+        lr=config.server_lr,
+        temperature=config.temperature,
+        alpha=config.alpha,
+        batch_size=config.server_batch_size,
+        seed=config.seed,
+        device=config.device,
+        total_epochs=config.num_server_rounds * config.server_epochs,
+    )
+    header = {
+        "algorithm": "fedgkt",
+        "flower_api": "legacy",
+        "config": config.to_dict(),
+        "edge_model": model_profile("resnet8", num_classes),
+        "server_model": model_profile(config.server_model, num_classes),
+    }
+    writer = ResultsWriter(output_dir, header)
+    log(INFO, "FedGKT results go to %s", writer.path)
+    strategy = LegacyFedGKT(
+        trainer,
+        server_epochs=config.server_epochs,
+        feature_dtype=config.feature_dtype,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.min_evaluate_nodes,
+        min_available_nodes=config.min_available_nodes,
+        on_round_end=writer,
+    )
+    server_config = ServerConfig(
+        num_rounds=config.num_server_rounds, round_timeout=config.round_timeout
+    )
+    return ServerAppComponents(strategy=strategy, config=server_config)
