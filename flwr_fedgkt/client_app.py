@@ -51,6 +51,9 @@ def node_partition(context: Context, config: RunConfig) -> tuple[int, Partition]
         partitioner=config.partitioner,
         dirichlet_alpha=config.dirichlet_alpha,
         seed=config.seed,
+        classes_per_partition=config.classes_per_partition,
+        min_partition_size=config.min_partition_size,
+        data_dir=config.data_dir,
     )
 
 

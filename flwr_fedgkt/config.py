@@ -10,10 +10,12 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .data import DATASET_NAMES, PARTITIONERS
 from .features import FEATURE_DTYPES
 
 __all__ = ["RunConfig", "ConfigError"]
@@ -37,6 +39,9 @@ class RunConfig:
     dataset: str = "digits"
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
+    classes_per_partition: int = 2
+    min_partition_size: int = 10
+    data_dir: str = ""
     batch_size: int = 32
     server_batch_size: int = 64
     client_epochs: int = 1
@@ -127,3 +132,13 @@ class RunConfig:
             fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
         if self.server_model not in ("resnet55", "resnet109"):
             fail("server-model", "expected resnet55 or resnet109")
+        if self.dataset not in DATASET_NAMES:
+            fail("dataset", f"expected one of {', '.join(DATASET_NAMES)}")
+        if self.partitioner not in PARTITIONERS:
+            fail("partitioner", f"expected one of {', '.join(PARTITIONERS)}")
+        if self.classes_per_partition < 1:
+            fail("classes-per-partition", "must be at least 1")
+        if self.min_partition_size < 0:
+            fail("min-partition-size", "must not be negative")
+        if self.data_dir and not os.path.isabs(os.path.expanduser(self.data_dir)):
+            fail("data-dir", "must be an absolute path (apps may run in other directories)")

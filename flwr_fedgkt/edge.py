@@ -5,12 +5,19 @@ the server logits the client holds, each sample's target looked up **by its samp
 id**, never by batch position), then extract features, logits, labels and sample ids
 over the training split with the model in eval mode.
 
+Training may augment each batch per sample (the training split's own
+``augmentation``, e.g. :class:`flwr_fedgkt.data.RandomCropFlip`, or one passed in);
+it changes pixels only, never the order of a batch, so every image keeps its sample
+id and its KD target. Extraction for upload never augments: it runs over the stored
+(un-augmented) images, in eval mode.
+
 This module imports no Flower code.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .data import SampleSet
+from .data import Augmentation, SampleSet
 from .distill import ce_kd_loss, kd_loss
 from .models import seeded_model
 
-__all__ = ["LogitTable", "Extracted", "EdgeTrainer", "edge_generator", "resolve_device"]
+__all__ = [
+    "LogitTable",
+    "Extracted",
+    "EdgeTrainer",
+    "edge_generator",
+    "resolve_device",
+    "training_batches",
+]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -37,6 +51,31 @@ def edge_generator(seed: int, partition_id: int, server_round: int) -> torch.Gen
     """The shuffling RNG of one node's edge training in one round: different per
     node and round, reproducible for a given seed."""
     return torch.Generator().manual_seed(hash((seed, partition_id, server_round)) % 2**63)
+
+
+def training_batches(
+    data: SampleSet,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    augment: Augmentation | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """One epoch of shuffled ``(images, labels, ids)`` batches, on the CPU.
+
+    Every batch's images are augmented per sample with ``augment``, or else with
+    ``data.augmentation`` when it has one, drawing from ``generator``; labels and
+    ids are left as they are, aligned with their images.
+    """
+    loader = DataLoader(
+        TensorDataset(data.images, data.labels, data.ids),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+    )
+    augment = augment if augment is not None else data.augmentation
+    for images, labels, ids in loader:
+        if augment is not None:
+            images = augment(images, generator)
+        yield images, labels, ids
 
 
 class LogitTable:
@@ -139,22 +178,21 @@ class EdgeTrainer:
         temperature: float = 3.0,
         alpha: float = 1.0,
         generator: torch.Generator | None = None,
+        augment: Augmentation | None = None,
     ) -> dict[str, float]:
         """Train ``epochs`` over ``data``; KD targets come from ``teacher`` by sample id.
 
+        Batches are augmented per sample with ``augment``, or else with
+        ``data.augmentation`` (to train without, pass a set whose augmentation is
+        ``None``), drawing from ``generator``; ids stay with their images, so KD
+        targets stay aligned.
         Returns the mean training loss and accuracy of the last epoch.
         """
-        loader = DataLoader(
-            TensorDataset(data.images, data.labels, data.ids),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=generator,
-        )
         self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(max(epochs, 0)):
             loss_sum, correct, seen = 0.0, 0, 0
-            for images, labels, ids in loader:
+            for images, labels, ids in training_batches(data, batch_size, generator, augment):
                 images, labels = images.to(self.device), labels.to(self.device)
                 logits, _ = self.model(images)
                 loss = self._loss(logits, labels, ids, teacher, temperature, alpha)
@@ -190,7 +228,8 @@ class EdgeTrainer:
 
     @torch.no_grad()
     def extract(self, data: SampleSet, batch_size: int = 256) -> Extracted:
-        """Features, logits, labels and ids over ``data``, in eval mode, in order."""
+        """Features, logits, labels and ids over ``data``, in eval mode, in order
+        (never augmented)."""
         self.model.eval()
         feats, logits = [], []
         for start in range(0, len(data), batch_size):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -11,7 +12,7 @@ from flwr.supercore import log
 
 from .accounting import model_profile
 from .config import RunConfig
-from .data import load_dataset
+from .data import DataUnavailableError, describe_dataset, plot_label_distribution
 from .results import ResultsWriter
 from .server import ServerTrainer
 from .strategy import FedGKT
@@ -23,12 +24,44 @@ def default_output_dir() -> Path:
     return Path.cwd() / "outputs" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def plot_partitions(grid: Grid, config: RunConfig, output_dir: Path) -> None:
+    """Write ``label_distribution.png`` to ``output_dir``: the training labels of
+    every partition, one partition per node connected when the run starts (as in
+    simulation, where ``num-partitions`` is the number of SuperNodes)."""
+    minimum = max(config.min_available_nodes, 1)
+    while len(node_ids := list(grid.get_node_ids())) < minimum:
+        time.sleep(1)
+    try:
+        path = plot_label_distribution(
+            output_dir / "label_distribution.png",
+            config.dataset,
+            len(node_ids),
+            config.partitioner,
+            config.dirichlet_alpha,
+            config.seed,
+            classes_per_partition=config.classes_per_partition,
+            min_partition_size=config.min_partition_size,
+            data_dir=config.data_dir,
+        )
+    except (OSError, ValueError, DataUnavailableError) as err:
+        log(WARNING, "No label-distribution plot: %s", err)
+        return
+    log(INFO, "Label distribution of %d partitions: %s", len(node_ids), path)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedGKT for ``num-server-rounds`` rounds and write ``results.json``."""
     config = RunConfig.from_mapping(context.run_config)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
-    _, num_classes = load_dataset(config.dataset, config.seed)
+    try:  # before anything starts: a run without its data stops here, with one message
+        info = describe_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
+    except DataUnavailableError as err:
+        # logged, not raised: Flower would add a traceback to a message that says it all
+        log(ERROR, "%s\nThe run stops before its first round.", err)
+        return
+    log(INFO, "Data set %s", info.summary())
+    num_classes = info.num_classes
 
     trainer = ServerTrainer(
         num_classes,
@@ -49,6 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     }
     writer = ResultsWriter(output_dir, header)
     log(20, "FedGKT results go to %s", writer.path)
+    plot_partitions(grid, config, output_dir)
 
     strategy = FedGKT(
         trainer,

@@ -1,0 +1,51 @@
+"""`flwr run` on a local CIFAR-10 copy, and on a data set that is not there."""
+
+import json
+
+import pytest
+from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
+from test_data_sources import write_cifar10
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def flower_env(tmp_path_factory):
+    """One private SuperLink for this module's runs."""
+    tmp_path = tmp_path_factory.mktemp("flower")
+    with flower_environment(tmp_path) as env:
+        start_local_superlink(env, tmp_path / "superlink.log")
+        yield env
+
+
+def test_flwr_run_trains_on_a_local_cifar10_folder(flower_env, tmp_path) -> None:
+    # Prepare
+    write_cifar10(tmp_path / "cifar", per_batch=20, num_test=20)
+    out = tmp_path / "out"
+    run_config = (
+        f"dataset='cifar10' data-dir='{tmp_path / 'cifar'}' partitioner='dirichlet' "
+        f"min-partition-size=0 num-server-rounds=1 batch-size=16 output-dir='{out}' seed=1"
+    )
+    # Execute
+    result = flwr_run(flower_env, REPO, run_config, num_supernodes=2)
+    # Assert
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "Data set cifar10: 10 classes, 100 training / 20 test images" in result.stdout
+    assert "round 1: accuracy" in result.stdout, result.stdout[-4000:]
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert rounds[0]["train_nodes"] == 2 and rounds[0]["rejected_replies"] == []
+    assert (out / "label_distribution.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flwr_run_without_data_stops_with_one_message(flower_env, tmp_path) -> None:
+    # Prepare
+    out = tmp_path / "out"
+    run_config = f"dataset='cifar100' data-dir='{tmp_path / 'missing'}' output-dir='{out}'"
+    # Execute
+    result = flwr_run(flower_env, REPO, run_config, num_supernodes=2)
+    # Assert
+    assert "Data set 'cifar100' (CIFAR-100) is not available." in result.stdout, result.stdout
+    assert "The run stops before its first round." in result.stdout
+    assert "Traceback" not in result.stdout
+    assert "[ROUND 1" not in result.stdout
+    assert not out.exists()

@@ -1,0 +1,162 @@
+"""Without network and without a local copy, a run stops at start-up with one
+clear message, before any federation starts."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from flwr_fedgkt import data, server_app
+from flwr_fedgkt.config import ConfigError, RunConfig
+from flwr_fedgkt.data import DataUnavailableError, describe_dataset, load_partition
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    data.clear_caches()
+    yield
+    data.clear_caches()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The Hub does not answer; building a FederatedDataset would be a bug."""
+    import flwr_datasets
+
+    def unreachable(timeout: float = 0.0) -> str:
+        return "[Errno -2] Name or service not known"
+
+    def no_federated_dataset(*args, **kwargs):
+        raise AssertionError("FederatedDataset built although the Hub is unreachable")
+
+    monkeypatch.setattr(data, "_hub_offline", lambda: False)
+    monkeypatch.setattr(data, "_hub_reachable", unreachable)
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", no_federated_dataset)
+
+
+def _assert_clear(message: str, name: str, title: str) -> None:
+    assert message.startswith(f"Data set {name!r} ({title}) is not available.")
+    assert "Tried:" in message and "Fix:" in message
+    assert "data-dir" in message and "dataset='digits'" in message
+    assert "Traceback" not in message
+
+
+def test_missing_local_copy_names_the_folder_and_the_fixes(tmp_path) -> None:
+    # Prepare
+    missing = tmp_path / "nowhere"
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        load_partition("cifar10", 0, 2, data_dir=str(missing))
+    # Assert
+    message = str(caught.value)
+    _assert_clear(message, "cifar10", "CIFAR-10")
+    assert str(missing) in message and "no such directory" in message
+    assert "cifar-10-batches-py/" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_incomplete_local_copy_names_the_missing_files(tmp_path) -> None:
+    # Prepare
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rows = np.zeros((2, 3072), dtype=np.uint8)
+    with open(folder / "train", "wb") as handle:
+        pickle.dump({"data": rows, "fine_labels": [0, 1]}, handle)
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        describe_dataset("cifar100", str(tmp_path))
+    # Assert
+    _assert_clear(str(caught.value), "cifar100", "CIFAR-100")
+    assert "lacks test" in str(caught.value)
+
+
+def test_cinic10_without_its_class_folders_is_reported(tmp_path) -> None:
+    # Prepare
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "test").mkdir()
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        describe_dataset("cinic10", str(tmp_path))
+    # Assert
+    _assert_clear(str(caught.value), "cinic10", "CINIC-10")
+    assert "airplane" in str(caught.value)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_unreachable_hub_without_data_dir_fails_at_once() -> None:
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        describe_dataset("cifar100")
+    # Assert
+    message = str(caught.value)
+    _assert_clear(message, "cifar100", "CIFAR-100")
+    assert "no data-dir set" in message
+    assert "'uoft-cs/cifar100'" in message and "unreachable" in message
+    assert "Name or service not known" in message
+
+
+def test_failed_download_is_reported_as_unavailable(monkeypatch) -> None:
+    # Prepare: the Hub answers, but fetching the data set fails
+    import flwr_datasets
+
+    class FailingDownload:
+        def __init__(self, **kwargs) -> None:
+            self.kwargs = kwargs
+
+        def load_split(self, split: str):
+            raise ConnectionError("Couldn't reach 'flwrlabs/cinic10' on the Hub\nmore detail")
+
+    monkeypatch.setattr(data, "_hub_offline", lambda: False)
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=0.0: None)
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FailingDownload)
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        load_partition("cinic10", 0, 2)
+    # Assert
+    message = str(caught.value)
+    _assert_clear(message, "cinic10", "CINIC-10")
+    assert "ConnectionError: Couldn't reach 'flwrlabs/cinic10' on the Hub" in message
+    assert "more detail" not in message
+
+
+class _UntouchedGrid:
+    """A Grid that fails the test when the ServerApp uses it."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the ServerApp used the grid ({name}) although data is missing")
+
+
+@pytest.mark.usefixtures("no_network")
+@pytest.mark.parametrize("data_dir", ["", "missing"])
+def test_server_app_logs_one_message_and_starts_no_round(tmp_path, monkeypatch, data_dir) -> None:
+    # Prepare
+    logged: list[tuple[int, str]] = []
+    monkeypatch.setattr(server_app, "log", lambda level, msg, *a: logged.append((level, msg % a)))
+    out = tmp_path / "out"
+    run_config = {"dataset": "cifar10", "output-dir": str(out)}
+    if data_dir:
+        run_config["data-dir"] = str(tmp_path / data_dir)
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    # Execute
+    server_app.main(_UntouchedGrid(), context)
+    # Assert
+    assert len(logged) == 1
+    level, message = logged[0]
+    assert level == 40  # ERROR
+    _assert_clear(message, "cifar10", "CIFAR-10")
+    assert message.endswith("The run stops before its first round.")
+    assert not out.exists()  # no results.json, no plot: nothing started
+
+
+def test_relative_data_dir_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="data-dir.*absolute"):
+        RunConfig.from_mapping({"dataset": "cifar10", "data-dir": "data/cifar"})
+    with pytest.raises(ConfigError, match="dataset"):
+        RunConfig.from_mapping({"dataset": "mnist"})
+    with pytest.raises(ConfigError, match="partitioner"):
+        RunConfig.from_mapping({"partitioner": "shards"})
+    assert RunConfig.from_mapping({"data-dir": str(Path.home())}).data_dir == str(Path.home())
