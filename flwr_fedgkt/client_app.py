@@ -9,7 +9,9 @@ test split's features and labels, and the edge model's own test accuracy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,22 +59,43 @@ def node_partition(context: Context, config: RunConfig) -> tuple[int, Partition]
     )
 
 
+def _state_file(config: RunConfig, partition_id: int) -> Path | None:
+    if not config.client_state_dir:
+        return None
+    return Path(config.client_state_dir) / f"edge-partition-{partition_id}.pt"
+
+
 def load_edge(
     context: Context, config: RunConfig, num_classes: int, partition_id: int
 ) -> EdgeTrainer:
-    """The node's edge trainer, restored from ``context.state`` when it has one."""
+    """The node's edge trainer, restored from ``context.state`` when it has one, else
+    from ``client-state-dir`` (a resumed run) when that holds this partition's state."""
     trainer = EdgeTrainer(
         num_classes, lr=config.client_lr, device=config.device, seed=config.seed + partition_id
     )
+    state_file = _state_file(config, partition_id)
     if STATE_KEY in context.state.array_records:
         blob = context.state.array_records[STATE_KEY]["blob"].numpy()
         trainer.load_state_bytes(blob.tobytes())
+    elif state_file is not None and state_file.exists():
+        trainer.load_state_bytes(state_file.read_bytes())
     return trainer
 
 
-def save_edge(context: Context, trainer: EdgeTrainer) -> None:
-    blob = np.frombuffer(trainer.state_bytes(), dtype=np.uint8)
+def save_edge(
+    context: Context, trainer: EdgeTrainer, config: RunConfig | None = None, partition_id: int = 0
+) -> None:
+    """Keep the edge state in ``context.state`` and, with ``client-state-dir`` set,
+    also on disk (written atomically), so that a resumed run continues from it."""
+    state = trainer.state_bytes()
+    blob = np.frombuffer(state, dtype=np.uint8)
     context.state[STATE_KEY] = ArrayRecord(array_dict={"blob": Array(blob.copy())})
+    state_file = None if config is None else _state_file(config, partition_id)
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_bytes(state)
+        os.replace(tmp, state_file)
 
 
 def round_settings(round_config: Mapping[str, Any], config: RunConfig) -> tuple[int, str]:
@@ -110,7 +133,7 @@ def train_edge(
         generator=generator,
     )
     extracted = trainer.extract(data)
-    save_edge(context, trainer)
+    save_edge(context, trainer, config, partition_id)
     return extracted, metrics
 
 

@@ -56,6 +56,11 @@ class RunConfig:
     output_dir: str = ""
     device: str = "auto"
     round_timeout: float = 3600.0
+    max_reply_bytes: int = 0
+    max_staleness: int = -1
+    feature_store: str = "memory"
+    resume_from: str = ""
+    client_state_dir: str = ""
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -132,6 +137,12 @@ class RunConfig:
             fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
         if self.server_model not in ("resnet55", "resnet109"):
             fail("server-model", "expected resnet55 or resnet109")
+        if self.max_reply_bytes < 0:
+            fail("max-reply-bytes", "must not be negative (0: no limit)")
+        if self.max_staleness < -1:
+            fail("max-staleness", "must be -1 (no limit) or a number of rounds")
+        if self.feature_store not in ("memory", "disk"):
+            fail("feature-store", "expected memory or disk")
         if self.dataset not in DATASET_NAMES:
             fail("dataset", f"expected one of {', '.join(DATASET_NAMES)}")
         if self.partitioner not in PARTITIONERS:

@@ -36,6 +36,9 @@ def run_local(
             config.partitioner,
             config.dirichlet_alpha,
             config.seed,
+            classes_per_partition=config.classes_per_partition,
+            min_partition_size=config.min_partition_size,
+            data_dir=config.data_dir,
         )
         for i in range(num_partitions)
     ]

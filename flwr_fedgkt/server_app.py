@@ -11,8 +11,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .accounting import model_profile
+from .checkpoint import CheckpointError, load_latest_checkpoint
 from .config import RunConfig
 from .data import DataUnavailableError, describe_dataset, plot_label_distribution
+from .features import FeatureStore
 from .results import ResultsWriter
 from .server import ServerTrainer
 from .strategy import FedGKT
@@ -94,7 +96,25 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=config.min_evaluate_nodes,
         min_available_nodes=config.min_available_nodes,
         on_round_end=writer,
+        max_reply_bytes=config.max_reply_bytes,
+        max_staleness=None if config.max_staleness < 0 else config.max_staleness,
+        store=FeatureStore(
+            output_dir / "feature-store" if config.feature_store == "disk" else None
+        ),
+        checkpoint_dir=output_dir,
     )
+    if config.resume_from:
+        try:
+            state, path, skipped = load_latest_checkpoint(config.resume_from)
+        except CheckpointError as err:
+            log(ERROR, "%s\nThe run stops before its first round.", err)
+            return
+        for note in skipped:
+            log(WARNING, "Skipped an unreadable checkpoint: %s", note)
+        strategy.restore(state)
+        writer.rounds = list(strategy.history)
+        writer.write()
+        log(INFO, "Resuming from %s: round %d is next", path, strategy.round_offset + 1)
     round_config = ConfigRecord(
         {
             "client-epochs": config.client_epochs,
@@ -107,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(),
-        num_rounds=config.num_server_rounds,
+        num_rounds=config.num_server_rounds - strategy.round_offset,
         timeout=config.round_timeout,
         train_config=round_config,
         evaluate_config=ConfigRecord(),

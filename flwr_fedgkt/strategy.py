@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .features import (
     FEATURE_DTYPES,
     FeaturePayload,
@@ -97,6 +99,10 @@ class FedGKTBase:
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         on_round_end: Callable[[RoundRecord], None] | None = None,
+        max_reply_bytes: int = 0,
+        max_staleness: int | None = None,
+        store: FeatureStore | None = None,
+        checkpoint_dir: str | Path | None = None,
     ) -> None:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(
@@ -112,7 +118,11 @@ class FedGKTBase:
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.on_round_end = on_round_end
-        self.store = FeatureStore()
+        self.max_reply_bytes = max_reply_bytes
+        self.max_staleness = max_staleness
+        self.store = FeatureStore() if store is None else store
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.round_offset = 0  # rounds done before a resume
         self.server_logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.history: list[RoundRecord] = []
         self._round: RoundRecord = {}
@@ -151,9 +161,17 @@ class FedGKTBase:
         )
         log(
             INFO,
-            "\t\t└── Features: %s, shape %s",
+            "\t\t├── Features: %s, shape %s, stored %s",
             self.feature_dtype,
             "x".join(map(str, self.feature_shape)),
+            "in memory" if self.store.directory is None else f"on disk ({self.store.directory})",
+        )
+        log(
+            INFO,
+            "\t\t└── Max reply bytes: %s | max staleness: %s | checkpoints: %s",
+            self.max_reply_bytes or "unlimited",
+            "unlimited" if self.max_staleness is None else f"{self.max_staleness} rounds",
+            self.checkpoint_dir or "off",
         )
 
     # -- the round's record --------------------------------------------------------
@@ -167,6 +185,11 @@ class FedGKTBase:
             "rejected_replies": [],
             "failed_nodes": [],
         }
+
+    def _record_missing(self, sampled: list[int], replied: list[int]) -> None:
+        """Report sampled nodes that sent nothing back before the round's timeout."""
+        for node_id in sorted(set(sampled) - set(replied)):
+            self._record_failure(node_id, "no reply within the round's timeout")
 
     def _round_config(self, server_round: int, base: Mapping[str, Any]) -> dict[str, Any]:
         """``base`` plus the two settings every reply must echo back."""
@@ -213,6 +236,10 @@ class FedGKTBase:
         reason goes to the log and the round's record) and gives None."""
         self._round["bytes_up"] += nbytes
         try:
+            if self.max_reply_bytes and nbytes > self.max_reply_bytes:
+                raise PayloadError(
+                    f"reply of {nbytes} bytes exceeds max-reply-bytes ({self.max_reply_bytes})"
+                )
             return validate()
         except PayloadError as err:
             log(WARNING, "rejected reply from node %d: %s", node_id, err)
@@ -227,6 +254,11 @@ class FedGKTBase:
         """
         for node_id, payload, _ in accepted:
             self.store.put(node_id, payload, server_round)
+        if self.max_staleness is not None:
+            for node_id in self.store.nodes():
+                if server_round - self.store.last_round(node_id) > self.max_staleness:
+                    log(INFO, "dropping node %d's features: older than max-staleness", node_id)
+                    self.store.remove(node_id)
 
         result = self.trainer.train(self.store, self.server_epochs)
         for node_id, _, _ in accepted:
@@ -253,6 +285,7 @@ class FedGKTBase:
                 "server_train_loss": result.loss,
                 "server_train_accuracy": result.accuracy,
                 "train_nodes": len(accepted),
+                "stored_nodes": len(self.store),
                 "stored_samples": self.store.num_samples,
                 "stored_feature_bytes": self.store.nbytes,
             }
@@ -308,6 +341,8 @@ class FedGKTBase:
         )
         if self.on_round_end is not None:
             self.on_round_end(record)
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, server_round, self.checkpoint_state())
         if not total:
             return None
         return {
@@ -316,6 +351,36 @@ class FedGKTBase:
             "loss": record["loss"],
             "edge-accuracy": record["edge_accuracy"],
         }
+
+    # -- checkpoints ----------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything the server needs to continue after the last finished round."""
+        trainer = self.trainer
+        return {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": None if trainer.scheduler is None else trainer.scheduler.state_dict(),
+            "plateau": None if trainer.plateau is None else trainer.plateau.state_dict(),
+            "generator": trainer.generator.get_state(),
+            "rng": rng_state(),
+            "server_logits": self.server_logits,
+            "history": self.history,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: the next round is ``state["round"] + 1``."""
+        trainer = self.trainer
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scheduler is not None and state.get("scheduler") is not None:
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        if trainer.plateau is not None and state.get("plateau") is not None:
+            trainer.plateau.load_state_dict(state["plateau"])
+        trainer.generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        self.server_logits = dict(state["server_logits"])
+        self.history = list(state["history"])
+        self.round_offset = int(state["round"])
 
 
 class FedGKT(FedGKTBase, Strategy):
@@ -347,6 +412,16 @@ class FedGKT(FedGKTBase, Strategy):
     on_round_end : Callable[[dict], None] | None (default: None)
         Called with each round's record once the round's evaluation is done (the
         ServerApp writes ``results.json`` there).
+    max_reply_bytes : int (default: 0)
+        Replies whose ArrayRecords exceed this many bytes are rejected; 0: no limit.
+    max_staleness : int | None (default: None)
+        Train on the stored features of every node seen within this many rounds
+        (stale ones included); older ones are dropped. None: keep them all.
+    store : FeatureStore | None (default: None)
+        Where features are kept; a new in-memory store when None (pass
+        ``FeatureStore(directory)`` for memory-mapped files).
+    checkpoint_dir : str | Path | None (default: None)
+        Where a checkpoint is written atomically after every round; None: none.
     """
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -361,8 +436,10 @@ class FedGKT(FedGKTBase, Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One Message per sampled node, each carrying that node's own server logits."""
+        server_round += self.round_offset
         self._begin_round(server_round)
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self._round["sampled_train"] = node_ids
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         messages = []
         for node_id in node_ids:
@@ -384,6 +461,8 @@ class FedGKT(FedGKTBase, Strategy):
             raise PayloadError(f"missing ArrayRecord {FEATURES_KEY!r}")
         if META_KEY not in content.config_records:
             raise PayloadError(f"missing ConfigRecord {META_KEY!r}")
+        if METRICS_KEY not in content.metric_records:
+            raise PayloadError(f"missing MetricRecord {METRICS_KEY!r}")
         return self._validate_reply(
             content.config_records[META_KEY],
             partial(record_arrays, content.array_records[FEATURES_KEY]),
@@ -396,6 +475,9 @@ class FedGKT(FedGKTBase, Strategy):
     ) -> list[AcceptedReply]:
         """Split replies into valid payloads and rejected/failed ones (recorded)."""
         accepted = []
+        replies = list(replies)
+        sampled = self._round.get("sampled_train" if require_logits else "sampled_evaluate", [])
+        self._record_missing(sampled, [msg.metadata.src_node_id for msg in replies])
         for msg in replies:
             node_id = msg.metadata.src_node_id
             if msg.has_error():
@@ -416,6 +498,7 @@ class FedGKT(FedGKTBase, Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and store the features, train the server model, refresh logits."""
+        server_round += self.round_offset
         accepted = self._triage(replies, server_round, require_logits=True)
         metrics = self._train_server(server_round, accepted)
         return None, MetricRecord({k: v for k, v in metrics.items()})
@@ -425,7 +508,9 @@ class FedGKT(FedGKTBase, Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask sampled nodes for the features of their test split."""
+        server_round += self.round_offset
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        self._round["sampled_evaluate"] = node_ids
         messages = []
         for node_id in node_ids:
             round_config = ConfigRecord(self._round_config(server_round, config))
@@ -442,6 +527,7 @@ class FedGKT(FedGKTBase, Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Score the server model on the test features; report edge accuracy too."""
+        server_round += self.round_offset
         accepted = self._triage(replies, server_round, require_logits=False)
         metrics = self._close_round(server_round, accepted)
         return None if metrics is None else MetricRecord({k: v for k, v in metrics.items()})

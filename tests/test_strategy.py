@@ -1,4 +1,5 @@
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -87,25 +88,66 @@ def test_each_node_gets_its_own_server_logits(task_identity) -> None:
     assert second[101].content.config_records["config"]["server-round"] == 2
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"features": np.full((4, *SHAPE), np.nan, dtype=np.float32)},
-        {"labels": np.array([0, 1, 2, 99])},
-        {"ids": np.array([1, 1, 2, 3])},
-    ],
-)
-def test_a_malformed_reply_touches_neither_store_nor_model(task_identity, bad) -> None:
-    # Prepare
-    strategy = _strategy(min_available_nodes=1, min_train_nodes=1)
-    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1]))
-    before = _model_hash(strategy)
-    # Execute
-    _, metrics = strategy.aggregate_train(1, [_reply(7, 1, np.arange(4), **bad)])
-    # Assert
-    assert _model_hash(strategy) == before
-    assert 7 not in strategy.store
-    assert strategy._round["rejected_replies"][0]["node_id"] == 7
+def _drop(key: str, record: str):
+    def mutate(msg):
+        getattr(msg.content, record).pop(key)
+        return msg
+
+    return mutate
+
+
+def _set_meta(key: str, value):
+    def mutate(msg):
+        msg.content.config_records[META_KEY][key] = value
+        return msg
+
+    return mutate
+
+
+BAD_REPLIES = {
+    "wrong feature shape": ({"features": np.zeros((4, 16, 4, 4), np.float32)}, None, "shape"),
+    "wrong dtype": ({"features": np.zeros((4, *SHAPE), np.float64)}, None, "dtype"),
+    "NaN in features": ({"features": np.full((4, *SHAPE), np.nan, np.float32)}, None, "NaN"),
+    "Inf in logits": ({"logits": np.full((4, 10), np.inf, np.float32)}, None, "NaN or Inf"),
+    "labels out of range": ({"labels": np.array([0, 1, 2, 99])}, None, "out of range"),
+    "lengths disagree": ({"labels": np.array([0, 1, 2])}, None, "expected \\(4,\\)"),
+    "duplicate ids": ({"ids": np.array([1, 1, 2, 3])}, None, "duplicate"),
+    "negative ids": ({"ids": np.array([-1, 0, 2, 3])}, None, "negative"),
+    "missing features record": ({}, _drop(FEATURES_KEY, "array_records"), "missing ArrayRecord"),
+    "missing metrics record": ({}, _drop(METRICS_KEY, "metric_records"), "missing MetricRecord"),
+    "missing meta record": ({}, _drop(META_KEY, "config_records"), "missing ConfigRecord"),
+    "reply to the wrong round": ({}, _set_meta("server-round", 3), "round 3"),
+    "unexpected feature dtype": ({}, _set_meta("feature-dtype", "int8"), "feature dtype"),
+    "reply too large": ({}, None, "max-reply-bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+def test_a_malformed_reply_touches_neither_store_nor_model(task_identity, case) -> None:
+    # Prepare: two identical strategies that saw the same good round 1
+    overrides, mutate, reason = BAD_REPLIES[case]
+    limit = 10_000 if case == "reply too large" else 0
+    strategies = [
+        _strategy(min_available_nodes=1, min_train_nodes=1, max_reply_bytes=limit) for _ in range(2)
+    ]
+    for strategy in strategies:
+        strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1]))
+        strategy.aggregate_train(1, [_reply(1, 1, np.arange(50, 52))])
+        strategy.configure_train(2, None, ConfigRecord(), FakeGrid([1]))
+    bad = _reply(7, 2, np.arange(4), **overrides)
+    if mutate is not None:
+        bad = mutate(bad)
+    # Execute: round 2 brings one strategy the bad reply, the other nothing at all
+    _, metrics = strategies[0].aggregate_train(2, [bad])
+    strategies[1].aggregate_train(2, [])
+    # Assert: the bad reply left exactly the state that no reply leaves
+    with_bad, without = strategies
+    assert _model_hash(with_bad) == _model_hash(without)
+    assert with_bad.store.nodes() == without.store.nodes() == [1]
+    assert with_bad.store.num_samples == 2
+    rejected = with_bad._round["rejected_replies"]
+    assert [r["node_id"] for r in rejected] == [7]
+    assert re.search(reason, rejected[0]["reason"]), rejected[0]["reason"]
     assert metrics is not None and metrics["replies"] == 0
 
 

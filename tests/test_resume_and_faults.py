@@ -1,0 +1,141 @@
+"""Checkpoint and resume, and a round with faulty nodes, through the real strategy
+and the real ClientApp functions (messages delivered in-process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message
+from inprocess import InProcessGrid, node_context
+
+from flwr_fedgkt import client_app
+from flwr_fedgkt.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
+from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.strategy import FedGKT
+
+ROUNDS = 4
+
+
+def _run_config(state_dir: Path) -> dict:
+    return {
+        "dataset": "synthetic",
+        "num-server-rounds": ROUNDS,
+        "batch-size": 16,
+        "server-epochs": 1,
+        "seed": 7,
+        "feature-dtype": "float16",
+        "client-state-dir": str(state_dir),
+    }
+
+
+def _strategy(run_config: dict, checkpoint_dir: Path | None = None) -> FedGKT:
+    config = RunConfig.from_mapping(run_config)
+    trainer = ServerTrainer(
+        10,
+        lr=config.server_lr,
+        batch_size=config.server_batch_size,
+        seed=config.seed,
+        device="cpu",
+        total_epochs=config.num_server_rounds * config.server_epochs,
+    )
+    return FedGKT(
+        trainer,
+        server_epochs=config.server_epochs,
+        feature_dtype=config.feature_dtype,
+        checkpoint_dir=checkpoint_dir,
+    )
+
+
+def _grid(run_config: dict, **kwargs) -> InProcessGrid:
+    # two of four partitions, with fixed node ids
+    contexts = {101 + i: node_context(101 + i, i, 4, run_config) for i in range(2)}
+    return InProcessGrid(contexts, **kwargs)
+
+
+def _start(strategy: FedGKT, grid: InProcessGrid, num_rounds: int) -> None:
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=num_rounds)
+
+
+def test_a_resumed_run_reaches_the_same_round_4_as_an_uninterrupted_one(
+    task_identity, tmp_path
+) -> None:
+    # Prepare / Execute: an uninterrupted run of four rounds
+    whole_config = _run_config(tmp_path / "whole-clients")
+    whole = _strategy(whole_config)
+    _start(whole, _grid(whole_config), ROUNDS)
+    # ... and a run stopped after round 2, resumed by a new server and new node
+    # contexts (as after a restart), from the checkpoint and the client state dir
+    split_config = _run_config(tmp_path / "split-clients")
+    first = _strategy(split_config, tmp_path / "ckpt")
+    _start(first, _grid(split_config), 2)
+    resumed = _strategy(split_config, tmp_path / "ckpt")
+    state, path, skipped = load_latest_checkpoint(tmp_path / "ckpt")
+    resumed.restore(state)
+    _start(resumed, _grid(split_config), ROUNDS - resumed.round_offset)
+    # Assert
+    assert path.name == "checkpoint-round-2.pt" and skipped == []
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+    for key in ("accuracy", "loss", "edge_accuracy", "server_train_loss"):
+        assert resumed.history[-1][key] == pytest.approx(
+            whole.history[-1][key], rel=1e-4, abs=1e-6
+        ), key
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == [
+        "checkpoint-round-3.pt",
+        "checkpoint-round-4.pt",
+    ]
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path) -> None:
+    # Prepare
+    save_checkpoint(tmp_path, 1, {"value": np.arange(1000)})
+    newest = save_checkpoint(tmp_path, 2, {"value": np.arange(2000)})
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # killed mid-write
+    # Execute
+    state, path, skipped = load_latest_checkpoint(tmp_path)
+    # Assert
+    assert path.name == "checkpoint-round-1.pt" and state["round"] == 1
+    assert len(skipped) == 1 and "checkpoint-round-2.pt" in skipped[0]
+    newest.unlink()
+    (tmp_path / "checkpoint-round-1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_latest_checkpoint(tmp_path)
+
+
+def _malformed(msg: Message, context) -> Message:
+    reply = client_app.train(msg, context)
+    arrays = reply.content.array_records["features"]
+    arrays["labels"] = Array(np.full(arrays["labels"].numpy().shape, 99, dtype=np.int64))
+    return reply
+
+
+def _raises(msg: Message, context) -> Message:
+    raise RuntimeError("disk full on this node")
+
+
+def test_the_round_goes_on_when_nodes_misbehave_raise_or_stay_silent(
+    task_identity, tmp_path
+) -> None:
+    # Prepare: nodes 101 and 102 behave; 103 replies garbage, 104 raises, 105 is silent
+    config = {**_run_config(tmp_path / "clients"), "num-server-rounds": 1}
+    contexts = {node: node_context(node, i, 5, config) for i, node in enumerate(range(101, 106))}
+    grid = InProcessGrid(
+        contexts,
+        handlers={(103, "train"): _malformed, (104, "train"): _raises},
+        silent={105},
+    )
+    strategy = _strategy(config)
+    strategy.min_available_nodes = 5
+    # Execute
+    _start(strategy, grid, 1)
+    # Assert
+    record = strategy.history[-1]
+    assert record["train_nodes"] == 2 and strategy.store.nodes() == [101, 102]
+    assert [r["node_id"] for r in record["rejected_replies"]] == [103]
+    assert "labels out of range" in record["rejected_replies"][0]["reason"]
+    failed = {f["node_id"]: f["reason"] for f in record["failed_nodes"]}
+    assert "disk full on this node" in failed[104]
+    assert "no reply" in failed[105]
+    assert record["accuracy"] is not None and record["eval_nodes"] == 4  # 105 stays silent
