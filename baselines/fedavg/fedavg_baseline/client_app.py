@@ -1,0 +1,80 @@
+"""FedAvg ClientApp: each node trains the full model on its partition.
+
+The node's data comes from the same function FedGKT's ClientApp uses
+(:func:`flwr_fedgkt.client_app.node_partition`), so partitions and train/test
+splits are identical for the same run config; shuffling (and augmentation) is
+seeded per node and round exactly as FedGKT's edge training is. No state is kept
+between rounds: every round starts from the global model and a fresh optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from flwr_fedgkt.client_app import node_partition
+from flwr_fedgkt.edge import edge_generator, resolve_device
+from flwr_fedgkt.models import build_model
+
+from .config import FedAvgConfig
+from .task import evaluate_model, make_optimizer, train_model
+
+app = ClientApp()
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+
+
+def global_model(msg: Message, config: FedAvgConfig, num_classes: int) -> nn.Module:
+    """The model the server sent, on this node's device, channels-last."""
+    model = build_model(config.model, num_classes)
+    model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
+    model = model.to(resolve_device(config.run.device))
+    return model.to(memory_format=torch.channels_last)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model ``client-epochs`` epochs on this node's training split."""
+    config = FedAvgConfig.from_mapping(context.run_config)
+    partition_id, partition = node_partition(context, config.run)
+    round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    server_round = int(round_config.get("server-round", 0))  # type: ignore[arg-type]
+    lr = float(round_config.get("client-lr", config.run.client_lr))  # type: ignore[arg-type]
+
+    model = global_model(msg, config, partition.num_classes)
+    optimizer = make_optimizer(model, config.optimizer, lr, config.momentum, config.weight_decay)
+    metrics = train_model(
+        model,
+        partition.train,
+        optimizer,
+        epochs=config.run.client_epochs,
+        batch_size=config.run.batch_size,
+        generator=edge_generator(config.run.seed, partition_id, server_round),
+        device=resolve_device(config.run.device),
+    )
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord(
+                model.cpu().to(memory_format=torch.contiguous_format).state_dict()
+            ),
+            METRICS_KEY: MetricRecord({"num-examples": len(partition.train), **metrics}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global model on this node's test split."""
+    config = FedAvgConfig.from_mapping(context.run_config)
+    _, partition = node_partition(context, config.run)
+    model = global_model(msg, config, partition.num_classes)
+    scores = evaluate_model(model, partition.test, device=resolve_device(config.run.device))
+    content = RecordDict(
+        {METRICS_KEY: MetricRecord({"num-examples": len(partition.test), **scores})}
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,172 @@
+"""Flower's FedAvg, metered: bytes on the wire per round and node, and one record
+per round in the same shape as FedGKT's."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from flwr_fedgkt.accounting import ByteLedger
+
+__all__ = ["MeteredFedAvg"]
+
+RoundRecord = dict[str, Any]
+
+
+class MeteredFedAvg(FedAvg):
+    """:class:`flwr.serverapp.strategy.FedAvg` that counts what it sends and receives.
+
+    Aggregation, sampling and reply validation are FedAvg's own. On top, every
+    message sent (``down``) and every reply received (``up``) is counted with
+    :func:`flwr_fedgkt.accounting.content_bytes` (its ArrayRecords'
+    ``count_bytes()``, as FedGKT's strategy counts), per node and per phase, and
+    each round ends with a record like FedGKT's: ``round``, ``accuracy``, ``loss``,
+    ``edge_accuracy`` (the same full model: the edge trains it), ``bytes_up``,
+    ``bytes_down`` (all messages of the round, training and evaluation), their
+    ``_train`` / ``_evaluate`` parts, ``per_client`` bytes, ``seconds`` and more.
+
+    Parameters
+    ----------
+    lr_for_round : Callable[[int], float] | None (default: None)
+        When given, each round's training config carries ``client-lr`` =
+        ``lr_for_round(server_round)`` (a learning-rate schedule).
+    on_round_end : Callable[[dict], None] | None (default: None)
+        Called with each round's record once its evaluation is aggregated.
+    **kwargs
+        Passed to :class:`~flwr.serverapp.strategy.FedAvg` (``fraction_train``,
+        ``min_available_nodes``, ...).
+    """
+
+    def __init__(
+        self,
+        lr_for_round: Callable[[int], float] | None = None,
+        on_round_end: Callable[[RoundRecord], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.lr_for_round = lr_for_round
+        self.on_round_end = on_round_end
+        self.ledger = ByteLedger()
+        self.history: list[RoundRecord] = []
+        self._round: RoundRecord = {}
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy."""
+        super().summary()
+        log(INFO, "\t└──> Metering: ArrayRecord bytes per round, node, direction and phase")
+
+    # -- training ------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's messages (the global model to every sampled node), counted."""
+        self._round = {
+            "round": server_round,
+            "started": time.perf_counter(),
+            "failed_nodes": [],
+        }
+        if self.lr_for_round is not None:
+            config["client-lr"] = float(self.lr_for_round(server_round))
+            self._round["client_lr"] = config["client-lr"]
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg in messages:
+            self.ledger.add_content(
+                server_round, msg.metadata.dst_node_id, "down", "train", msg.content
+            )
+        return messages
+
+    def _count_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                self._round["failed_nodes"].append(
+                    {"node_id": node_id, "phase": phase, "reason": msg.error.reason}
+                )
+                continue
+            self.ledger.add_content(server_round, node_id, "up", phase, msg.content)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's weighted average of the replies' models, with the replies counted."""
+        replies = list(replies)
+        self._count_replies(server_round, replies, "train")
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        self._round["train_nodes"] = sum(1 for msg in replies if not msg.has_error())
+        if metrics is not None:
+            self._round["train_samples"] = _num_examples(replies, self.weighted_by_key)
+            self._round["train_loss"] = _get(metrics, "train_loss")
+            self._round["train_accuracy"] = _get(metrics, "train_accuracy")
+        return arrays, metrics
+
+    # -- evaluation ----------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's evaluation messages (the global model again), counted."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        for msg in messages:
+            self.ledger.add_content(
+                server_round, msg.metadata.dst_node_id, "down", "evaluate", msg.content
+            )
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """FedAvg's weighted average of the nodes' test scores; closes the round record."""
+        replies = list(replies)
+        self._count_replies(server_round, replies, "evaluate")
+        metrics = super().aggregate_evaluate(server_round, replies)
+        accuracy = _get(metrics, "accuracy")
+        loss = _get(metrics, "loss")
+        record = self._round
+        record.update(
+            {
+                "accuracy": accuracy,
+                "loss": loss,
+                "edge_accuracy": accuracy,
+                "edge_loss": loss,
+                "eval_nodes": sum(1 for msg in replies if not msg.has_error()),
+                "eval_samples": _num_examples(replies, self.weighted_by_key),
+                **self.ledger.round_totals(server_round),
+                "per_client": self.ledger.per_client(server_round),
+            }
+        )
+        record["seconds"] = time.perf_counter() - record.pop("started", time.perf_counter())
+        self.history.append(record)
+        log(
+            INFO,
+            "round %d: accuracy %s | up %.2f MB | down %.2f MB | round %.1fs",
+            server_round,
+            "n/a" if accuracy is None else f"{accuracy:.4f}",
+            record["bytes_up"] / 1e6,
+            record["bytes_down"] / 1e6,
+            record["seconds"],
+        )
+        if self.on_round_end is not None:
+            self.on_round_end(record)
+        return metrics
+
+
+def _get(metrics: MetricRecord | None, key: str) -> float | None:
+    if metrics is None or key not in metrics:
+        return None
+    return float(metrics[key])  # type: ignore[arg-type]
+
+
+def _num_examples(replies: list[Message], key: str) -> int:
+    total = 0
+    for msg in replies:
+        if msg.has_error():
+            continue
+        for record in msg.content.metric_records.values():
+            total += int(record.get(key, 0))  # type: ignore[arg-type]
+    return total
