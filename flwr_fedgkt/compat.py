@@ -73,7 +73,7 @@ from torch import Tensor
 from .accounting import model_profile
 from .client_app import extract_test, round_settings, train_edge
 from .config import RunConfig
-from .data import SampleSet, load_dataset
+from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable
 from .features import FeaturePayload, PayloadError
 from .records import features_record, record_arrays
@@ -490,18 +490,10 @@ def server_fn(context: Context) -> ServerAppComponents:
     """
     config = RunConfig.from_mapping(context.run_config)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
-    _, num_classes = load_dataset(config.dataset, config.seed)
-    trainer = ServerTrainer(
-        num_classes,
-        model_name=config.server_model,
-        lr=config.server_lr,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        batch_size=config.server_batch_size,
-        seed=config.seed,
-        device=config.device,
-        total_epochs=config.num_server_rounds * config.server_epochs,
-    )
+    num_classes = describe_dataset(
+        config.dataset, data_dir=config.data_dir, seed=config.seed
+    ).num_classes
+    trainer = ServerTrainer.from_run_config(config, num_classes)
     header = {
         "algorithm": "fedgkt",
         "flower_api": "legacy",

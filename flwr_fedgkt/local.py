@@ -47,17 +47,7 @@ def run_local(
         EdgeTrainer(num_classes, lr=config.client_lr, device=config.device, seed=config.seed + i)
         for i in range(num_partitions)
     ]
-    server = ServerTrainer(
-        num_classes,
-        model_name=config.server_model,
-        lr=config.server_lr,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        batch_size=config.server_batch_size,
-        seed=config.seed,
-        device=config.device,
-        total_epochs=config.num_server_rounds * config.server_epochs,
-    )
+    server = ServerTrainer.from_run_config(config, num_classes)
     store = FeatureStore()
     teachers: dict[int, LogitTable] = {}
     shape = (FEATURE_CHANNELS, 32, 32)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import RunConfig
 from .distill import ce_kd_loss
 from .edge import resolve_device
 from .features import FeatureStore
@@ -99,6 +100,22 @@ class ServerTrainer:
                 self.optimizer, mode="min", factor=0.5, patience=3
             )
         self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig, num_classes: int) -> ServerTrainer:
+        """The trainer a run's config asks for, its learning rate decaying over the
+        run's ``num-server-rounds x server-epochs`` epochs."""
+        return cls(
+            num_classes,
+            model_name=config.server_model,
+            lr=config.server_lr,
+            temperature=config.temperature,
+            alpha=config.alpha,
+            batch_size=config.server_batch_size,
+            seed=config.seed,
+            device=config.device,
+            total_epochs=config.num_server_rounds * config.server_epochs,
+        )
 
     @property
     def num_parameters(self) -> int:

@@ -65,17 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Data set %s", info.summary())
     num_classes = info.num_classes
 
-    trainer = ServerTrainer(
-        num_classes,
-        model_name=config.server_model,
-        lr=config.server_lr,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        batch_size=config.server_batch_size,
-        seed=config.seed,
-        device=config.device,
-        total_epochs=config.num_server_rounds * config.server_epochs,
-    )
+    trainer = ServerTrainer.from_run_config(config, num_classes)
     header = {
         "algorithm": "fedgkt",
         "config": config.to_dict(),

@@ -32,15 +32,8 @@ def _run_config(state_dir: Path) -> dict:
 
 
 def _strategy(run_config: dict, checkpoint_dir: Path | None = None) -> FedGKT:
-    config = RunConfig.from_mapping(run_config)
-    trainer = ServerTrainer(
-        10,
-        lr=config.server_lr,
-        batch_size=config.server_batch_size,
-        seed=config.seed,
-        device="cpu",
-        total_epochs=config.num_server_rounds * config.server_epochs,
-    )
+    config = RunConfig.from_mapping({**run_config, "device": "cpu"})
+    trainer = ServerTrainer.from_run_config(config, num_classes=10)
     return FedGKT(
         trainer,
         server_epochs=config.server_epochs,
