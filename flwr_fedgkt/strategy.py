@@ -288,6 +288,7 @@ class FedGKTBase:
                 "stored_nodes": len(self.store),
                 "stored_samples": self.store.num_samples,
                 "stored_feature_bytes": self.store.nbytes,
+                "server_peak_rss_bytes": peak_rss_bytes(),
             }
         )
         return metrics
@@ -531,6 +532,15 @@ class FedGKT(FedGKTBase, Strategy):
         accepted = self._triage(replies, server_round, require_logits=False)
         metrics = self._close_round(server_round, accepted)
         return None if metrics is None else MetricRecord({k: v for k, v in metrics.items()})
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this (server) process so far."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _fmt(value: float | None) -> str:

@@ -161,3 +161,29 @@ def test_the_round_goes_on_with_the_well_behaved_nodes(task_identity) -> None:
     assert 1 in strategy.store and 2 not in strategy.store
     assert "round 1" in strategy._round["rejected_replies"][0]["reason"]
     assert 1 in strategy.server_logits
+
+
+def test_stale_features_train_until_max_staleness_and_logits_still_reach_the_node(
+    task_identity,
+) -> None:
+    # Prepare: two nodes in round 1, then only node 1 answers
+    strategy = _strategy(min_available_nodes=1, min_train_nodes=1, max_staleness=1)
+    both, only_1 = FakeGrid([1, 2]), FakeGrid([1])
+    strategy.configure_train(1, None, ConfigRecord(), both)
+    strategy.aggregate_train(1, [_reply(1, 1, np.arange(0, 8)), _reply(2, 1, np.arange(8, 16))])
+    # Execute / Assert: round 2, node 2 is one round stale and still trains
+    strategy.configure_train(2, None, ConfigRecord(), only_1)
+    strategy.aggregate_train(2, [_reply(1, 2, np.arange(0, 8))])
+    assert strategy.store.nodes() == [1, 2]
+    assert strategy._round["stored_samples"] == 16
+    # round 3: node 2 is two rounds stale, beyond max-staleness, and is dropped
+    strategy.configure_train(3, None, ConfigRecord(), only_1)
+    strategy.aggregate_train(3, [_reply(1, 3, np.arange(0, 8))])
+    assert strategy.store.nodes() == [1]
+    assert strategy._round["stored_samples"] == 8
+    # round 4: node 2 is sampled again and gets its latest server logits
+    messages = {
+        m.metadata.dst_node_id: m for m in strategy.configure_train(4, None, ConfigRecord(), both)
+    }
+    ids = record_arrays(messages[2].content.array_records[LOGITS_KEY])["ids"]
+    assert sorted(ids.tolist()) == list(range(8, 16))
