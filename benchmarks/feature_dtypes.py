@@ -29,9 +29,8 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", default=list(FEATURE_DTYPES))
     args = parser.parse_args()
     sample = torch.relu(torch.randn(256, FEATURE_CHANNELS, 32, 32))
-    print(
-        f"{'dtype':<10} {'bytes/sample':>12} {'vs float32':>10} {'final acc':>9} {'best acc':>8} {'seconds':>8}"
-    )
+    header = ("dtype", "bytes/sample", "vs float32", "final acc", "best acc", "seconds")
+    print("{:<10} {:>12} {:>10} {:>9} {:>8} {:>8}".format(*header))
     base = None
     for dtype in args.dtypes:
         per_sample = encode_features(sample, dtype).nbytes / len(sample)
