@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
 from flwr.app import Message, Metadata, RecordDict
+
+# The Message-API app's end-to-end run that several test modules check
+E2E_RUN_CONFIG = (
+    "num-server-rounds=2 dataset='synthetic' server-epochs=2 batch-size=16 client-epochs=1 "
+    "feature-dtype='float16' seed=1 output-dir='{out}'"
+)
+E2E_NODES = 2
 
 
 def make_message(
@@ -35,3 +44,29 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     return TaskIdentity
+
+
+@pytest.fixture(scope="session")
+def flower_federation(tmp_path_factory):
+    """One private FLWR_HOME and local simulation SuperLink for the session's runs;
+    every process started under it is stopped by id at the end."""
+    home = tmp_path_factory.mktemp("flower")
+    with flower_environment(home) as env:
+        start_local_superlink(env, home / "superlink.log")
+        yield env, home
+
+
+def run_app(federation, app, name: str) -> tuple[dict, str]:
+    """``flwr run <app>`` with :data:`E2E_RUN_CONFIG`; its results.json and log."""
+    env, home = federation
+    out = home / name
+    result = flwr_run(env, app, E2E_RUN_CONFIG.format(out=out), num_supernodes=E2E_NODES)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert (out / "results.json").exists(), result.stdout[-4000:]
+    return json.loads((out / "results.json").read_text()), result.stdout
+
+
+@pytest.fixture(scope="session")
+def message_api_run(flower_federation) -> tuple[dict, str]:
+    """The FedGKT app at the repository root, run once for the whole session."""
+    return run_app(flower_federation, REPO, "message-api")

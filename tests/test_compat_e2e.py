@@ -1,19 +1,14 @@
 """The legacy-API example app end to end on Flower's simulation engine, through
 ``flwr run``, and against the Message-API app on the same seed and data."""
 
-import json
-from pathlib import Path
 
 import pytest
-from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
+from conftest import run_app
+from flower_processes import REPO
 
 pytestmark = pytest.mark.e2e
 
 LEGACY_APP = REPO / "examples" / "legacy-api"
-RUN_CONFIG = (
-    "num-server-rounds=2 dataset='synthetic' server-epochs=2 batch-size=16 client-epochs=1 "
-    "feature-dtype='float16' seed=1 output-dir='{out}'"
-)
 ROUND_FIELDS = (
     "round",
     "accuracy",
@@ -34,31 +29,8 @@ ROUND_FIELDS = (
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
-    """One private FLWR_HOME and local SuperLink for the module's runs."""
-    home = tmp_path_factory.mktemp("flower")
-    with flower_environment(home) as env:
-        start_local_superlink(env, home / "superlink.log")
-        yield env, home
-
-
-def _run(federation, app: Path, name: str) -> tuple[dict, str]:
-    env, home = federation
-    out = home / name
-    result = flwr_run(env, app, RUN_CONFIG.format(out=out), num_supernodes=2)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert (out / "results.json").exists(), result.stdout[-4000:]
-    return json.loads((out / "results.json").read_text()), result.stdout
-
-
-@pytest.fixture(scope="module")
-def legacy_run(federation) -> tuple[dict, str]:
-    return _run(federation, LEGACY_APP, "legacy")
-
-
-@pytest.fixture(scope="module")
-def message_run(federation) -> tuple[dict, str]:
-    return _run(federation, REPO, "message")
+def legacy_run(flower_federation) -> tuple[dict, str]:
+    return run_app(flower_federation, LEGACY_APP, "legacy")
 
 
 def test_legacy_app_trains_fedgkt_and_writes_results(legacy_run) -> None:
@@ -82,10 +54,10 @@ def test_legacy_app_trains_fedgkt_and_writes_results(legacy_run) -> None:
     assert rounds[-1]["accuracy"] > 0.2  # ten classes: chance is 0.1
 
 
-def test_legacy_and_message_api_apps_give_the_same_results(legacy_run, message_run) -> None:
+def test_legacy_and_message_api_apps_give_the_same_results(legacy_run, message_api_run) -> None:
     # Prepare / Execute: the same run config (seed, data, partitions) on both faces
     legacy, _ = legacy_run
-    message, _ = message_run
+    message, _ = message_api_run
 
     # Assert: same fields, and the same server and edge models round after round
     def settings(results: dict) -> dict:

@@ -1,28 +1,16 @@
 """End to end on Flower's simulation engine (Ray), through ``flwr run``."""
 
-import json
-
 import pytest
-from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
+from conftest import E2E_NODES
 
 pytestmark = pytest.mark.e2e
 
 
-def test_flwr_run_trains_fedgkt_and_writes_results(tmp_path) -> None:
-    # Prepare
-    out = tmp_path / "out"
-    run_config = (
-        f"num-server-rounds=2 dataset='synthetic' server-epochs=2 batch-size=16 "
-        f"client-epochs=1 feature-dtype='float16' output-dir='{out}' seed=1"
-    )
-    with flower_environment(tmp_path) as env:
-        start_local_superlink(env, tmp_path / "superlink.log")
-        # Execute
-        result = flwr_run(env, REPO, run_config, num_supernodes=3)
+def test_flwr_run_trains_fedgkt_and_writes_results(message_api_run) -> None:
+    # Prepare / Execute: `flwr run .` on two simulated nodes, two rounds (conftest)
+    results, stdout = message_api_run
     # Assert
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert "round 2: accuracy" in result.stdout, result.stdout[-4000:]
-    results = json.loads((out / "results.json").read_text())
+    assert "round 2: accuracy" in stdout, stdout[-4000:]
     assert results["edge_model"]["params"] == 10_586
     assert results["server_model"]["params"] == 590_858
     rounds = results["rounds"]
@@ -40,7 +28,7 @@ def test_flwr_run_trains_fedgkt_and_writes_results(tmp_path) -> None:
             assert key in record, key
         assert record["bytes_up"] > 0
         assert record["rejected_replies"] == []
-        assert record["train_nodes"] == 3
+        assert record["train_nodes"] == E2E_NODES
     assert rounds[0]["bytes_down"] == 0  # no server logits before the first round
     assert rounds[1]["bytes_down"] > 0  # each node got its own logits back
     assert rounds[-1]["accuracy"] > 0.2  # ten classes: chance is 0.1
