@@ -126,6 +126,7 @@ class FedGKTBase:
         self.server_logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.history: list[RoundRecord] = []
         self._round: RoundRecord = {}
+        self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
 
     # ------------------------------------------------------------------------------
     def summary(self) -> None:
@@ -440,7 +441,7 @@ class FedGKT(FedGKTBase, Strategy):
         server_round += self.round_offset
         self._begin_round(server_round)
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        self._round["sampled_train"] = node_ids
+        self._sampled["train"] = node_ids
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         messages = []
         for node_id in node_ids:
@@ -477,7 +478,7 @@ class FedGKT(FedGKTBase, Strategy):
         """Split replies into valid payloads and rejected/failed ones (recorded)."""
         accepted = []
         replies = list(replies)
-        sampled = self._round.get("sampled_train" if require_logits else "sampled_evaluate", [])
+        sampled = self._sampled.get("train" if require_logits else "evaluate", [])
         self._record_missing(sampled, [msg.metadata.src_node_id for msg in replies])
         for msg in replies:
             node_id = msg.metadata.src_node_id
@@ -511,7 +512,7 @@ class FedGKT(FedGKTBase, Strategy):
         """Ask sampled nodes for the features of their test split."""
         server_round += self.round_offset
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        self._round["sampled_evaluate"] = node_ids
+        self._sampled["evaluate"] = node_ids
         messages = []
         for node_id in node_ids:
             round_config = ConfigRecord(self._round_config(server_round, config))
