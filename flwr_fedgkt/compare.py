@@ -75,6 +75,7 @@ class Settings:
     client_epochs: int = 1
     seed: int = 42
     server_model: str = "resnet55"
+    shared_config: str = ""
     fedgkt_config: str = ""
     fedavg_config: str = ""
 
@@ -125,9 +126,11 @@ def algorithm_config(settings: Settings, algorithm: str, partitioner: str, outpu
     values["output-dir"] = str(output_dir)
     if algorithm == "fedgkt":
         values["server-model"] = settings.server_model
-        return run_config_string(values, settings.fedgkt_config)
-    values["model"] = FULL_MODEL[settings.server_model]
-    return run_config_string(values, settings.fedavg_config)
+        extra = f"{settings.shared_config} {settings.fedgkt_config}"
+    else:
+        values["model"] = FULL_MODEL[settings.server_model]
+        extra = f"{settings.shared_config} {settings.fedavg_config}"
+    return run_config_string(values, extra.strip())
 
 
 # -- running -----------------------------------------------------------------------
@@ -641,7 +644,8 @@ def write_report(
         f"Shared settings: data set `{settings.dataset}`, {settings.nodes} nodes, "
         f"{settings.rounds} rounds, {settings.client_epochs} client epoch(s) per round, "
         f"seed {settings.seed}, FedGKT server model `{settings.server_model}`, FedAvg "
-        f"model `{FULL_MODEL[settings.server_model]}`. FedGKT extra run config: "
+        f"model `{FULL_MODEL[settings.server_model]}`. Extra run config of both: "
+        f"`{settings.shared_config or '(none)'}`; FedGKT extra run config: "
         f"`{settings.fedgkt_config or '(defaults)'}`; FedAvg extra run config: "
         f"`{settings.fedavg_config or '(defaults)'}`.\n\n"
         + markdown_table(summaries)
@@ -733,6 +737,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="FedGKT's server model; FedAvg trains the matching full model",
     )
     parser.add_argument(
+        "--shared-config",
+        default="",
+        help="extra --run-config for both runs, e.g. \"batch-size=64 data-dir='/data'\"",
+    )
+    parser.add_argument(
         "--fedgkt-config", default="", help='extra --run-config for FedGKT, e.g. "server-epochs=2"'
     )
     parser.add_argument(
@@ -776,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_epochs=args.client_epochs,
         seed=args.seed,
         server_model=args.server_model,
+        shared_config=args.shared_config,
         fedgkt_config=args.fedgkt_config,
         fedavg_config=args.fedavg_config,
     )

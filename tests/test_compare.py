@@ -70,7 +70,13 @@ def _results(algorithm: str, accuracies: list[float]) -> dict:
 
 def test_both_runs_of_a_setting_get_the_same_shared_config(tmp_path) -> None:
     # Prepare
-    settings = Settings(dataset="synthetic", nodes=2, rounds=2, fedavg_config="client-lr=0.01")
+    settings = Settings(
+        dataset="synthetic",
+        nodes=2,
+        rounds=2,
+        shared_config="batch-size=64",
+        fedavg_config="client-lr=0.01",
+    )
     # Execute
     gkt = algorithm_config(settings, "fedgkt", "dirichlet", tmp_path / "a")
     avg = algorithm_config(settings, "fedavg", "dirichlet", tmp_path / "b")
@@ -80,7 +86,8 @@ def test_both_runs_of_a_setting_get_the_same_shared_config(tmp_path) -> None:
     assert "dataset='synthetic'" in shared and "partitioner='dirichlet'" in shared
     assert "min-available-nodes=2" in shared and "num-server-rounds=2" in shared
     assert "server-model='resnet55'" in gkt and "model='resnet56'" in avg
-    assert avg.endswith("client-lr=0.01")
+    assert avg.endswith("batch-size=64 client-lr=0.01")
+    assert gkt.endswith("batch-size=64")
     assert f"output-dir='{tmp_path / 'a'}'" in gkt
 
 
