@@ -4,7 +4,9 @@ The edge model and its optimizer live in ``context.state`` between rounds; edge
 weights never leave the node. ``train`` runs one round of edge training (with KD
 against the server logits that came with the message) and replies with the
 training split's features, logits, labels and ids; ``evaluate`` replies with the
-test split's features and labels, and the edge model's own test accuracy.
+test split's features and labels, and the edge model's own test accuracy. When the
+server says ``send-features = false`` (``freeze-extractor``: it holds this node's
+unchanging features already), replies carry only sample ids and logits.
 """
 
 from __future__ import annotations
@@ -71,7 +73,11 @@ def load_edge(
     """The node's edge trainer, restored from ``context.state`` when it has one, else
     from ``client-state-dir`` (a resumed run) when that holds this partition's state."""
     trainer = EdgeTrainer(
-        num_classes, lr=config.client_lr, device=config.device, seed=config.seed + partition_id
+        num_classes,
+        lr=config.client_lr,
+        device=config.device,
+        seed=config.seed + partition_id,
+        freeze_extractor=config.freeze_extractor,
     )
     state_file = _state_file(config, partition_id)
     if STATE_KEY in context.state.array_records:
@@ -107,6 +113,12 @@ def round_settings(round_config: Mapping[str, Any], config: RunConfig) -> tuple[
 
 def _round_settings(msg: Message, config: RunConfig) -> tuple[int, str]:
     return round_settings(msg.content.config_records.get(CONFIG_KEY, ConfigRecord()), config)
+
+
+def _send_features(msg: Message) -> bool:
+    """False when the server holds this node's features already (``freeze-extractor``)."""
+    round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    return bool(round_config.get("send-features", True))
 
 
 def train_edge(
@@ -165,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
 
     content = RecordDict(
         {
-            FEATURES_KEY: features_record(extracted, dtype),
+            FEATURES_KEY: features_record(extracted, dtype, with_features=_send_features(msg)),
             METRICS_KEY: MetricRecord({"num-examples": len(partition.train), **metrics}),
             META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": dtype}),
         }
@@ -184,7 +196,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            FEATURES_KEY: features_record(extracted, dtype, with_logits=False),
+            FEATURES_KEY: features_record(
+                extracted, dtype, with_logits=False, with_features=_send_features(msg)
+            ),
             METRICS_KEY: MetricRecord(
                 {
                     "num-examples": len(partition.test),

@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -774,8 +776,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so a terminated comparison still stops the
+    Flower processes it started (their clean-up runs in ``finally`` blocks)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    _exit_on_sigterm()
     settings = Settings(
         dataset=args.dataset,
         partitioners=tuple(args.partitioner),

@@ -59,6 +59,7 @@ class RunConfig:
     max_reply_bytes: int = 0
     max_staleness: int = -1
     feature_store: str = "memory"
+    freeze_extractor: bool = False
     resume_from: str = ""
     client_state_dir: str = ""
 

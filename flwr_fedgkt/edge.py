@@ -136,6 +136,10 @@ class EdgeTrainer:
         Edge architecture from :func:`flwr_fedgkt.models.build_model`.
     seed : int | None (default: None)
         Seeds the model initialisation (without touching the global RNG).
+    freeze_extractor : bool (default: False)
+        Keep the stem (the feature extractor) fixed: its weights are not trained and
+        its BatchNorm statistics not updated, so the features it extracts never
+        change and a server may keep the first upload (``freeze-extractor``).
     """
 
     def __init__(
@@ -145,10 +149,15 @@ class EdgeTrainer:
         device: str = "auto",
         model_name: str = "resnet8",
         seed: int | None = None,
+        freeze_extractor: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.model = seeded_model(model_name, num_classes, seed).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=5e-4)
+        self.freeze_extractor = freeze_extractor
+        if freeze_extractor:
+            self.model.stem.requires_grad_(False)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=5e-4)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -189,6 +198,8 @@ class EdgeTrainer:
         Returns the mean training loss and accuracy of the last epoch.
         """
         self.model.train()
+        if self.freeze_extractor:
+            self.model.stem.eval()  # its BatchNorm statistics stay as they are
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(max(epochs, 0)):
             loss_sum, correct, seen = 0.0, 0, 0

@@ -37,6 +37,7 @@ __all__ = [
     "encode_features",
     "decode_features",
     "validate_payload",
+    "validate_update",
     "FeatureStore",
 ]
 
@@ -235,6 +236,46 @@ def validate_payload(
     )
 
 
+def validate_update(
+    arrays: Mapping[str, np.ndarray],
+    cached: FeaturePayload,
+    num_classes: int,
+    require_logits: bool = True,
+) -> FeaturePayload:
+    """Check a reply that carries no features because the server holds them already
+    (``freeze-extractor``): its ``ids`` must be the cached upload's, in the same
+    order, and its ``logits`` (for training) must be finite ``N x K`` float32.
+
+    Returns the cached payload with the new logits (the same feature arrays, not a
+    copy); raises :class:`PayloadError` naming what is wrong.
+    """
+    required = ["ids"] + (["logits"] if require_logits else [])
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise PayloadError(f"missing arrays: {', '.join(missing)}")
+    ids = arrays["ids"]
+    if ids.dtype.kind not in "iu" or ids.shape != cached.ids.shape:
+        raise PayloadError(
+            f"ids have shape {tuple(ids.shape)} and dtype {ids.dtype}, expected "
+            f"{tuple(cached.ids.shape)} integers like the features the server holds"
+        )
+    if not np.array_equal(ids, cached.ids):
+        raise PayloadError("ids differ from those of the features the server holds")
+    logits = cached.logits
+    if require_logits:
+        logits = arrays["logits"]
+        n = cached.num_samples
+        if logits.dtype != np.float32:
+            raise PayloadError(f"logits have dtype {logits.dtype}, expected float32")
+        if logits.shape != (n, num_classes):
+            raise PayloadError(
+                f"logits have shape {tuple(logits.shape)}, expected ({n}, {num_classes})"
+            )
+        if not np.isfinite(logits).all():
+            raise PayloadError("logits contain NaN or Inf")
+    return FeaturePayload(cached.features, logits, cached.labels, cached.ids)
+
+
 @dataclass
 class _Entry:
     payload: FeaturePayload  # its features.data is in memory or memory-mapped
@@ -271,6 +312,16 @@ class FeatureStore:
         self._entries: dict[int, _Entry] = {}
 
     def put(self, node: int, payload: FeaturePayload, server_round: int) -> None:
+        """Store ``node``'s upload of ``server_round``, replacing its older one.
+
+        A payload that reuses the stored features (:func:`validate_update`) only
+        refreshes the node's logits and round; nothing is copied or rewritten.
+        """
+        current = self._entries.get(node)
+        if current is not None and payload.features is current.payload.features:
+            current.payload = payload
+            current.round = server_round
+            return
         enc = payload.features
         path = None
         if self.directory is not None:

@@ -44,7 +44,13 @@ def run_local(
     ]
     num_classes = partitions[0].num_classes
     edges = [
-        EdgeTrainer(num_classes, lr=config.client_lr, device=config.device, seed=config.seed + i)
+        EdgeTrainer(
+            num_classes,
+            lr=config.client_lr,
+            device=config.device,
+            seed=config.seed + i,
+            freeze_extractor=config.freeze_extractor,
+        )
         for i in range(num_partitions)
     ]
     server = ServerTrainer.from_run_config(config, num_classes)

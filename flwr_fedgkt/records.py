@@ -5,6 +5,9 @@ Upload (client -> server), in the reply's ``RecordDict``:
     for training, ``logits``; for ``int8`` also ``feature_scale``/``feature_offset``.
     ``"metrics"``: MetricRecord with ``num-examples`` and the edge's own metrics.
     ``"meta"``: ConfigRecord with ``feature-dtype`` and ``server-round``.
+    With ``freeze-extractor``, a node whose features the server already holds is
+    told ``send-features = false`` and its ``"features"`` record carries only
+    ``ids`` (and ``logits`` for training).
 Download (server -> client):
     ``"server_logits"``: ArrayRecord with ``ids`` and ``logits`` (absent in round 1).
     ``"config"``: ConfigRecord with the round's settings.
@@ -45,8 +48,20 @@ def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     )
 
 
-def features_record(extracted: Extracted, dtype: str, with_logits: bool = True) -> ArrayRecord:
-    """Encode an extraction as an ArrayRecord in wire dtype ``dtype``."""
+def features_record(
+    extracted: Extracted, dtype: str, with_logits: bool = True, with_features: bool = True
+) -> ArrayRecord:
+    """Encode an extraction as an ArrayRecord in wire dtype ``dtype``.
+
+    Without ``with_features`` (the server keeps this node's features from an earlier
+    upload: ``freeze-extractor``) it carries only what changes: ``ids`` and, for
+    training, ``logits``.
+    """
+    if not with_features:
+        arrays = {"ids": extracted.ids.numpy().astype(np.int64)}
+        if with_logits:
+            arrays["logits"] = extracted.logits.numpy().astype(np.float32)
+        return arrays_record(arrays)
     arrays = encode_features(extracted.features, dtype).arrays()
     arrays["labels"] = extracted.labels.numpy().astype(np.int64)
     arrays["ids"] = extracted.ids.numpy().astype(np.int64)

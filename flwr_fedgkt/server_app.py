@@ -92,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
             output_dir / "feature-store" if config.feature_store == "disk" else None
         ),
         checkpoint_dir=output_dir,
+        freeze_extractor=config.freeze_extractor,
     )
     if config.resume_from:
         try:

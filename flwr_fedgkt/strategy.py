@@ -44,6 +44,7 @@ from .features import (
     PayloadError,
     decode_features,
     validate_payload,
+    validate_update,
 )
 from .models import FEATURE_CHANNELS
 from .records import (
@@ -103,6 +104,7 @@ class FedGKTBase:
         max_staleness: int | None = None,
         store: FeatureStore | None = None,
         checkpoint_dir: str | Path | None = None,
+        freeze_extractor: bool = False,
     ) -> None:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(
@@ -122,6 +124,10 @@ class FedGKTBase:
         self.max_staleness = max_staleness
         self.store = FeatureStore() if store is None else store
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.freeze_extractor = freeze_extractor
+        # with a frozen extractor, each node's test features, kept after its first
+        # evaluation reply (training features are kept in the store)
+        self.test_cache: dict[int, FeaturePayload] = {}
         self.round_offset = 0  # rounds done before a resume
         self.server_logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.history: list[RoundRecord] = []
@@ -169,6 +175,11 @@ class FedGKTBase:
         )
         log(
             INFO,
+            "\t\t├── Frozen edge extractor (features uploaded once): %s",
+            "yes" if self.freeze_extractor else "no",
+        )
+        log(
+            INFO,
             "\t\t└── Max reply bytes: %s | max staleness: %s | checkpoints: %s",
             self.max_reply_bytes or "unlimited",
             "unlimited" if self.max_staleness is None else f"{self.max_staleness} rounds",
@@ -192,9 +203,27 @@ class FedGKTBase:
         for node_id in sorted(set(sampled) - set(replied)):
             self._record_failure(node_id, "no reply within the round's timeout")
 
-    def _round_config(self, server_round: int, base: Mapping[str, Any]) -> dict[str, Any]:
-        """``base`` plus the two settings every reply must echo back."""
-        return {**base, "server-round": server_round, "feature-dtype": self.feature_dtype}
+    def _round_config(
+        self, server_round: int, base: Mapping[str, Any], send_features: bool = True
+    ) -> dict[str, Any]:
+        """``base`` plus the two settings every reply must echo back, and whether the
+        node must send its features (not when the server holds them already)."""
+        return {
+            **base,
+            "server-round": server_round,
+            "feature-dtype": self.feature_dtype,
+            "send-features": send_features,
+        }
+
+    def _cached_payload(self, node_id: int, training: bool) -> FeaturePayload | None:
+        """The upload whose features the server keeps for ``node_id``, if any: with a
+        frozen edge extractor, a node's features never change, so it sends them once
+        (training features live in the store, test features in ``test_cache``)."""
+        if not self.freeze_extractor:
+            return None
+        if training:
+            return self.store.payload(node_id) if node_id in self.store else None
+        return self.test_cache.get(node_id)
 
     def _record_failure(self, node_id: int | None, reason: str | None) -> None:
         log(WARNING, "node %s failed: %s", node_id, reason)
@@ -207,9 +236,14 @@ class FedGKTBase:
         arrays: Callable[[], Mapping[str, np.ndarray]],
         server_round: int,
         require_logits: bool,
+        node_id: int | None = None,
     ) -> FeaturePayload:
         """Check a reply's round and dtype, then decode (``arrays()``) and validate its
-        arrays; raise PayloadError naming what is wrong."""
+        arrays; raise PayloadError naming what is wrong.
+
+        A reply without features from a node whose features the server keeps
+        (``freeze-extractor``; ``node_id`` given) is checked against them instead.
+        """
         reply_round = meta.get("server-round")
         if reply_round != server_round:
             raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
@@ -222,6 +256,11 @@ class FedGKTBase:
             raise
         except Exception as err:  # a corrupt array cannot even be decoded
             raise PayloadError(f"undecodable arrays: {err}") from None
+        if "features" not in decoded and node_id is not None:
+            cached = self._cached_payload(node_id, training=require_logits)
+            if cached is None:
+                raise PayloadError("missing arrays: features (the server holds none of this node)")
+            return validate_update(decoded, cached, self.trainer.num_classes, require_logits)
         return validate_payload(
             decoded,
             self.feature_dtype,
@@ -253,7 +292,10 @@ class FedGKTBase:
 
         Returns the round's training metrics (the strategy's aggregated metrics).
         """
+        cached = 0
         for node_id, payload, _ in accepted:
+            if node_id in self.store and payload.features is self.store.payload(node_id).features:
+                cached += 1
             self.store.put(node_id, payload, server_round)
         if self.max_staleness is not None:
             for node_id in self.store.nodes():
@@ -286,6 +328,7 @@ class FedGKTBase:
                 "server_train_loss": result.loss,
                 "server_train_accuracy": result.accuracy,
                 "train_nodes": len(accepted),
+                "cached_feature_nodes": cached,
                 "stored_nodes": len(self.store),
                 "stored_samples": self.store.num_samples,
                 "stored_feature_bytes": self.store.nbytes,
@@ -304,7 +347,9 @@ class FedGKTBase:
         """
         correct, loss_sum, total = 0.0, 0.0, 0
         edge_correct, edge_loss = 0.0, 0.0
-        for _, payload, metrics in accepted:
+        for node_id, payload, metrics in accepted:
+            if self.freeze_extractor:
+                self.test_cache[node_id] = payload
             scores = self.trainer.evaluate(
                 decode_features(payload.features), torch.from_numpy(payload.labels)
             )
@@ -424,6 +469,12 @@ class FedGKT(FedGKTBase, Strategy):
         ``FeatureStore(directory)`` for memory-mapped files).
     checkpoint_dir : str | Path | None (default: None)
         Where a checkpoint is written atomically after every round; None: none.
+    freeze_extractor : bool (default: False)
+        The clients keep their edge extractor fixed (``freeze-extractor``), so their
+        features never change: a node uploads them the first time it takes part,
+        the server keeps them (training features in ``store``, test features in
+        memory) and later replies carry only sample ids and logits. A node whose
+        features were dropped (``max_staleness``) is asked for them again.
     """
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -445,7 +496,8 @@ class FedGKT(FedGKTBase, Strategy):
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         messages = []
         for node_id in node_ids:
-            round_config = ConfigRecord(self._round_config(server_round, config))
+            send = self._cached_payload(node_id, training=True) is None
+            round_config = ConfigRecord(self._round_config(server_round, config, send))
             content = RecordDict({CONFIG_KEY: round_config})
             if node_id in self.server_logits:
                 ids, logits = self.server_logits[node_id]
@@ -470,6 +522,7 @@ class FedGKT(FedGKTBase, Strategy):
             partial(record_arrays, content.array_records[FEATURES_KEY]),
             server_round,
             require_logits,
+            msg.metadata.src_node_id,
         )
 
     def _triage(
@@ -515,7 +568,8 @@ class FedGKT(FedGKTBase, Strategy):
         self._sampled["evaluate"] = node_ids
         messages = []
         for node_id in node_ids:
-            round_config = ConfigRecord(self._round_config(server_round, config))
+            send = self._cached_payload(node_id, training=False) is None
+            round_config = ConfigRecord(self._round_config(server_round, config, send))
             messages.append(
                 Message(
                     content=RecordDict({CONFIG_KEY: round_config}),

@@ -81,3 +81,23 @@ def test_evaluate_sends_test_features_and_the_edge_accuracy() -> None:
     assert "logits" not in arrays
     assert metrics["num-examples"] == len(arrays["labels"]) > 0
     assert 0.0 <= metrics["edge_accuracy"] <= 1.0
+
+
+def _feature_bytes(dtype: str) -> int:
+    """Bytes of the feature arrays in a real train reply's ArrayRecord, as Flower
+    counts them (the same node, data and round for every dtype)."""
+    content = RecordDict({"config": ConfigRecord({"server-round": 1, "feature-dtype": dtype})})
+    msg = make_message(content, src_node_id=0, dst_node_id=9, message_type=MessageType.TRAIN)
+    record = train(msg, _context(9, 1)).content.array_records[FEATURES_KEY]
+    whole = record.count_bytes()
+    for key in ("labels", "ids", "logits"):
+        del record[key]
+    assert record.count_bytes() < whole
+    return record.count_bytes()
+
+
+def test_float16_and_int8_features_are_2x_and_4x_smaller_on_the_wire() -> None:
+    sizes = {dtype: _feature_bytes(dtype) for dtype in ("float32", "float16", "int8")}
+    # per-channel scale and offset of int8 (2 x 16 float32) and record overhead aside
+    assert 1.99 <= sizes["float32"] / sizes["float16"] <= 2.0
+    assert 3.98 <= sizes["float32"] / sizes["int8"] <= 4.0
