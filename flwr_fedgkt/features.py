@@ -21,6 +21,7 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,9 +109,13 @@ def encode_features(features: Tensor, dtype: str) -> EncodedFeatures:
 
 
 def decode_features(encoded: EncodedFeatures) -> Tensor:
-    """Widen encoded features back to a float32 tensor."""
+    """Widen encoded features back to a float32 tensor (a new one: read-only views of
+    a message's bytes are copied, never written to)."""
+    data = encoded.data
+    if not (data.flags.writeable and data.flags.c_contiguous):
+        data = np.array(data, order="C")
     return _widen(
-        torch.from_numpy(np.ascontiguousarray(encoded.data)),
+        torch.from_numpy(data),
         encoded.dtype,
         None if encoded.scale is None else torch.from_numpy(encoded.scale),
         None if encoded.offset is None else torch.from_numpy(encoded.offset),
@@ -283,12 +288,36 @@ class _Entry:
     scale: Tensor | None = field(default=None, repr=False)
     offset: Tensor | None = field(default=None, repr=False)
     path: Path | None = None
+    mapping: mmap.mmap | None = field(default=None, repr=False)
 
     def rows(self, index: np.ndarray) -> Tensor:
         """Rows ``index`` of the features, widened to float32 (reads only those rows)."""
         enc = self.payload.features
-        data = torch.from_numpy(np.ascontiguousarray(enc.data[index]))
+        data = torch.from_numpy(np.ascontiguousarray(enc.data[index]))  # a copy
+        if self.mapping is not None and _MADV_DONTNEED is not None:
+            # the rows are copied: unmap the file's pages from this process, so the
+            # store's resident memory stays flat however large it grows (the data
+            # stays in the OS page cache, which the OS can reclaim)
+            self.mapping.madvise(_MADV_DONTNEED)
         return _widen(data, enc.dtype, self.scale, self.offset)
+
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
+    """A read-only memory map of the ``.npy`` file at ``path`` and the array over it."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+        offset = file.tell()
+        count = int(np.prod(shape, dtype=np.int64))
+        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    array = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran_order else "C"), mapping
 
 
 class FeatureStore:
@@ -323,11 +352,11 @@ class FeatureStore:
             current.round = server_round
             return
         enc = payload.features
-        path = None
+        path, mapping = None, None
         if self.directory is not None:
             path = self.directory / f"node-{node}-round-{server_round}.npy"
             np.save(path, np.ascontiguousarray(enc.data))
-            mapped = np.load(path, mmap_mode="r")
+            mapped, mapping = _map_npy(path)
             payload = FeaturePayload(
                 EncodedFeatures(enc.dtype, mapped, enc.scale, enc.offset),
                 payload.logits,
@@ -338,9 +367,10 @@ class FeatureStore:
         self._entries[node] = _Entry(
             payload=payload,
             round=server_round,
-            scale=None if enc.scale is None else torch.from_numpy(enc.scale),
-            offset=None if enc.offset is None else torch.from_numpy(enc.offset),
+            scale=None if enc.scale is None else torch.from_numpy(np.array(enc.scale)),
+            offset=None if enc.offset is None else torch.from_numpy(np.array(enc.offset)),
             path=path,
+            mapping=mapping,
         )
 
     def remove(self, node: int) -> None:

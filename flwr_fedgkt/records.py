@@ -15,8 +15,12 @@ Download (server -> client):
 
 from __future__ import annotations
 
+import io
+from collections.abc import Collection
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 
 from .edge import Extracted
 from .features import encode_features
@@ -30,6 +34,7 @@ __all__ = [
     "features_record",
     "logits_record",
     "record_arrays",
+    "array_view",
     "arrays_bytes",
     "arrays_record",
 ]
@@ -74,9 +79,43 @@ def logits_record(ids: np.ndarray, logits: np.ndarray) -> ArrayRecord:
     return arrays_record({"ids": ids.astype(np.int64), "logits": logits.astype(np.float32)})
 
 
-def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The numpy arrays of an ArrayRecord, by key."""
-    return {key: array.numpy() for key, array in record.items()}
+def record_arrays(record: ArrayRecord, views: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """The numpy arrays of an ArrayRecord, by key.
+
+    Arrays named in ``views`` are read-only views of the bytes the message already
+    holds, not copies (:func:`array_view`), so that a large upload is not held
+    twice while the server decodes it; the others are copies.
+    """
+    return {
+        key: array_view(array) if key in views else array.numpy() for key, array in record.items()
+    }
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A read-only numpy view of an ``Array``'s ``.npy`` bytes (no copy).
+
+    Raises ValueError for data that is not a plain ``.npy`` array.
+    """
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"unsupported serialization type {array.stype!r}")
+    data = array.data
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    count = int(np.prod(shape, dtype=np.int64))
+    if stream.tell() + count * dtype.itemsize != len(data):
+        raise ValueError(
+            f"array of shape {shape} and dtype {dtype} does not match its {len(data)} bytes"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def arrays_bytes(content: RecordDict) -> int:

@@ -519,7 +519,7 @@ class FedGKT(FedGKTBase, Strategy):
             raise PayloadError(f"missing MetricRecord {METRICS_KEY!r}")
         return self._validate_reply(
             content.config_records[META_KEY],
-            partial(record_arrays, content.array_records[FEATURES_KEY]),
+            partial(record_arrays, content.array_records[FEATURES_KEY], views=("features",)),
             server_round,
             require_logits,
             msg.metadata.src_node_id,

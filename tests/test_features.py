@@ -1,6 +1,9 @@
+import mmap
+
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array
 
 from flwr_fedgkt.features import (
     FEATURE_DTYPES,
@@ -10,6 +13,7 @@ from flwr_fedgkt.features import (
     encode_features,
     validate_payload,
 )
+from flwr_fedgkt.records import arrays_record, record_arrays
 
 SHAPE = (16, 4, 4)
 
@@ -120,7 +124,7 @@ def test_disk_store_trains_exactly_like_the_memory_store(tmp_path) -> None:
         "node-1-round-1.npy",
         "node-3-round-1.npy",
     ]
-    assert isinstance(disk.payload(1).features.data, np.memmap)
+    assert isinstance(_buffer(disk.payload(1).features.data), mmap.mmap)
     assert results[0].loss == results[1].loss
     for a, b in zip(
         trainers[0].model.state_dict().values(),
@@ -141,3 +145,51 @@ def test_disk_store_replaces_a_nodes_file_on_a_new_upload(tmp_path) -> None:
     assert store.node_features(3).shape == (4, *SHAPE)
     store.remove(1)
     assert [p.name for p in tmp_path.iterdir()] == ["node-3-round-2.npy"]
+
+
+def _buffer(array: np.ndarray) -> object:
+    """The object that finally holds an array's memory."""
+    base: object = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+def test_features_are_read_from_a_record_without_a_copy(dtype) -> None:
+    # Prepare
+    record = arrays_record(_arrays(dtype))
+    # Execute
+    arrays = record_arrays(record, views=("features",))
+    # Assert: the same values, read-only, in the record's own bytes
+    expected = record["features"].numpy()
+    assert arrays["features"].dtype == expected.dtype
+    assert np.array_equal(arrays["features"], expected)
+    assert not arrays["features"].flags.writeable
+    assert _buffer(arrays["features"]) is record["features"].data
+    assert arrays["labels"].flags.writeable  # the small arrays are copies
+    # and a payload over the view decodes like one over a copy
+    payload = validate_payload(arrays, dtype, SHAPE, 10)
+    copied = validate_payload(record_arrays(record), dtype, SHAPE, 10)
+    assert torch.equal(decode_features(payload.features), decode_features(copied.features))
+
+
+def test_a_view_of_bytes_that_are_not_an_array_is_refused() -> None:
+    from flwr_fedgkt.records import array_view
+
+    good = Array(np.arange(6, dtype=np.float32))
+    truncated = Array(
+        dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4]
+    )
+    with pytest.raises(ValueError, match="does not match"):
+        array_view(truncated)
+    with pytest.raises(ValueError):
+        array_view(Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"junk"))
+
+
+def test_disk_store_reads_rows_back_after_releasing_its_pages(tmp_path) -> None:
+    memory = _filled_store(FeatureStore())
+    disk = _filled_store(FeatureStore(tmp_path))
+    for _ in range(2):  # the second read comes after the pages were released
+        for node in (1, 3):
+            assert torch.equal(disk.node_features(node), memory.node_features(node))
