@@ -154,8 +154,13 @@ class EdgeTrainer:
         self.device = resolve_device(device)
         self.model = seeded_model(model_name, num_classes, seed).to(self.device)
         self.freeze_extractor = freeze_extractor
+        self.stem: nn.Module | None = None
         if freeze_extractor:
-            self.model.stem.requires_grad_(False)
+            stem = getattr(self.model, "stem", None)
+            if not isinstance(stem, nn.Module):
+                raise ValueError(f"{model_name} has no stem to freeze")
+            stem.requires_grad_(False)
+            self.stem = stem
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=5e-4)
 
@@ -198,8 +203,8 @@ class EdgeTrainer:
         Returns the mean training loss and accuracy of the last epoch.
         """
         self.model.train()
-        if self.freeze_extractor:
-            self.model.stem.eval()  # its BatchNorm statistics stay as they are
+        if self.stem is not None:
+            self.stem.eval()  # frozen: its BatchNorm statistics stay as they are
         loss_sum, correct, seen = 0.0, 0, 0
         for _ in range(max(epochs, 0)):
             loss_sum, correct, seen = 0.0, 0, 0
