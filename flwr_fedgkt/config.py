@@ -46,7 +46,7 @@ class RunConfig:
     server_batch_size: int = 64
     client_epochs: int = 1
     server_epochs: int = 1
-    client_lr: float = 0.003
+    client_lr: float = 0.001
     server_lr: float = 0.003
     temperature: float = 3.0
     alpha: float = 1.0

@@ -128,7 +128,7 @@ class EdgeTrainer:
     ----------
     num_classes : int
         Size of the classification head.
-    lr : float (default: 0.003)
+    lr : float (default: 0.001)
         Adam learning rate (weight decay 5e-4).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
@@ -145,7 +145,7 @@ class EdgeTrainer:
     def __init__(
         self,
         num_classes: int,
-        lr: float = 0.003,
+        lr: float = 0.001,
         device: str = "auto",
         model_name: str = "resnet8",
         seed: int | None = None,
