@@ -448,7 +448,8 @@ How the figures are obtained:
   pass over the training split (features) and the test split; FedAvg's spends
   epochs x training samples x training FLOPs of the full ResNet plus one forward
   pass over the test split (evaluation). Server FLOPs are not edge FLOPs.
-- *s / round*: wall time per round as the ServerApp measured it (on a shared CPU).
+- *s / round*: mean wall time of a round as the ServerApp measured it (the runs go one
+  after another, never side by side).
 """
 
 
