@@ -1,6 +1,7 @@
 """Bytes per training sample and final accuracy for each ``feature-dtype``.
 
     python benchmarks/feature_dtypes.py [--rounds 8] [--nodes 3] [--dataset digits]
+                                        [--dtypes float32 float16 ...] [--seed 42]
 
 Runs the same seeded FedGKT rounds (in one process, the core without Flower) once
 per wire dtype and prints, side by side, the bytes one sample's features take on
@@ -27,7 +28,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--dtypes", nargs="*", default=list(FEATURE_DTYPES))
+    parser.add_argument("--seed", type=int, default=RunConfig().seed)
     args = parser.parse_args()
+    print(f"seed {args.seed}, {args.rounds} rounds, {args.nodes} nodes, {args.dataset}")
     sample = torch.relu(torch.randn(256, FEATURE_CHANNELS, 32, 32))
     header = ("dtype", "bytes/sample", "vs float32", "final acc", "best acc", "seconds")
     print("{:<10} {:>12} {:>10} {:>9} {:>8} {:>8}".format(*header))
@@ -36,7 +39,11 @@ def main() -> None:
         per_sample = encode_features(sample, dtype).nbytes / len(sample)
         base = base or encode_features(sample, "float32").nbytes / len(sample)
         config = dataclasses.replace(
-            RunConfig(), num_server_rounds=args.rounds, dataset=args.dataset, feature_dtype=dtype
+            RunConfig(),
+            num_server_rounds=args.rounds,
+            dataset=args.dataset,
+            feature_dtype=dtype,
+            seed=args.seed,
         )
         start = time.perf_counter()
         history = run_local(config, args.nodes)
