@@ -50,7 +50,7 @@ class RunConfig:
     server_lr: float = 0.003
     temperature: float = 3.0
     alpha: float = 1.0
-    feature_dtype: str = "float16"
+    feature_dtype: str = "int8"
     server_model: str = "resnet55"
     seed: int = 42
     output_dir: str = ""
