@@ -25,6 +25,7 @@ import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -152,6 +153,19 @@ class FeaturePayload:
         return int(self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.ids.nbytes)
 
 
+def _checked_logits(logits: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """``logits`` if they are finite ``n x num_classes`` float32, else PayloadError."""
+    if logits.dtype != np.float32:
+        raise PayloadError(f"logits have dtype {logits.dtype}, expected float32")
+    if logits.shape != (n, num_classes):
+        raise PayloadError(
+            f"logits have shape {tuple(logits.shape)}, expected ({n}, {num_classes})"
+        )
+    if not np.isfinite(logits).all():
+        raise PayloadError("logits contain NaN or Inf")
+    return logits
+
+
 def validate_payload(
     arrays: Mapping[str, np.ndarray],
     dtype: str,
@@ -205,15 +219,7 @@ def validate_payload(
 
     logits = np.zeros((n, num_classes), dtype=np.float32)
     if require_logits:
-        logits = arrays["logits"]
-        if logits.dtype != np.float32:
-            raise PayloadError(f"logits have dtype {logits.dtype}, expected float32")
-        if logits.shape != (n, num_classes):
-            raise PayloadError(
-                f"logits have shape {tuple(logits.shape)}, expected ({n}, {num_classes})"
-            )
-        if not np.isfinite(logits).all():
-            raise PayloadError("logits contain NaN or Inf")
+        logits = _checked_logits(arrays["logits"], n, num_classes)
 
     scale = offset = None
     if dtype == "int8":
@@ -268,16 +274,7 @@ def validate_update(
         raise PayloadError("ids differ from those of the features the server holds")
     logits = cached.logits
     if require_logits:
-        logits = arrays["logits"]
-        n = cached.num_samples
-        if logits.dtype != np.float32:
-            raise PayloadError(f"logits have dtype {logits.dtype}, expected float32")
-        if logits.shape != (n, num_classes):
-            raise PayloadError(
-                f"logits have shape {tuple(logits.shape)}, expected ({n}, {num_classes})"
-            )
-        if not np.isfinite(logits).all():
-            raise PayloadError("logits contain NaN or Inf")
+        logits = _checked_logits(arrays["logits"], cached.num_samples, num_classes)
     return FeaturePayload(cached.features, logits, cached.labels, cached.ids)
 
 
@@ -308,16 +305,44 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
     """A read-only memory map of the ``.npy`` file at ``path`` and the array over it."""
     with open(path, "rb") as file:
-        version = np.lib.format.read_magic(file)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
-        else:
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
-        offset = file.tell()
-        count = int(np.prod(shape, dtype=np.int64))
+        header = read_npy_header(file)
         mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    array = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset)
-    return array.reshape(shape, order="F" if fortran_order else "C"), mapping
+    return header.view(mapping), mapping
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What the header of a ``.npy`` file or buffer says about the array after it."""
+
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    offset: int  # where the data starts
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def view(self, buffer: Any) -> np.ndarray:
+        """The array over ``buffer`` (the whole ``.npy`` bytes), without a copy."""
+        count = int(np.prod(self.shape, dtype=np.int64))
+        flat = np.frombuffer(buffer, dtype=self.dtype, count=count, offset=self.offset)
+        return flat.reshape(self.shape, order="F" if self.fortran_order else "C")
+
+
+def read_npy_header(stream: BinaryIO) -> NpyHeader:
+    """Read a ``.npy`` header (format 1.0 or 2.0) from ``stream``; ValueError if it is
+    none, or describes an object array."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    return NpyHeader(tuple(shape), bool(fortran_order), dtype, stream.tell())
 
 
 class FeatureStore:
@@ -340,17 +365,18 @@ class FeatureStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._entries: dict[int, _Entry] = {}
 
-    def put(self, node: int, payload: FeaturePayload, server_round: int) -> None:
+    def put(self, node: int, payload: FeaturePayload, server_round: int) -> bool:
         """Store ``node``'s upload of ``server_round``, replacing its older one.
 
         A payload that reuses the stored features (:func:`validate_update`) only
         refreshes the node's logits and round; nothing is copied or rewritten.
+        Returns True in that case, False when new features were stored.
         """
         current = self._entries.get(node)
         if current is not None and payload.features is current.payload.features:
             current.payload = payload
             current.round = server_round
-            return
+            return True
         enc = payload.features
         path, mapping = None, None
         if self.directory is not None:
@@ -372,6 +398,7 @@ class FeatureStore:
             path=path,
             mapping=mapping,
         )
+        return False
 
     def remove(self, node: int) -> None:
         entry = self._entries.pop(node, None)

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 
 from .edge import Extracted
-from .features import encode_features
+from .features import encode_features, read_npy_header
 
 __all__ = [
     "FEATURES_KEY",
@@ -99,23 +99,13 @@ def array_view(array: Array) -> np.ndarray:
     if array.stype != SType.NUMPY:
         raise ValueError(f"unsupported serialization type {array.stype!r}")
     data = array.data
-    stream = io.BytesIO(data)
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version == (2, 0):
-        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:
-        raise ValueError(f"unsupported .npy format version {version}")
-    if dtype.hasobject:
-        raise ValueError("object arrays are not accepted")
-    count = int(np.prod(shape, dtype=np.int64))
-    if stream.tell() + count * dtype.itemsize != len(data):
+    header = read_npy_header(io.BytesIO(data))
+    if header.offset + header.nbytes != len(data):
         raise ValueError(
-            f"array of shape {shape} and dtype {dtype} does not match its {len(data)} bytes"
+            f"array of shape {header.shape} and dtype {header.dtype} does not match its "
+            f"{len(data)} bytes"
         )
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran_order else "C")
+    return header.view(data)
 
 
 def arrays_bytes(content: RecordDict) -> int:

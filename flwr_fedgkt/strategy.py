@@ -292,11 +292,10 @@ class FedGKTBase:
 
         Returns the round's training metrics (the strategy's aggregated metrics).
         """
-        cached = 0
-        for node_id, payload, _ in accepted:
-            if node_id in self.store and payload.features is self.store.payload(node_id).features:
-                cached += 1
-            self.store.put(node_id, payload, server_round)
+        # features kept from an earlier upload (freeze-extractor) are not stored again
+        cached = sum(
+            self.store.put(node_id, payload, server_round) for node_id, payload, _ in accepted
+        )
         if self.max_staleness is not None:
             for node_id in self.store.nodes():
                 if server_round - self.store.last_round(node_id) > self.max_staleness:
