@@ -18,16 +18,13 @@ rounds (2 and later) the ratio is taken over. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.local import run_local
-from flwr_fedgkt.processes import REPO, flower_environment, flwr_run, start_local_superlink
+from flwr_fedgkt.processes import simulate
 
 
 def parse_run_config(text: str) -> dict[str, object]:
@@ -58,25 +55,10 @@ def main() -> None:
         f"min-evaluate-nodes={args.nodes} min-available-nodes={args.nodes} {args.run_config}"
     ).strip()
 
-    with tempfile.TemporaryDirectory(prefix="fedgkt-overhead-") as scratch:
-        out = Path(scratch) / "run"
-        with flower_environment(Path(scratch)) as env:
-            start_local_superlink(env, Path(scratch) / "superlink.log")
-            start = time.perf_counter()
-            result = flwr_run(
-                env,
-                REPO,
-                f"{shared} output-dir='{out}'",
-                args.nodes,
-                timeout=3600,
-                log_file=Path(scratch) / "flwr-run.log",
-            )
-            flower_total = time.perf_counter() - start
-            if result.returncode != 0:
-                raise SystemExit(
-                    f"flwr run failed:\n{(Path(scratch) / 'flwr-run.log').read_text()[-3000:]}"
-                )
-        flower_rounds = json.loads((out / "results.json").read_text())["rounds"]
+    try:
+        flower_rounds, flower_total = simulate(shared, args.nodes)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
 
     config = RunConfig.from_mapping(parse_run_config(shared))
     start = time.perf_counter()

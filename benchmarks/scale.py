@@ -13,12 +13,8 @@ seconds, sampled/stored nodes, and the server's peak RSS (from ``results.json``)
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
-import time
-from pathlib import Path
 
-from flwr_fedgkt.processes import REPO, flower_environment, flwr_run, start_local_superlink
+from flwr_fedgkt.processes import simulate
 
 MB = 2**20
 
@@ -31,31 +27,16 @@ def main() -> None:
     parser.add_argument("--run-config", default="", help="extra run-config")
     args = parser.parse_args()
     fraction = args.sampled / args.nodes
-    with tempfile.TemporaryDirectory(prefix="fedgkt-scale-") as scratch:
-        out = Path(scratch) / "run"
-        run_config = (
-            f"num-server-rounds={args.rounds} dataset='synthetic' "
-            f"fraction-train={fraction} fraction-evaluate={fraction} "
-            f"min-train-nodes={args.sampled} min-evaluate-nodes={args.sampled} "
-            f"min-available-nodes={args.nodes} output-dir='{out}' {args.run_config}"
-        ).strip()
-        with flower_environment(Path(scratch)) as env:
-            start_local_superlink(env, Path(scratch) / "superlink.log")
-            start = time.perf_counter()
-            result = flwr_run(
-                env,
-                REPO,
-                run_config,
-                args.nodes,
-                timeout=3600,
-                log_file=Path(scratch) / "flwr-run.log",
-            )
-            wall = time.perf_counter() - start
-            if result.returncode != 0:
-                raise SystemExit(
-                    f"flwr run failed:\n{(Path(scratch) / 'flwr-run.log').read_text()[-3000:]}"
-                )
-        rounds = json.loads((out / "results.json").read_text())["rounds"]
+    run_config = (
+        f"num-server-rounds={args.rounds} dataset='synthetic' "
+        f"fraction-train={fraction} fraction-evaluate={fraction} "
+        f"min-train-nodes={args.sampled} min-evaluate-nodes={args.sampled} "
+        f"min-available-nodes={args.nodes} {args.run_config}"
+    ).strip()
+    try:
+        rounds, wall = simulate(run_config, args.nodes)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
     print(
         f"{args.nodes} simulated nodes, {args.sampled} sampled per round, run-config: {run_config}"
     )

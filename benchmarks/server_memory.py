@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -34,6 +33,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from server_throughput import NodeList  # noqa: E402  (this folder is on sys.path)
+
+from flwr_fedgkt.strategy import peak_rss_bytes  # noqa: E402
 
 MB = 2**20
 
@@ -47,11 +50,6 @@ def rss_bytes() -> int:
     except OSError:
         pass
     return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def child(store_kind: str, rounds: int, per_round: int, samples: int, directory: str) -> None:
@@ -68,7 +66,13 @@ def child(store_kind: str, rounds: int, per_round: int, samples: int, directory:
     torch.manual_seed(0)
     trainer = ServerTrainer(10, batch_size=64, seed=0, device="cpu")
     store = FeatureStore(Path(directory) / "store" if store_kind == "disk" else None)
-    strategy = FedGKT(trainer, feature_dtype="float16", min_available_nodes=1, store=store)
+    strategy = FedGKT(
+        trainer,
+        feature_dtype="float16",
+        min_train_nodes=per_round,
+        min_available_nodes=per_round,
+        store=store,
+    )
     gen = torch.Generator().manual_seed(0)
 
     def upload(node: int, server_round: int):
@@ -115,16 +119,6 @@ def child(store_kind: str, rounds: int, per_round: int, samples: int, directory:
             ),
             flush=True,
         )
-
-
-class NodeList:
-    """The one Grid method the strategy's sampling uses."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return self.node_ids
 
 
 def run_child(store_kind: str, args: argparse.Namespace, directory: str) -> list[dict]:

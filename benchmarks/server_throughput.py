@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,7 @@ def main() -> None:
 class NodeList:
     """The one Grid method the strategy's sampling uses."""
 
-    def __init__(self, node_ids: range) -> None:
+    def __init__(self, node_ids: Iterable[int]) -> None:
         self.node_ids = list(node_ids)
 
     def get_node_ids(self) -> list[int]:

@@ -32,6 +32,7 @@ __all__ = [
     "flower_environment",
     "start_local_superlink",
     "flwr_run",
+    "simulate",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,3 +257,36 @@ def flwr_run(
         if pending and on_line is not None:
             on_line(pending)
     return subprocess.CompletedProcess(command, process.returncode, log_file.read_text(), "")
+
+
+def simulate(
+    run_config: str, num_supernodes: int, app: Path = REPO, timeout: float = 3600
+) -> tuple[list[dict], float]:
+    """One ``flwr run`` of ``app`` on its own local simulation SuperLink (private
+    ``FLWR_HOME``, free ports, every process stopped by id afterwards).
+
+    ``run_config`` must not set ``output-dir``: the run writes to a temporary one.
+    Returns the rounds of its ``results.json`` and the wall time of ``flwr run``;
+    raises RuntimeError with the end of the log when the run fails.
+    """
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedgkt-run-") as scratch:
+        workdir = Path(scratch)
+        out, log_file = workdir / "run", workdir / "flwr-run.log"
+        with flower_environment(workdir) as env:
+            start_local_superlink(env, workdir / "superlink.log")
+            start = time.perf_counter()
+            result = flwr_run(
+                env,
+                app,
+                f"{run_config} output-dir='{out}'".strip(),
+                num_supernodes,
+                timeout=timeout,
+                log_file=log_file,
+            )
+            wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{log_file.read_text()[-3000:]}")
+        return json.loads((out / "results.json").read_text())["rounds"], wall
