@@ -209,12 +209,9 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.e2e
-def test_compare_runs_both_algorithms_end_to_end_and_writes_the_report(tmp_path) -> None:
-    # Prepare: the command's private FLWR_HOME goes under tmp_path
-    out = tmp_path / "out"
-    scratch = tmp_path / "flower"
-    command = [
+def _compare_command(out: Path, scratch: Path, rounds: int, extra: list[str]) -> list[str]:
+    """The comparison on 2 synthetic IID nodes, its FLWR_HOME under ``scratch``."""
+    return [
         sys.executable,
         "-m",
         "flwr_fedgkt.compare",
@@ -223,16 +220,23 @@ def test_compare_runs_both_algorithms_end_to_end_and_writes_the_report(tmp_path)
         "--nodes",
         "2",
         "--rounds",
-        "2",
+        str(rounds),
         "--partitioner",
         "iid",
-        "--seed",
-        "1",
+        *extra,
         "--output-dir",
         str(out),
         "--flower-home",
         str(scratch),
     ]
+
+
+@pytest.mark.e2e
+def test_compare_runs_both_algorithms_end_to_end_and_writes_the_report(tmp_path) -> None:
+    # Prepare: the command's private FLWR_HOME goes under tmp_path
+    out = tmp_path / "out"
+    scratch = tmp_path / "flower"
+    command = _compare_command(out, scratch, rounds=2, extra=["--seed", "1"])
     # Execute
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     # Assert: it ran and wrote both results, the table and all plots
@@ -265,27 +269,12 @@ def test_compare_runs_both_algorithms_end_to_end_and_writes_the_report(tmp_path)
 def test_compare_fails_cleanly_and_stops_its_processes_when_a_run_fails(tmp_path) -> None:
     # Prepare: a FedGKT run config its ServerApp refuses
     scratch = tmp_path / "flower"
-    command = [
-        sys.executable,
-        "-m",
-        "flwr_fedgkt.compare",
-        "--dataset",
-        "synthetic",
-        "--nodes",
-        "2",
-        "--rounds",
-        "1",
-        "--partitioner",
-        "iid",
-        "--fedgkt-config",
-        "feature-dtype='float64'",
-        "--output-dir",
-        str(tmp_path / "out"),
-        "--timeout",
-        "600",
-        "--flower-home",
-        str(scratch),
-    ]
+    command = _compare_command(
+        tmp_path / "out",
+        scratch,
+        rounds=1,
+        extra=["--fedgkt-config", "feature-dtype='float64'", "--timeout", "600"],
+    )
     # Execute
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     # Assert
