@@ -29,6 +29,7 @@ from .records import (
     LOGITS_KEY,
     META_KEY,
     METRICS_KEY,
+    NODE_KEY,
     features_record,
     record_arrays,
 )
@@ -159,6 +160,14 @@ def extract_test(
     return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)
 
 
+def _meta(server_round: int, dtype: str, partition_id: int) -> ConfigRecord:
+    """What every reply echoes back (its round and feature dtype) and the node's
+    stable key: its partition id."""
+    return ConfigRecord(
+        {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: str(partition_id)}
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of edge training, then upload features, logits, labels and ids."""
@@ -179,7 +188,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             FEATURES_KEY: features_record(extracted, dtype, with_features=_send_features(msg)),
             METRICS_KEY: MetricRecord({"num-examples": len(partition.train), **metrics}),
-            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": dtype}),
+            META_KEY: _meta(server_round, dtype, partition_id),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -206,7 +215,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                     "edge_loss": scores["loss"],
                 }
             ),
-            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": dtype}),
+            META_KEY: _meta(server_round, dtype, partition_id),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -41,7 +41,7 @@ feature store nor the server model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import partial
 from logging import INFO
 from pathlib import Path
@@ -75,12 +75,12 @@ from .client_app import extract_test, round_settings, train_edge
 from .config import RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable
-from .features import FeaturePayload, PayloadError
-from .records import features_record, record_arrays
+from .features import PayloadError
+from .records import NODE_KEY, features_record, record_arrays
 from .results import ResultsWriter
 from .server import ServerTrainer
 from .server_app import default_output_dir
-from .strategy import AcceptedReply, FedGKTBase, sample_size
+from .strategy import AcceptedReply, FedGKTBase, ReplyParts, sample_size
 
 __all__ = [
     "FIT_ARRAYS",
@@ -170,6 +170,9 @@ class FedGKTNumPyClient(NumPyClient):
     partition_id : int
         This node's index in the federation; it seeds the edge model's
         initialisation and its shuffling, so that nodes differ and runs repeat.
+    node_key : str | None (default: None)
+        The stable key the server keeps this node's state under; the partition id
+        (as a string) when None.
     """
 
     # pylint: disable=too-many-arguments,too-many-positional-arguments
@@ -180,8 +183,10 @@ class FedGKTNumPyClient(NumPyClient):
         test: SampleSet | Iterable[Sequence[Tensor]],
         num_classes: int,
         partition_id: int,
+        node_key: str | None = None,
     ) -> None:
         self.context = context
+        self.node_key = str(partition_id) if node_key is None else node_key
         self.config = RunConfig.from_mapping(context.run_config)
         self.train_set = train if isinstance(train, SampleSet) else samples_from_loader(train)
         self.test_set = test if isinstance(test, SampleSet) else samples_from_loader(test)
@@ -224,7 +229,11 @@ class FedGKTNumPyClient(NumPyClient):
             teacher,
         )
         arrays = _upload_arrays(extracted, dtype, with_logits=True)
-        reply: dict[str, Scalar] = {"server-round": server_round, "feature-dtype": dtype}
+        reply: dict[str, Scalar] = {
+            "server-round": server_round,
+            "feature-dtype": dtype,
+            NODE_KEY: self.node_key,
+        }
         reply.update(metrics)
         return (
             [arrays[name] for name in _array_names(FIT_ARRAYS, dtype)],
@@ -252,6 +261,7 @@ class FedGKTNumPyClient(NumPyClient):
         reply: dict[str, Scalar] = {
             "server-round": server_round,
             "feature-dtype": dtype,
+            NODE_KEY: self.node_key,
             "edge_accuracy": scores["accuracy"],
             "edge_loss": scores["loss"],
         }
@@ -264,14 +274,6 @@ class FedGKTNumPyClient(NumPyClient):
 def _node_id(proxy: ClientProxy) -> int:
     node_id = getattr(proxy, "node_id", None)
     return int(node_id) if node_id is not None else int(proxy.cid)
-
-
-def _numeric(metrics: Mapping[str, Scalar]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
 
 
 def _fit_arrays(parameters: Parameters, dtype: str) -> dict[str, np.ndarray]:
@@ -294,6 +296,19 @@ def _evaluate_arrays(metrics: Mapping[str, Scalar]) -> dict[str, np.ndarray]:
                 raise PayloadError(f"metric {key!r} holds {type(value).__name__}, not bytes")
             arrays[key[len(EVALUATE_ARRAY_PREFIX) :]] = bytes_to_ndarray(value)
     return arrays
+
+
+def _fit_parts(res: FitRes, dtype: str) -> ReplyParts:
+    """Meta values, arrays and metrics of a training reply (``num-examples`` from
+    ``FitRes.num_examples``)."""
+    metrics = {**res.metrics, "num-examples": res.num_examples}
+    return res.metrics, _fit_arrays(res.parameters, dtype), metrics
+
+
+def _evaluate_parts(res: EvaluateRes) -> ReplyParts:
+    """Meta values, arrays and metrics of an evaluation reply."""
+    metrics = {**res.metrics, "num-examples": res.num_examples}
+    return res.metrics, _evaluate_arrays(res.metrics), metrics
 
 
 def _evaluate_bytes(metrics: Mapping[str, Scalar]) -> int:
@@ -357,9 +372,17 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         self.summary()
         return _empty_parameters()
 
+    _client_manager: ClientManager | None = None
+
+    def _connected(self) -> Collection[int]:
+        if self._client_manager is None:
+            return ()
+        return {_node_id(proxy) for proxy in self._client_manager.all().values()}
+
     def _sample(
         self, client_manager: ClientManager, fraction: float, minimum: int
     ) -> list[ClientProxy]:
+        self._client_manager = client_manager
         size = sample_size(client_manager.num_available(), fraction, minimum)
         if size == 0:
             return []
@@ -378,10 +401,10 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         log(INFO, "configure_fit: sampled %d nodes", len(clients))
         instructions = []
         for proxy in clients:
-            node_id = _node_id(proxy)
+            key = self.registry.key_of(_node_id(proxy))
             fit_parameters = _empty_parameters()
-            if node_id in self.server_logits:
-                ids, logits = self.server_logits[node_id]
+            if key is not None and key in self.server_logits:
+                ids, logits = self.server_logits[key]
                 fit_parameters = ndarrays_to_parameters(
                     [ids.astype(np.int64), logits.astype(np.float32)]
                 )
@@ -408,21 +431,16 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         self._record_failures(failures)
         accepted: list[AcceptedReply] = []
         for proxy, res in results:
-            node_id = _node_id(proxy)
-            payload = self._accept_reply(
-                node_id,
+            reply = self._admit(
+                _node_id(proxy),
                 _parameters_bytes(res.parameters),
-                partial(
-                    self._validate_reply,
-                    res.metrics,
-                    partial(_fit_arrays, res.parameters, self.feature_dtype),
-                    server_round,
-                    True,
-                ),
+                partial(_fit_parts, res, self.feature_dtype),
+                server_round,
+                training=True,
             )
-            if payload is not None:
-                accepted.append((node_id, payload, _numeric(res.metrics)))
-        accepted.sort(key=lambda reply: reply[0])
+            if reply is not None:
+                accepted.append(reply)
+        accepted.sort(key=lambda reply: reply.node_id)
         metrics = self._train_server(server_round, accepted)
         return None, {k: v for k, v in metrics.items()}
 
@@ -452,21 +470,16 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         self._record_failures(failures)
         accepted: list[AcceptedReply] = []
         for proxy, res in results:
-            node_id = _node_id(proxy)
-            payload: FeaturePayload | None = self._accept_reply(
-                node_id,
+            reply = self._admit(
+                _node_id(proxy),
                 _evaluate_bytes(res.metrics),
-                partial(
-                    self._validate_reply,
-                    res.metrics,
-                    partial(_evaluate_arrays, res.metrics),
-                    server_round,
-                    False,
-                ),
+                partial(_evaluate_parts, res),
+                server_round,
+                training=False,
             )
-            if payload is not None:
-                accepted.append((node_id, payload, _numeric(res.metrics)))
-        accepted.sort(key=lambda reply: reply[0])
+            if reply is not None:
+                accepted.append(reply)
+        accepted.sort(key=lambda reply: reply.node_id)
         metrics = self._close_round(server_round, accepted)
         if metrics is None:
             return None, {}
@@ -478,6 +491,13 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         """No centralized evaluation: the server model is scored in
         ``aggregate_evaluate`` on the clients' test features."""
         return None
+
+
+def _write_round(writer: ResultsWriter, num_rounds: int, record: dict[str, Any]) -> None:
+    """Write a round's record; after the last round, mark the run completed."""
+    writer(record)
+    if record["round"] >= num_rounds:
+        writer.finish("completed")
 
 
 def server_fn(context: Context) -> ServerAppComponents:
@@ -512,7 +532,11 @@ def server_fn(context: Context) -> ServerAppComponents:
         min_train_nodes=config.min_train_nodes,
         min_evaluate_nodes=config.min_evaluate_nodes,
         min_available_nodes=config.min_available_nodes,
-        on_round_end=writer,
+        on_round_end=partial(_write_round, writer, config.num_server_rounds),
+        max_reply_bytes=config.max_reply_bytes,
+        max_staleness=None if config.max_staleness < 0 else config.max_staleness,
+        max_feature_abs=config.max_feature_abs,
+        global_sample_ids=True,  # the built-in data sets number samples globally
     )
     server_config = ServerConfig(
         num_rounds=config.num_server_rounds, round_timeout=config.round_timeout

@@ -60,6 +60,7 @@ class RunConfig:
     max_staleness: int = -1
     feature_store: str = "memory"
     freeze_extractor: bool = False
+    max_feature_abs: float = 1e4
     resume_from: str = ""
     client_state_dir: str = ""
 
@@ -140,6 +141,8 @@ class RunConfig:
             fail("server-model", "expected resnet55 or resnet109")
         if self.max_reply_bytes < 0:
             fail("max-reply-bytes", "must not be negative (0: no limit)")
+        if not self.max_feature_abs > 0:
+            fail("max-feature-abs", "must be positive")
         if self.max_staleness < -1:
             fail("max-staleness", "must be -1 (no limit) or a number of rounds")
         if self.feature_store not in ("memory", "disk"):

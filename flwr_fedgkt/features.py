@@ -25,7 +25,7 @@ import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +40,13 @@ __all__ = [
     "decode_features",
     "validate_payload",
     "validate_update",
+    "validate_metrics",
+    "validate_node_key",
+    "MAX_FEATURE_ABS",
+    "MAX_LOGIT_ABS",
     "FeatureStore",
+    "Batch",
+    "NodeKey",
 ]
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -51,6 +57,19 @@ _WIRE_NUMPY_DTYPE = {
     "bfloat16": np.dtype(np.int16),
     "int8": np.dtype(np.uint8),
 }
+
+
+MAX_FEATURE_ABS = 1e4
+"""Default bound on the magnitude of a decoded feature value. The ResNet-8 stem's
+post-ReLU activations on the built-in data sets stayed below 7 (digits and
+synthetic, four edge epochs at learning rates 0.001 and 0.01); a node whose
+features exceed the bound is rejected (see :func:`validate_payload`). Models fed
+unnormalised inputs (e.g. pixels in 0..255) need a larger bound."""
+MAX_LOGIT_ABS = 1e4
+"""Default bound on the magnitude of an edge logit (honest edges stay below 100)."""
+MAX_NODE_KEY_LENGTH = 128
+
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 class PayloadError(ValueError):
@@ -153,8 +172,11 @@ class FeaturePayload:
         return int(self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.ids.nbytes)
 
 
-def _checked_logits(logits: np.ndarray, n: int, num_classes: int) -> np.ndarray:
-    """``logits`` if they are finite ``n x num_classes`` float32, else PayloadError."""
+def _checked_logits(
+    logits: np.ndarray, n: int, num_classes: int, max_abs: float = MAX_LOGIT_ABS
+) -> np.ndarray:
+    """``logits`` if they are finite ``n x num_classes`` float32 of magnitude at most
+    ``max_abs``, else PayloadError."""
     if logits.dtype != np.float32:
         raise PayloadError(f"logits have dtype {logits.dtype}, expected float32")
     if logits.shape != (n, num_classes):
@@ -163,7 +185,43 @@ def _checked_logits(logits: np.ndarray, n: int, num_classes: int) -> np.ndarray:
         )
     if not np.isfinite(logits).all():
         raise PayloadError("logits contain NaN or Inf")
+    if logits.size and max(-float(logits.min()), float(logits.max())) > max_abs:
+        raise PayloadError(
+            f"logits reach {max(-float(logits.min()), float(logits.max())):.3g}, "
+            f"beyond the bound of {max_abs:g}"
+        )
     return logits
+
+
+def _checked_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    """``ids`` as int64 if they are ``n`` distinct non-negative integers that fit in
+    int64 without wrapping, else PayloadError."""
+    if ids.dtype.kind not in "iu":
+        raise PayloadError(f"ids have dtype {ids.dtype}, expected an integer dtype")
+    if ids.shape != (n,):
+        raise PayloadError(f"ids have shape {tuple(ids.shape)}, expected ({n},)")
+    if n and ids.dtype.kind == "u" and int(ids.max()) > _INT64_MAX:
+        raise PayloadError(f"sample id {int(ids.max())} does not fit in int64")
+    if n and int(ids.min()) < 0:
+        raise PayloadError(f"negative sample id {int(ids.min())}")
+    out = ids.astype(np.int64, copy=False)
+    if np.unique(out).size != n:
+        raise PayloadError(f"duplicate sample ids ({n - np.unique(out).size} repeated)")
+    return out
+
+
+def _feature_magnitude(features: np.ndarray, dtype: str) -> float:
+    """Largest ``|x|`` of wire-dtype ``float32``/``float16``/``bfloat16`` features
+    (Inf or NaN give ``inf``), without widening the whole array."""
+    if dtype == "bfloat16":  # raw bits: with the sign cleared, bits order like values
+        magnitude = int((features.view(np.uint16) & 0x7FFF).max())
+        if magnitude >= 0x7F80:
+            return float("inf")
+        return float(np.array([magnitude << 16], dtype=np.uint32).view(np.float32)[0])
+    lo, hi = float(features.min()), float(features.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return float("inf")
+    return max(-lo, hi)
 
 
 def validate_payload(
@@ -172,12 +230,18 @@ def validate_payload(
     feature_shape: tuple[int, int, int],
     num_classes: int,
     require_logits: bool = True,
+    max_feature_abs: float = MAX_FEATURE_ABS,
+    max_logit_abs: float = MAX_LOGIT_ABS,
 ) -> FeaturePayload:
     """Check every part of an incoming payload and build a :class:`FeaturePayload`.
 
     Raises :class:`PayloadError` naming the first thing that is wrong: a missing
-    array, a wrong shape or dtype, non-finite values, labels out of range, lengths
-    that disagree, duplicate or negative sample ids.
+    array, a wrong shape or dtype, non-finite values, decoded feature values beyond
+    ``max_feature_abs`` (for ``int8``: a scale that is not positive and finite, an
+    offset that is not finite, or a code range ``offset + [0, 255] * scale`` that
+    leaves the bound), logits beyond ``max_logit_abs``, labels out of range, lengths
+    that disagree, duplicate or negative sample ids, ids that do not fit in int64.
+    Arrays other than those listed in :mod:`flwr_fedgkt.records` are ignored.
     """
     _check_dtype_name(dtype)
     required = ["features", "labels", "ids"] + (["logits"] if require_logits else [])
@@ -200,26 +264,22 @@ def validate_payload(
     if n == 0:
         raise PayloadError("payload holds no samples")
 
-    labels, ids = arrays["labels"], arrays["ids"]
-    for name, arr in (("labels", labels), ("ids", ids)):
-        if arr.dtype.kind not in "iu":
-            raise PayloadError(f"{name} have dtype {arr.dtype}, expected an integer dtype")
-        if arr.shape != (n,):
-            raise PayloadError(
-                f"{name} have shape {tuple(arr.shape)}, expected ({n},) to match the features"
-            )
-    if labels.min() < 0 or labels.max() >= num_classes:
+    labels = arrays["labels"]
+    if labels.dtype.kind not in "iu":
+        raise PayloadError(f"labels have dtype {labels.dtype}, expected an integer dtype")
+    if labels.shape != (n,):
+        raise PayloadError(
+            f"labels have shape {tuple(labels.shape)}, expected ({n},) to match the features"
+        )
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise PayloadError(
             f"labels out of range: min {labels.min()}, max {labels.max()}, classes {num_classes}"
         )
-    if ids.min() < 0:
-        raise PayloadError(f"negative sample id {ids.min()}")
-    if np.unique(ids).size != n:
-        raise PayloadError(f"duplicate sample ids ({n - np.unique(ids).size} repeated)")
+    ids = _checked_ids(arrays["ids"], n)
 
     logits = np.zeros((n, num_classes), dtype=np.float32)
     if require_logits:
-        logits = _checked_logits(arrays["logits"], n, num_classes)
+        logits = _checked_logits(arrays["logits"], n, num_classes, max_logit_abs)
 
     scale = offset = None
     if dtype == "int8":
@@ -232,18 +292,26 @@ def validate_payload(
                 )
             if not np.isfinite(arr).all():
                 raise PayloadError(f"{name} contains NaN or Inf")
-    elif dtype in ("float32", "float16"):
-        if not np.isfinite(features).all():
+        if not (scale > 0).all():
+            raise PayloadError(f"feature_scale must be positive, got min {float(scale.min()):g}")
+        # decoded values lie in offset + [0, 255] * scale (in float64: no overflow)
+        low = offset.astype(np.float64)
+        high = low + 255.0 * scale.astype(np.float64)
+        magnitude = float(max(np.abs(low).max(), np.abs(high).max()))
+    else:
+        magnitude = _feature_magnitude(features, dtype)
+        if not np.isfinite(magnitude):
             raise PayloadError("features contain NaN or Inf")
-    else:  # bfloat16: the exponent bits all set mean Inf or NaN
-        if ((features.view(np.uint16) & 0x7F80) == 0x7F80).any():
-            raise PayloadError("features contain NaN or Inf")
+    if magnitude > max_feature_abs:
+        raise PayloadError(
+            f"decoded features reach {magnitude:.3g}, beyond max-feature-abs ({max_feature_abs:g})"
+        )
 
     return FeaturePayload(
         features=EncodedFeatures(dtype, features, scale, offset),
         logits=logits,
         labels=labels.astype(np.int64, copy=False),
-        ids=ids.astype(np.int64, copy=False),
+        ids=ids,
     )
 
 
@@ -252,6 +320,7 @@ def validate_update(
     cached: FeaturePayload,
     num_classes: int,
     require_logits: bool = True,
+    max_logit_abs: float = MAX_LOGIT_ABS,
 ) -> FeaturePayload:
     """Check a reply that carries no features because the server holds them already
     (``freeze-extractor``): its ``ids`` must be the cached upload's, in the same
@@ -270,12 +339,65 @@ def validate_update(
             f"ids have shape {tuple(ids.shape)} and dtype {ids.dtype}, expected "
             f"{tuple(cached.ids.shape)} integers like the features the server holds"
         )
-    if not np.array_equal(ids, cached.ids):
+    if not np.array_equal(_checked_ids(ids, cached.num_samples), cached.ids):
         raise PayloadError("ids differ from those of the features the server holds")
     logits = cached.logits
     if require_logits:
-        logits = _checked_logits(arrays["logits"], cached.num_samples, num_classes)
+        logits = _checked_logits(arrays["logits"], cached.num_samples, num_classes, max_logit_abs)
     return FeaturePayload(cached.features, logits, cached.labels, cached.ids)
+
+
+# What the server reads from a reply's metrics, and the range each must lie in.
+# Other keys are ignored (a node may report more; nothing reads it).
+_METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "num-examples": (0.0, float(_INT64_MAX)),
+    "train_loss": (0.0, float("inf")),
+    "train_accuracy": (0.0, 1.0),
+    "edge_loss": (0.0, float("inf")),
+    "edge_accuracy": (0.0, 1.0),
+}
+
+
+def validate_metrics(metrics: Mapping[str, Any], num_samples: int) -> dict[str, float]:
+    """The metrics the server uses, checked; raise PayloadError naming what is wrong.
+
+    Each known key (``num-examples``, ``train_loss``, ``train_accuracy``,
+    ``edge_loss``, ``edge_accuracy``), when present, must be a single finite number
+    in its range: accuracies in [0, 1], losses non-negative, ``num-examples`` a
+    non-negative integer equal to ``num_samples`` (the samples the reply carries).
+    Lists, strings, bytes and booleans are rejected for these keys. Unknown keys
+    are ignored and not returned.
+    """
+    checked: dict[str, float] = {}
+    for key, (low, high) in _METRIC_RANGES.items():
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise PayloadError(f"metric {key!r} is a {type(value).__name__}, expected a number")
+        number = float(value)
+        if not np.isfinite(number) or not low <= number <= high:
+            raise PayloadError(f"metric {key!r} = {number!r} lies outside [{low:g}, {high:g}]")
+        checked[key] = number
+    if "num-examples" in checked:
+        count = checked["num-examples"]
+        if not count.is_integer() or int(count) != num_samples:
+            raise PayloadError(
+                f"metric 'num-examples' = {count:g} but the reply carries {num_samples} samples"
+            )
+    return checked
+
+
+def validate_node_key(key: Any) -> str:
+    """A node key as sent by a node: a non-empty printable string of at most
+    128 characters; raise PayloadError otherwise."""
+    if not isinstance(key, str):
+        raise PayloadError(f"node-key is a {type(key).__name__}, expected a string")
+    if not key or len(key) > MAX_NODE_KEY_LENGTH or not key.isprintable():
+        raise PayloadError(
+            f"node-key {key[:40]!r} must be 1 to {MAX_NODE_KEY_LENGTH} printable characters"
+        )
+    return key
 
 
 @dataclass
@@ -345,10 +467,35 @@ def read_npy_header(stream: BinaryIO) -> NpyHeader:
     return NpyHeader(tuple(shape), bool(fortran_order), dtype, stream.tell())
 
 
-class FeatureStore:
-    """Features of every node, in their wire dtype, keyed by node.
+NodeKey = str
+"""A node's stable key (see :func:`validate_node_key`)."""
 
-    A node's newer upload replaces its older one. With ``directory`` set the
+
+def _file_label(key: NodeKey) -> str:
+    """A node key as it may appear in a file name: itself when it is short and
+    made of letters, digits, ``_`` and ``-`` only, else ``key`` (file names also
+    carry a counter, so they never collide)."""
+    text = str(key)
+    if 0 < len(text) <= 40 and all(c.isascii() and (c.isalnum() or c in "_-") for c in text):
+        return text
+    return "key"
+
+
+class Batch(NamedTuple):
+    """One training batch of the store: float32 features, labels, the edge logits
+    (KD targets) and, per row, the key of the node that uploaded it."""
+
+    features: Tensor
+    labels: Tensor
+    edge_logits: Tensor
+    owners: list[NodeKey]
+
+
+class FeatureStore:
+    """Features of every node, in their wire dtype, keyed by node key.
+
+    A node's newer upload replaces its older one. Keys are the nodes' stable keys
+    (strings chosen by the nodes); file names on disk never contain them. With ``directory`` set the
     features live in memory-mapped ``.npy`` files there (only labels, ids and edge
     logits stay in memory), so a federation whose features exceed RAM still trains;
     batches read just their rows. Without it they stay in memory.
@@ -363,9 +510,10 @@ class FeatureStore:
         self.directory = None if directory is None else Path(directory)
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self._entries: dict[int, _Entry] = {}
+        self._entries: dict[NodeKey, _Entry] = {}
+        self._files = 0  # a counter for file names
 
-    def put(self, node: int, payload: FeaturePayload, server_round: int) -> bool:
+    def put(self, node: NodeKey, payload: FeaturePayload, server_round: int) -> bool:
         """Store ``node``'s upload of ``server_round``, replacing its older one.
 
         A payload that reuses the stored features (:func:`validate_update`) only
@@ -380,7 +528,9 @@ class FeatureStore:
         enc = payload.features
         path, mapping = None, None
         if self.directory is not None:
-            path = self.directory / f"node-{node}-round-{server_round}.npy"
+            self._files += 1
+            label = _file_label(node)
+            path = self.directory / f"node-{label}-{self._files}-round-{server_round}.npy"
             np.save(path, np.ascontiguousarray(enc.data))
             mapped, mapping = _map_npy(path)
             payload = FeaturePayload(
@@ -400,7 +550,7 @@ class FeatureStore:
         )
         return False
 
-    def remove(self, node: int) -> None:
+    def remove(self, node: NodeKey) -> None:
         entry = self._entries.pop(node, None)
         if entry is not None and entry.path is not None:
             entry.path.unlink(missing_ok=True)
@@ -411,13 +561,13 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def nodes(self) -> list[int]:
+    def nodes(self) -> list[NodeKey]:
         return sorted(self._entries)
 
-    def payload(self, node: int) -> FeaturePayload:
+    def payload(self, node: NodeKey) -> FeaturePayload:
         return self._entries[node].payload
 
-    def last_round(self, node: int) -> int:
+    def last_round(self, node: NodeKey) -> int:
         return self._entries[node].round
 
     @property
@@ -429,7 +579,7 @@ class FeatureStore:
         """Bytes held at rest (features in wire dtype plus logits, labels, ids)."""
         return sum(e.payload.nbytes for e in self._entries.values())
 
-    def node_features(self, node: int) -> Tensor:
+    def node_features(self, node: NodeKey) -> Tensor:
         """All of one node's features, widened to float32."""
         entry = self._entries[node]
         return entry.rows(np.arange(entry.payload.num_samples))
@@ -438,9 +588,9 @@ class FeatureStore:
         self,
         batch_size: int,
         generator: torch.Generator | None = None,
-        nodes: list[int] | None = None,
-    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield ``(features, labels, client_logits)`` batches over the nodes' samples.
+        nodes: list[NodeKey] | None = None,
+    ) -> Iterator[Batch]:
+        """Yield batches (:class:`Batch`) over the nodes' samples.
 
         Samples are shuffled across all nodes when ``generator`` is given (in a
         fixed order otherwise); features are widened to float32 one batch at a time.
@@ -476,4 +626,9 @@ class FeatureStore:
             # restore the shuffled order inside the batch
             inverse = torch.empty(len(idx), dtype=torch.long)
             inverse[torch.cat(positions)] = torch.arange(len(idx))
-            yield torch.cat(feats)[inverse], torch.cat(labs)[inverse], torch.cat(logs)[inverse]
+            yield Batch(
+                torch.cat(feats)[inverse],
+                torch.cat(labs)[inverse],
+                torch.cat(logs)[inverse],
+                [keys[k] for k in owner.tolist()],
+            )

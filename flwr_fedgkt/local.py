@@ -73,12 +73,11 @@ def run_local(
             ex = edge.extract(part.train)
             arrays = encode_features(ex.features, config.feature_dtype).arrays()
             arrays.update(logits=ex.logits.numpy(), labels=ex.labels.numpy(), ids=ex.ids.numpy())
-            store.put(
-                i, validate_payload(arrays, config.feature_dtype, shape, num_classes), server_round
-            )
+            payload = validate_payload(arrays, config.feature_dtype, shape, num_classes)
+            store.put(str(i), payload, server_round)
         result = server.train(store, config.server_epochs)
         for i in range(num_partitions):
-            teachers[i] = LogitTable(*server.logits_for(store, i))
+            teachers[i] = LogitTable(*server.logits_for(store, str(i)))
         correct = edge_correct = total = 0.0
         for edge, part in zip(edges, partitions, strict=True):
             ex = edge.extract(part.test)

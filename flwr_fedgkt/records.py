@@ -4,7 +4,8 @@ Upload (client -> server), in the reply's ``RecordDict``:
     ``"features"``: ArrayRecord with ``features`` (wire dtype), ``labels``, ``ids`` and,
     for training, ``logits``; for ``int8`` also ``feature_scale``/``feature_offset``.
     ``"metrics"``: MetricRecord with ``num-examples`` and the edge's own metrics.
-    ``"meta"``: ConfigRecord with ``feature-dtype`` and ``server-round``.
+    ``"meta"``: ConfigRecord with ``feature-dtype``, ``server-round`` and
+    ``node-key`` (the node's stable key, by default its partition id).
     With ``freeze-extractor``, a node whose features the server already holds is
     told ``send-features = false`` and its ``"features"`` record carries only
     ``ids`` (and ``logits`` for training).
@@ -31,6 +32,7 @@ __all__ = [
     "METRICS_KEY",
     "META_KEY",
     "CONFIG_KEY",
+    "NODE_KEY",
     "features_record",
     "logits_record",
     "record_arrays",
@@ -44,6 +46,7 @@ LOGITS_KEY = "server_logits"
 METRICS_KEY = "metrics"
 META_KEY = "meta"
 CONFIG_KEY = "config"
+NODE_KEY = "node-key"
 
 
 def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

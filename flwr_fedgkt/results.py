@@ -46,17 +46,31 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 class ResultsWriter:
-    """Collects round records and rewrites ``<output_dir>/results.json`` each round."""
+    """Collects round records and rewrites ``<output_dir>/results.json`` each round.
+
+    ``status`` says how far the run got: ``running`` until :meth:`finish` records
+    ``completed`` or ``failed`` (with the ``error``).
+    """
 
     def __init__(self, output_dir: str | Path, header: dict[str, Any]) -> None:
         self.path = Path(output_dir) / "results.json"
         self.header = dict(header)
         self.rounds: list[dict[str, Any]] = []
+        self.status = "running"
+        self.error: str | None = None
         self.write()
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.rounds.append(dict(record))
         self.write()
 
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Record how the run ended (``completed``, ``failed``, ...) and write."""
+        self.status, self.error = status, error
+        self.write()
+
     def write(self) -> None:
-        write_json_atomic(self.path, {**self.header, "rounds": self.rounds})
+        ending = {"status": self.status}
+        if self.error is not None:
+            ending["error"] = self.error
+        write_json_atomic(self.path, {**self.header, **ending, "rounds": self.rounds})

@@ -11,7 +11,8 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,18 +21,53 @@ from torch import Tensor
 from .config import RunConfig
 from .distill import ce_kd_loss
 from .edge import resolve_device
-from .features import FeatureStore
+from .features import Batch, FeatureStore, NodeKey
 from .models import count_parameters, seeded_model
 
-__all__ = ["ServerTrainer", "ServerTrainResult"]
+__all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput"]
+
+
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """The L2 norm of each tensor (a non-finite entry gives a non-finite norm)."""
+    if hasattr(torch, "_foreach_norm"):  # one fused call where torch has it
+        return list(torch._foreach_norm(tensors))
+    return [t.norm() for t in tensors]
+
+
+class NonFiniteOutput(ArithmeticError):
+    """The server model's output on a node's features is not finite."""
+
+
+def _without(batch: Batch, excluded: Mapping[NodeKey, str]) -> Batch:
+    """``batch`` without the rows of the ``excluded`` nodes."""
+    keep = [i for i, owner in enumerate(batch.owners) if owner not in excluded]
+    if len(keep) == len(batch.owners):
+        return batch
+    index = torch.tensor(keep, dtype=torch.long)
+    return Batch(
+        batch.features[index],
+        batch.labels[index],
+        batch.edge_logits[index],
+        [batch.owners[i] for i in keep],
+    )
 
 
 @dataclass
 class ServerTrainResult:
+    """What one call of :meth:`ServerTrainer.train` did.
+
+    ``excluded`` maps each node whose samples made a training step non-finite to
+    the reason; their samples were left out of the rest of the call's training.
+    ``skipped_steps`` counts the steps not taken because their loss or gradients
+    were not finite.
+    """
+
     loss: float
     accuracy: float
     samples: int
     seconds: float
+    excluded: dict[NodeKey, str] = field(default_factory=dict)
+    skipped_steps: int = 0
 
 
 class ServerTrainer:
@@ -122,29 +158,35 @@ class ServerTrainer:
         return count_parameters(self.model)
 
     def train(
-        self, store: FeatureStore, epochs: int, nodes: list[int] | None = None
+        self, store: FeatureStore, epochs: int, nodes: list[NodeKey] | None = None
     ) -> ServerTrainResult:
-        """Train ``epochs`` over the stored features of ``nodes`` (all by default)."""
+        """Train ``epochs`` over the stored features of ``nodes`` (all by default).
+
+        The model and optimizer never take a step whose loss or gradients are not
+        finite: such a step is skipped, its batch's nodes are checked one by one
+        (:meth:`_culprits`), and a node whose samples alone give a non-finite loss or
+        gradient is excluded for the rest of the call (``result.excluded``).
+        """
         start = time.perf_counter()
-        self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
+        excluded: dict[NodeKey, str] = {}
+        skipped = 0
         for _ in range(max(epochs, 0)):
             loss_sum, correct, seen = 0.0, 0, 0
-            for feats, labels, edge_logits in store.batches(self.batch_size, self.generator, nodes):
-                if len(labels) < 2:  # BatchNorm needs more than one sample
+            for batch in store.batches(self.batch_size, self.generator, nodes):
+                if excluded:
+                    batch = _without(batch, excluded)
+                if len(batch.labels) < 2:  # BatchNorm needs more than one sample
                     continue
-                feats = feats.to(self.device, memory_format=torch.channels_last)
-                labels = labels.to(self.device)
-                logits = self.model(feats)
-                loss = ce_kd_loss(
-                    logits, labels, edge_logits.to(self.device), self.temperature, self.alpha
-                )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                loss_sum += float(loss.detach()) * len(labels)
-                correct += int((logits.argmax(1) == labels).sum())
-                seen += len(labels)
+                outcome = self._step(batch)
+                if outcome is None:
+                    skipped += 1
+                    excluded.update(self._culprits(batch))
+                    continue
+                loss, batch_correct = outcome
+                loss_sum += loss * len(batch.labels)
+                correct += batch_correct
+                seen += len(batch.labels)
             if seen and self.scheduler is not None:
                 self.scheduler.step()
         if seen and self.plateau is not None:
@@ -154,7 +196,68 @@ class ServerTrainer:
             accuracy=correct / max(seen, 1),
             samples=seen,
             seconds=time.perf_counter() - start,
+            excluded=excluded,
+            skipped_steps=skipped,
         )
+
+    def _forward_backward(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
+        """Loss and logits of ``batch`` in train mode, gradients in ``.grad``; None
+        (gradients cleared, BatchNorm statistics as before) when the loss or a
+        gradient is not finite."""
+        self.model.train()
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        feats = batch.features.to(self.device, memory_format=torch.channels_last)
+        labels = batch.labels.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(feats)
+        loss = ce_kd_loss(
+            logits, labels, batch.edge_logits.to(self.device), self.temperature, self.alpha
+        )
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            finite = not grads or bool(torch.isfinite(torch.stack(_norms(grads))).all())
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            return None
+        return loss.detach(), logits.detach()
+
+    def _step(self, batch: Batch) -> tuple[float, int] | None:
+        """One optimizer step on ``batch``: ``(loss, correct)``, or None when the
+        step was skipped because its loss or gradients were not finite."""
+        out = self._forward_backward(batch)
+        if out is None:
+            return None
+        loss, logits = out
+        self.optimizer.step()
+        correct = int((logits.argmax(1) == batch.labels.to(self.device)).sum())
+        return float(loss), correct
+
+    def _culprits(self, batch: Batch) -> dict[NodeKey, str]:
+        """The nodes of a batch whose samples alone give a non-finite loss or
+        gradient (a forward and backward pass per node; nothing is updated)."""
+        culprits: dict[NodeKey, str] = {}
+        owners = np.asarray(batch.owners, dtype=object)
+        for node in dict.fromkeys(batch.owners):
+            rows = torch.from_numpy(np.flatnonzero(owners == node))
+            if len(rows) == 1:  # BatchNorm needs two samples: check the row twice
+                rows = torch.cat([rows, rows])
+            part = Batch(
+                batch.features[rows],
+                batch.labels[rows],
+                batch.edge_logits[rows],
+                [node] * len(rows),
+            )
+            if self._forward_backward(part) is None:
+                culprits[node] = (
+                    "its features give a non-finite loss or gradient in server training"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        return culprits
 
     @torch.no_grad()
     def predict(self, features: Tensor, batch_size: int = 256) -> Tensor:
@@ -172,15 +275,27 @@ class ServerTrainer:
         ]
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
-    def logits_for(self, store: FeatureStore, node: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, logits)`` of one stored node, for its next round's KD."""
+    def logits_for(self, store: FeatureStore, node: NodeKey) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, logits)`` of one stored node, for its next round's KD.
+
+        Raises NonFiniteOutput when the server model's logits on the node's
+        features are not finite (they are never sent).
+        """
         payload = store.payload(node)
-        return payload.ids, self.predict(store.node_features(node)).numpy()
+        logits = self.predict(store.node_features(node))
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteOutput("the server model's logits on its features are not finite")
+        return payload.ids, logits.numpy()
 
     @torch.no_grad()
     def evaluate(self, features: Tensor, labels: Tensor) -> dict[str, float]:
-        """Loss and accuracy of the server model on test features."""
+        """Loss and accuracy of the server model on test features.
+
+        Raises NonFiniteOutput when the model's logits on ``features`` are not finite.
+        """
         logits = self.predict(features)
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteOutput("the server model's logits on its features are not finite")
         if len(labels) == 0:
             return {"loss": 0.0, "accuracy": 0.0, "num_examples": 0}
         return {

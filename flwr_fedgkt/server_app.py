@@ -93,6 +93,8 @@ def main(grid: Grid, context: Context) -> None:
         ),
         checkpoint_dir=output_dir,
         freeze_extractor=config.freeze_extractor,
+        max_feature_abs=config.max_feature_abs,
+        global_sample_ids=True,  # the built-in data sets number samples globally
     )
     if config.resume_from:
         try:
@@ -115,11 +117,17 @@ def main(grid: Grid, context: Context) -> None:
             "alpha": config.alpha,
         }
     )
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(),
-        num_rounds=config.num_server_rounds - strategy.round_offset,
-        timeout=config.round_timeout,
-        train_config=round_config,
-        evaluate_config=ConfigRecord(),
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=config.num_server_rounds - strategy.round_offset,
+            timeout=config.round_timeout,
+            train_config=round_config,
+            evaluate_config=ConfigRecord(),
+        )
+    except BaseException as err:
+        # results.json says how the run ended; Flower reports the error's exit code
+        writer.finish("failed", f"{type(err).__name__}: {err}")
+        raise
+    writer.finish("completed")

@@ -22,9 +22,11 @@ training the server model, scoring test features, the round's record) lives in
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+import traceback
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,15 @@ from flwr.supercore import log
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .features import (
     FEATURE_DTYPES,
+    MAX_FEATURE_ABS,
+    MAX_LOGIT_ABS,
     FeaturePayload,
     FeatureStore,
+    NodeKey,
     PayloadError,
     decode_features,
+    validate_metrics,
+    validate_node_key,
     validate_payload,
     validate_update,
 )
@@ -53,17 +60,29 @@ from .records import (
     LOGITS_KEY,
     META_KEY,
     METRICS_KEY,
+    NODE_KEY,
     arrays_bytes,
     logits_record,
     record_arrays,
 )
-from .server import ServerTrainer
+from .registry import NodeRegistry, features_digest
+from .server import NonFiniteOutput, ServerTrainer
 
 __all__ = ["FedGKT", "FedGKTBase", "AcceptedReply", "sample_size"]
 
 RoundRecord = dict[str, Any]
-# a reply that passed validation: the node, its payload and its numeric metrics
-AcceptedReply = tuple[int, FeaturePayload, dict[str, float]]
+# what a face reads from a reply: its meta values, its arrays, its metrics
+ReplyParts = tuple[Mapping[str, Any], Mapping[str, np.ndarray], Mapping[str, Any]]
+
+
+@dataclass
+class AcceptedReply:
+    """A reply that passed validation: who sent it, its payload, its checked metrics."""
+
+    node_id: int
+    key: NodeKey
+    payload: FeaturePayload
+    metrics: dict[str, float]
 
 
 def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
@@ -105,6 +124,9 @@ class FedGKTBase:
         store: FeatureStore | None = None,
         checkpoint_dir: str | Path | None = None,
         freeze_extractor: bool = False,
+        max_feature_abs: float = MAX_FEATURE_ABS,
+        max_logit_abs: float = MAX_LOGIT_ABS,
+        global_sample_ids: bool = False,
     ) -> None:
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(
@@ -125,11 +147,14 @@ class FedGKTBase:
         self.store = FeatureStore() if store is None else store
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.freeze_extractor = freeze_extractor
+        self.max_feature_abs = max_feature_abs
+        self.max_logit_abs = max_logit_abs
+        self.registry = NodeRegistry(global_sample_ids)
         # with a frozen extractor, each node's test features, kept after its first
         # evaluation reply (training features are kept in the store)
-        self.test_cache: dict[int, FeaturePayload] = {}
+        self.test_cache: dict[NodeKey, FeaturePayload] = {}
         self.round_offset = 0  # rounds done before a resume
-        self.server_logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.server_logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = {}
         self.history: list[RoundRecord] = []
         self._round: RoundRecord = {}
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
@@ -180,6 +205,13 @@ class FedGKTBase:
         )
         log(
             INFO,
+            "\t\t├── Max |feature|: %g | max |edge logit|: %g | global sample ids: %s",
+            self.max_feature_abs,
+            self.max_logit_abs,
+            "yes" if self.registry.global_sample_ids else "no",
+        )
+        log(
+            INFO,
             "\t\t└── Max reply bytes: %s | max staleness: %s | checkpoints: %s",
             self.max_reply_bytes or "unlimited",
             "unlimited" if self.max_staleness is None else f"{self.max_staleness} rounds",
@@ -196,6 +228,7 @@ class FedGKTBase:
             "bytes_down": 0,
             "rejected_replies": [],
             "failed_nodes": [],
+            "skipped_server_steps": 0,
         }
 
     def _record_missing(self, sampled: list[int], replied: list[int]) -> None:
@@ -215,98 +248,171 @@ class FedGKTBase:
             "send-features": send_features,
         }
 
-    def _cached_payload(self, node_id: int, training: bool) -> FeaturePayload | None:
-        """The upload whose features the server keeps for ``node_id``, if any: with a
-        frozen edge extractor, a node's features never change, so it sends them once
-        (training features live in the store, test features in ``test_cache``)."""
-        if not self.freeze_extractor:
+    def _cached_payload(self, key: NodeKey | None, training: bool) -> FeaturePayload | None:
+        """The upload whose features the server keeps for node key ``key``, if any:
+        with a frozen edge extractor, a node's features never change, so it sends
+        them once (training features live in the store, test features in
+        ``test_cache``)."""
+        if not self.freeze_extractor or key is None:
             return None
         if training:
-            return self.store.payload(node_id) if node_id in self.store else None
-        return self.test_cache.get(node_id)
+            return self.store.payload(key) if key in self.store else None
+        return self.test_cache.get(key)
 
     def _record_failure(self, node_id: int | None, reason: str | None) -> None:
         log(WARNING, "node %s failed: %s", node_id, reason)
         self._round["failed_nodes"].append({"node_id": node_id, "reason": reason})
 
     # -- replies -------------------------------------------------------------------
-    def _validate_reply(
-        self,
-        meta: Mapping[str, Any],
-        arrays: Callable[[], Mapping[str, np.ndarray]],
-        server_round: int,
-        require_logits: bool,
-        node_id: int | None = None,
-    ) -> FeaturePayload:
-        """Check a reply's round and dtype, then decode (``arrays()``) and validate its
-        arrays; raise PayloadError naming what is wrong.
+    def _connected(self) -> Collection[int]:
+        """Node ids connected now (a face reads them from Flower)."""
+        return ()
 
-        A reply without features from a node whose features the server keeps
-        (``freeze-extractor``; ``node_id`` given) is checked against them instead.
+    def _reject(self, node_id: int, key: NodeKey | None, reason: str) -> None:
+        log(WARNING, "rejected reply from node %s: %s", node_id, reason)
+        self._round["rejected_replies"].append(
+            {"node_id": node_id, "node_key": key, "reason": reason}
+        )
+
+    def _admit(
+        self,
+        node_id: int,
+        nbytes: int,
+        read: Callable[[], ReplyParts],
+        server_round: int,
+        training: bool,
+    ) -> AcceptedReply | None:
+        """Validate one reply and, when it is valid, record who sent it.
+
+        ``read`` decodes the reply's parts (a face's codec). Every value is checked
+        before use (:meth:`_validate`); a reply that fails is rejected with its
+        reason (log and round record) and gives None. Nothing a node sends raises
+        out of here.
         """
+        self._round["bytes_up"] += nbytes
+        key: NodeKey | None = None
+        try:
+            if self.max_reply_bytes and nbytes > self.max_reply_bytes:
+                raise PayloadError(
+                    f"reply of {nbytes} bytes exceeds max-reply-bytes ({self.max_reply_bytes})"
+                )
+            try:
+                meta, arrays, metrics = read()
+            except PayloadError:
+                raise
+            except Exception as err:  # a corrupt array cannot even be decoded
+                raise PayloadError(f"undecodable reply: {type(err).__name__}: {err}") from None
+            key = validate_node_key(meta.get(NODE_KEY))
+            reply, digest = self._validate(
+                node_id, key, meta, arrays, metrics, server_round, training
+            )
+        except PayloadError as err:
+            self._reject(node_id, key, str(err))
+            return None
+        except Exception as err:  # a check that itself failed: still only this reply
+            log(
+                ERROR,
+                "validating a reply from node %s failed:\n%s",
+                node_id,
+                traceback.format_exc(),
+            )
+            self._reject(node_id, key, f"could not be validated: {type(err).__name__}: {err}")
+            return None
+        split = "train" if training else "test"
+        moved = self.registry.commit(key, node_id, reply.payload, split, digest)
+        if moved is not None:
+            log(INFO, "node key %r moved from node %d (gone) to node %d", key, moved, node_id)
+        return reply
+
+    def _validate(
+        self,
+        node_id: int,
+        key: NodeKey,
+        meta: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        metrics: Mapping[str, Any],
+        server_round: int,
+        training: bool,
+    ) -> tuple[AcceptedReply, str | None]:
+        """Check a reply's round, dtype, key, arrays and metrics; raise PayloadError
+        naming what is wrong. Returns the reply and its features' digest (None when
+        it reuses features the server holds: ``freeze-extractor``)."""
         reply_round = meta.get("server-round")
         if reply_round != server_round:
             raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
         dtype = meta.get("feature-dtype")
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
-        try:
-            decoded = arrays()
-        except PayloadError:
-            raise
-        except Exception as err:  # a corrupt array cannot even be decoded
-            raise PayloadError(f"undecodable arrays: {err}") from None
-        if "features" not in decoded and node_id is not None:
-            cached = self._cached_payload(node_id, training=require_logits)
+        connected = self._connected()
+        self.registry.check(key, node_id, connected)
+        digest = None
+        if "features" not in arrays:
+            cached = self._cached_payload(key, training)
             if cached is None:
                 raise PayloadError("missing arrays: features (the server holds none of this node)")
-            return validate_update(decoded, cached, self.trainer.num_classes, require_logits)
-        return validate_payload(
-            decoded,
-            self.feature_dtype,
-            self.feature_shape,
-            self.trainer.num_classes,
-            require_logits=require_logits,
-        )
-
-    def _accept_reply(
-        self, node_id: int, nbytes: int, validate: Callable[[], FeaturePayload]
-    ) -> FeaturePayload | None:
-        """Count a reply's ``nbytes`` and validate it; a PayloadError rejects it (its
-        reason goes to the log and the round's record) and gives None."""
-        self._round["bytes_up"] += nbytes
-        try:
-            if self.max_reply_bytes and nbytes > self.max_reply_bytes:
-                raise PayloadError(
-                    f"reply of {nbytes} bytes exceeds max-reply-bytes ({self.max_reply_bytes})"
-                )
-            return validate()
-        except PayloadError as err:
-            log(WARNING, "rejected reply from node %d: %s", node_id, err)
-            self._round["rejected_replies"].append({"node_id": node_id, "reason": str(err)})
-            return None
+            payload = validate_update(
+                arrays, cached, self.trainer.num_classes, training, self.max_logit_abs
+            )
+        else:
+            payload = validate_payload(
+                arrays,
+                self.feature_dtype,
+                self.feature_shape,
+                self.trainer.num_classes,
+                require_logits=training,
+                max_feature_abs=self.max_feature_abs,
+                max_logit_abs=self.max_logit_abs,
+            )
+            digest = features_digest(payload)
+        checked = validate_metrics(metrics, payload.num_samples)
+        split = "train" if training else "test"
+        self.registry.check(key, node_id, connected, payload, split, digest)
+        return AcceptedReply(node_id, key, payload, checked), digest
 
     # -- training and evaluation on the server --------------------------------------
+    def _drop(self, key: NodeKey, reason: str, accepted: list[AcceptedReply]) -> None:
+        """Take node key ``key`` out of the round after its reply was accepted: its
+        stored features and server logits go, and its reply counts as rejected (or,
+        for features stored in an earlier round, the drop is logged)."""
+        self.store.remove(key)
+        self.server_logits.pop(key, None)
+        for reply in accepted:
+            if reply.key == key:
+                self._reject(reply.node_id, key, reason)
+                break
+        else:
+            log(WARNING, "dropped the stored features of node key %r: %s", key, reason)
+
     def _train_server(self, server_round: int, accepted: list[AcceptedReply]) -> dict[str, float]:
         """Store the accepted features, train the server model, refresh server logits.
 
-        Returns the round's training metrics (the strategy's aggregated metrics).
+        A node whose features make the server's training or its server logits
+        non-finite is taken out of the round (:meth:`_drop`). Returns the round's
+        training metrics (the strategy's aggregated metrics).
         """
         # features kept from an earlier upload (freeze-extractor) are not stored again
-        cached = sum(
-            self.store.put(node_id, payload, server_round) for node_id, payload, _ in accepted
-        )
+        cached = sum(self.store.put(r.key, r.payload, server_round) for r in accepted)
         if self.max_staleness is not None:
-            for node_id in self.store.nodes():
-                if server_round - self.store.last_round(node_id) > self.max_staleness:
-                    log(INFO, "dropping node %d's features: older than max-staleness", node_id)
-                    self.store.remove(node_id)
+            for key in self.store.nodes():
+                if server_round - self.store.last_round(key) > self.max_staleness:
+                    log(INFO, "dropping node key %r's features: older than max-staleness", key)
+                    self.store.remove(key)
 
         result = self.trainer.train(self.store, self.server_epochs)
-        for node_id, _, _ in accepted:
-            self.server_logits[node_id] = self.trainer.logits_for(self.store, node_id)
+        for key, reason in result.excluded.items():
+            self._drop(key, reason, accepted)
+        accepted = [r for r in accepted if r.key not in result.excluded]
+        kept = []
+        for reply in accepted:
+            try:
+                self.server_logits[reply.key] = self.trainer.logits_for(self.store, reply.key)
+            except NonFiniteOutput as err:
+                self._drop(reply.key, str(err), [reply])
+                continue
+            kept.append(reply)
+        accepted = kept
 
-        num_examples = sum(p.num_samples for _, p, _ in accepted)
+        num_examples = sum(r.payload.num_samples for r in accepted)
         metrics: dict[str, float] = {
             "num-examples": num_examples,
             "replies": len(accepted),
@@ -314,19 +420,18 @@ class FedGKTBase:
             "server-train-accuracy": result.accuracy,
             "server-train-seconds": result.seconds,
         }
-        if num_examples:
-            for key in ("train_loss", "train_accuracy"):
-                values = [(m[key], p.num_samples) for _, p, m in accepted if key in m]
-                if values:
-                    metrics[f"edge-{key.replace('_', '-')}"] = float(
-                        sum(v * n for v, n in values) / sum(n for _, n in values)
-                    )
+        for key in ("train_loss", "train_accuracy"):
+            mean = _per_sample_mean(accepted, key)
+            if mean is not None:
+                metrics[f"edge-{key.replace('_', '-')}"] = mean
+        self._round["skipped_server_steps"] += result.skipped_steps
         self._round.update(
             {
                 "server_train_seconds": result.seconds,
                 "server_train_loss": result.loss,
                 "server_train_accuracy": result.accuracy,
                 "train_nodes": len(accepted),
+                "train_samples": num_examples,
                 "cached_feature_nodes": cached,
                 "stored_nodes": len(self.store),
                 "stored_samples": self.store.num_samples,
@@ -340,33 +445,39 @@ class FedGKTBase:
         self, server_round: int, accepted: list[AcceptedReply]
     ) -> dict[str, float] | None:
         """Score the server model on the accepted test features, average the edge
-        model's own scores, and close the round's record (log, history, callback).
+        model's own scores per sample, and close the round's record (log, history,
+        callback). A node whose features give non-finite server logits is rejected;
+        the others are scored.
 
         Returns the round's evaluation metrics, or None when no sample was scored.
         """
         correct, loss_sum, total = 0.0, 0.0, 0
-        edge_correct, edge_loss = 0.0, 0.0
-        for node_id, payload, metrics in accepted:
+        scored = []
+        for reply in accepted:
+            payload = reply.payload
+            try:
+                scores = self.trainer.evaluate(
+                    decode_features(payload.features), torch.from_numpy(payload.labels)
+                )
+            except NonFiniteOutput as err:
+                self._reject(reply.node_id, reply.key, str(err))
+                continue
             if self.freeze_extractor:
-                self.test_cache[node_id] = payload
-            scores = self.trainer.evaluate(
-                decode_features(payload.features), torch.from_numpy(payload.labels)
-            )
+                self.test_cache[reply.key] = payload
             n = payload.num_samples
             correct += scores["accuracy"] * n
             loss_sum += scores["loss"] * n
-            edge_correct += metrics.get("edge_accuracy", 0.0) * n
-            edge_loss += metrics.get("edge_loss", 0.0) * n
             total += n
+            scored.append(reply)
 
         record = self._round
         record.update(
             {
                 "accuracy": correct / total if total else None,
                 "loss": loss_sum / total if total else None,
-                "edge_accuracy": edge_correct / total if total else None,
-                "edge_loss": edge_loss / total if total else None,
-                "eval_nodes": len(accepted),
+                "edge_accuracy": _per_sample_mean(scored, "edge_accuracy"),
+                "edge_loss": _per_sample_mean(scored, "edge_loss"),
+                "eval_nodes": len(scored),
                 "eval_samples": total,
             }
         )
@@ -391,12 +502,10 @@ class FedGKTBase:
             save_checkpoint(self.checkpoint_dir, server_round, self.checkpoint_state())
         if not total:
             return None
-        return {
-            "num-examples": total,
-            "accuracy": record["accuracy"],
-            "loss": record["loss"],
-            "edge-accuracy": record["edge_accuracy"],
-        }
+        metrics = {"num-examples": total, "accuracy": record["accuracy"], "loss": record["loss"]}
+        if record["edge_accuracy"] is not None:
+            metrics["edge-accuracy"] = record["edge_accuracy"]
+        return metrics
 
     # -- checkpoints ----------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
@@ -410,6 +519,7 @@ class FedGKTBase:
             "generator": trainer.generator.get_state(),
             "rng": rng_state(),
             "server_logits": self.server_logits,
+            "nodes": self.registry.state(),
             "history": self.history,
         }
 
@@ -424,7 +534,8 @@ class FedGKTBase:
             trainer.plateau.load_state_dict(state["plateau"])
         trainer.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
-        self.server_logits = dict(state["server_logits"])
+        self.server_logits = {str(k): v for k, v in state["server_logits"].items()}
+        self.registry.restore(state.get("nodes", {}))
         self.history = list(state["history"])
         self.round_offset = int(state["round"])
 
@@ -474,9 +585,30 @@ class FedGKT(FedGKTBase, Strategy):
         the server keeps them (training features in ``store``, test features in
         memory) and later replies carry only sample ids and logits. A node whose
         features were dropped (``max_staleness``) is asked for them again.
+    max_feature_abs : float (default: 1e4)
+        Bound on the magnitude of a decoded feature value; replies beyond it are
+        rejected. Far above the ResNet-8 stem's activations on normalised images
+        (below 7 measured); raise it for models whose features are larger.
+    max_logit_abs : float (default: 1e4)
+        Bound on the magnitude of an edge logit; replies beyond it are rejected.
+    global_sample_ids : bool (default: False)
+        Sample ids are unique across all nodes (as in the built-in data sets): a
+        sample id that one node key holds cannot be uploaded under another. Leave
+        False when each node numbers its own samples.
+
+    Every reply names its node's stable key in its ``meta`` record
+    (``node-key``); the server keeps features, server logits and staleness per
+    key, so a node that reconnects under a new Flower node id continues where
+    it was (see :class:`flwr_fedgkt.registry.NodeRegistry`).
     """
 
+    _grid: Grid | None = None
+
+    def _connected(self) -> Collection[int]:
+        return () if self._grid is None else set(self._grid.get_node_ids())
+
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        self._grid = grid
         size = sample_size(len(list(grid.get_node_ids())), fraction, minimum)
         if size == 0:
             return []
@@ -495,11 +627,12 @@ class FedGKT(FedGKTBase, Strategy):
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         messages = []
         for node_id in node_ids:
-            send = self._cached_payload(node_id, training=True) is None
+            key = self.registry.key_of(node_id)
+            send = self._cached_payload(key, training=True) is None
             round_config = ConfigRecord(self._round_config(server_round, config, send))
             content = RecordDict({CONFIG_KEY: round_config})
-            if node_id in self.server_logits:
-                ids, logits = self.server_logits[node_id]
+            if key is not None and key in self.server_logits:
+                ids, logits = self.server_logits[key]
                 content[LOGITS_KEY] = logits_record(ids, logits)
             self._round["bytes_down"] += arrays_bytes(content)
             messages.append(
@@ -507,8 +640,13 @@ class FedGKT(FedGKTBase, Strategy):
             )
         return messages
 
-    def _decode(self, msg: Message, server_round: int, require_logits: bool) -> FeaturePayload:
-        """Validate one reply; raise PayloadError naming what is wrong."""
+    @staticmethod
+    def _read(msg: Message) -> ReplyParts:
+        """A reply's meta values, arrays and metrics (the uploaded features as views
+        of the message's bytes); PayloadError when a record is missing.
+
+        Records and arrays other than those in :mod:`flwr_fedgkt.records` are ignored.
+        """
         content = msg.content
         if FEATURES_KEY not in content.array_records:
             raise PayloadError(f"missing ArrayRecord {FEATURES_KEY!r}")
@@ -516,36 +654,31 @@ class FedGKT(FedGKTBase, Strategy):
             raise PayloadError(f"missing ConfigRecord {META_KEY!r}")
         if METRICS_KEY not in content.metric_records:
             raise PayloadError(f"missing MetricRecord {METRICS_KEY!r}")
-        return self._validate_reply(
-            content.config_records[META_KEY],
-            partial(record_arrays, content.array_records[FEATURES_KEY], views=("features",)),
-            server_round,
-            require_logits,
-            msg.metadata.src_node_id,
-        )
+        arrays = record_arrays(content.array_records[FEATURES_KEY], views=("features",))
+        return content.config_records[META_KEY], arrays, content.metric_records[METRICS_KEY]
 
     def _triage(
-        self, replies: Iterable[Message], server_round: int, require_logits: bool
+        self, replies: Iterable[Message], server_round: int, training: bool
     ) -> list[AcceptedReply]:
-        """Split replies into valid payloads and rejected/failed ones (recorded)."""
+        """Split replies into valid ones and rejected/failed ones (recorded)."""
         accepted = []
         replies = list(replies)
-        sampled = self._sampled.get("train" if require_logits else "evaluate", [])
+        sampled = self._sampled.get("train" if training else "evaluate", [])
         self._record_missing(sampled, [msg.metadata.src_node_id for msg in replies])
         for msg in replies:
             node_id = msg.metadata.src_node_id
             if msg.has_error():
                 self._record_failure(node_id, msg.error.reason)
                 continue
-            payload = self._accept_reply(
+            reply = self._admit(
                 node_id,
                 arrays_bytes(msg.content),
-                partial(self._decode, msg, server_round, require_logits),
+                partial(self._read, msg),
+                server_round,
+                training,
             )
-            if payload is None:
-                continue
-            metrics = msg.content.metric_records.get(METRICS_KEY, MetricRecord())
-            accepted.append((node_id, payload, {k: float(v) for k, v in metrics.items()}))  # type: ignore[arg-type]
+            if reply is not None:
+                accepted.append(reply)
         return accepted
 
     def aggregate_train(
@@ -553,7 +686,7 @@ class FedGKT(FedGKTBase, Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and store the features, train the server model, refresh logits."""
         server_round += self.round_offset
-        accepted = self._triage(replies, server_round, require_logits=True)
+        accepted = self._triage(replies, server_round, training=True)
         metrics = self._train_server(server_round, accepted)
         return None, MetricRecord({k: v for k, v in metrics.items()})
 
@@ -567,7 +700,7 @@ class FedGKT(FedGKTBase, Strategy):
         self._sampled["evaluate"] = node_ids
         messages = []
         for node_id in node_ids:
-            send = self._cached_payload(node_id, training=False) is None
+            send = self._cached_payload(self.registry.key_of(node_id), training=False) is None
             round_config = ConfigRecord(self._round_config(server_round, config, send))
             messages.append(
                 Message(
@@ -583,7 +716,7 @@ class FedGKT(FedGKTBase, Strategy):
     ) -> MetricRecord | None:
         """Score the server model on the test features; report edge accuracy too."""
         server_round += self.round_offset
-        accepted = self._triage(replies, server_round, require_logits=False)
+        accepted = self._triage(replies, server_round, training=False)
         metrics = self._close_round(server_round, accepted)
         return None if metrics is None else MetricRecord({k: v for k, v in metrics.items()})
 
@@ -595,6 +728,14 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _per_sample_mean(replies: list[AcceptedReply], metric: str) -> float | None:
+    """``metric`` averaged over the samples of the replies that report it (each
+    node weighted by its sample count); None when none does."""
+    pairs = [(r.metrics[metric], r.payload.num_samples) for r in replies if metric in r.metrics]
+    samples = sum(n for _, n in pairs)
+    return float(sum(v * n for v, n in pairs) / samples) if samples else None
 
 
 def _fmt(value: float | None) -> str:

@@ -118,18 +118,28 @@ def _payload(sample_ids: np.ndarray, seed: int, with_logits: bool = True) -> dic
     return arrays
 
 
-def _fit_res(arrays: dict, server_round: int, **overrides) -> FitRes:
+def _fit_res(arrays: dict, server_round: int, key: str, **overrides) -> FitRes:
     arrays = {**arrays, **overrides}
     return FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters([arrays[name] for name in FIT_ARRAYS]),
         num_examples=len(arrays["ids"]),
-        metrics={"server-round": server_round, "feature-dtype": "float32", "train_loss": 1.0},
+        metrics={
+            "server-round": server_round,
+            "feature-dtype": "float32",
+            "node-key": key,
+            "train_loss": 1.0,
+        },
     )
 
 
-def _evaluate_res(arrays: dict, server_round: int) -> EvaluateRes:
-    metrics = {"server-round": server_round, "feature-dtype": "float32", "edge_accuracy": 0.5}
+def _evaluate_res(arrays: dict, server_round: int, key: str) -> EvaluateRes:
+    metrics = {
+        "server-round": server_round,
+        "feature-dtype": "float32",
+        "node-key": key,
+        "edge_accuracy": 0.5,
+    }
     for name in ("features", "labels", "ids"):
         metrics[EVALUATE_ARRAY_PREFIX + name] = ndarray_to_bytes(arrays[name])
     return EvaluateRes(
@@ -145,7 +155,9 @@ def _train_reply(node_id: int, arrays: dict, server_round: int) -> Message:
         {
             FEATURES_KEY: arrays_record(arrays),
             METRICS_KEY: MetricRecord({"num-examples": len(arrays["ids"]), "train_loss": 1.0}),
-            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": "float32"}),
+            META_KEY: ConfigRecord(
+                {"server-round": server_round, "feature-dtype": "float32", "node-key": str(node_id)}
+            ),
         }
     )
     return make_message(content, node_id, 0, MessageType.TRAIN)
@@ -156,7 +168,9 @@ def _evaluate_reply(node_id: int, arrays: dict, server_round: int) -> Message:
         {
             FEATURES_KEY: arrays_record(arrays),
             METRICS_KEY: MetricRecord({"num-examples": len(arrays["ids"]), "edge_accuracy": 0.5}),
-            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": "float32"}),
+            META_KEY: ConfigRecord(
+                {"server-round": server_round, "feature-dtype": "float32", "node-key": str(node_id)}
+            ),
         }
     )
     return make_message(content, node_id, 0, MessageType.EVALUATE)
@@ -267,8 +281,8 @@ def test_each_client_gets_its_own_fit_instructions_with_its_own_logits(task_iden
     assert [p.node_id for p, _ in first] == [101, 202]
     assert all(ins.parameters.tensors == [] for _, ins in first)
     replies = [
-        (Proxy(101), _fit_res(_payload(np.arange(0, 12), 0), 1)),
-        (Proxy(202), _fit_res(_payload(np.arange(50, 70), 1), 1)),
+        (Proxy(101), _fit_res(_payload(np.arange(0, 12), 0), 1, "101")),
+        (Proxy(202), _fit_res(_payload(np.arange(50, 70), 1), 1, "202")),
     ]
     strategy.aggregate_fit(1, replies, [])
     # Execute
@@ -310,21 +324,21 @@ def test_a_malformed_reply_touches_neither_store_nor_model(
     server_round = overrides.pop("round", 2)
     num_arrays = overrides.pop("arrays", 4)
     corrupt = overrides.pop("corrupt", False)
-    res = _fit_res(_payload(np.arange(4), 0), server_round, **overrides)
+    res = _fit_res(_payload(np.arange(4), 0), server_round, "7", **overrides)
     res.parameters.tensors = res.parameters.tensors[:num_arrays]
     if corrupt:
         res.parameters.tensors[0] = b"not an array"
-    good = (Proxy(8), _fit_res(_payload(np.arange(10, 20), 1), 2))
+    good = (Proxy(8), _fit_res(_payload(np.arange(10, 20), 1), 2, "8"))
     # Execute
     _, metrics = strategy.aggregate_fit(2, [(Proxy(7), res), good], [RuntimeError("lost")])
     # Assert: the bad reply is recorded and left out; the good one trains the model
-    assert 7 not in strategy.store and 8 in strategy.store
+    assert "7" not in strategy.store and "8" in strategy.store
     assert metrics["replies"] == 1
     rejected = strategy._round["rejected_replies"]
     assert [r["node_id"] for r in rejected] == [7] and reason in rejected[0]["reason"]
     assert strategy._round["failed_nodes"][0]["reason"] == "RuntimeError: lost"
     assert _model_hash(strategy.trainer) != before
-    assert 7 not in strategy.server_logits
+    assert "7" not in strategy.server_logits
 
 
 def test_both_strategies_train_and_score_alike_on_the_same_replies(task_identity) -> None:
@@ -360,19 +374,19 @@ def test_both_strategies_train_and_score_alike_on_the_same_replies(task_identity
         legacy.configure_fit(server_round, None, manager)
         legacy.aggregate_fit(
             server_round,
-            [(Proxy(n), _fit_res(a, server_round)) for n, a in train_data.items()],
+            [(Proxy(n), _fit_res(a, server_round, str(n))) for n, a in train_data.items()],
             [],
         )
         loss, metrics = legacy.aggregate_evaluate(
             server_round,
-            [(Proxy(n), _evaluate_res(a, server_round)) for n, a in test_data.items()],
+            [(Proxy(n), _evaluate_res(a, server_round, str(n))) for n, a in test_data.items()],
             [],
         )
     # Assert: same server model, same logits, same round records
     assert _model_hash(legacy.trainer) == _model_hash(message.trainer)
     for node_id in train_data:
         np.testing.assert_array_equal(
-            legacy.server_logits[node_id][1], message.server_logits[node_id][1]
+            legacy.server_logits[str(node_id)][1], message.server_logits[str(node_id)][1]
         )
     assert len(legacy_records) == len(message_records) == 2
     for ours, theirs in zip(legacy_records, message_records, strict=True):
@@ -390,7 +404,7 @@ def test_a_round_without_evaluation_still_closes_its_record(task_identity) -> No
     strategy = _legacy(fraction_evaluate=0.0, min_evaluate_nodes=0, on_round_end=records.append)
     manager = _manager([1, 2])
     strategy.configure_fit(1, None, manager)
-    strategy.aggregate_fit(1, [(Proxy(1), _fit_res(_payload(np.arange(8), 0), 1))], [])
+    strategy.aggregate_fit(1, [(Proxy(1), _fit_res(_payload(np.arange(8), 0), 1, "1"))], [])
     # Execute
     instructions = strategy.configure_evaluate(1, None, manager)
     # Assert

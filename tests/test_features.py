@@ -94,7 +94,8 @@ def test_store_batches_shuffle_across_nodes_and_keep_rows_together() -> None:
     labels = torch.cat([b[1] for b in batches])
     assert sorted(labels.tolist()) == list(range(7))
     assert labels.tolist() != list(range(7))  # shuffled, not node after node
-    for feats, labs, logits in batches:
+    for feats, labs, logits, owners in batches:
+        assert owners == [1 if label < 4 else 2 for label in labs.tolist()]
         assert feats.dtype == torch.float32
         assert torch.equal(feats[:, 0, 0, 0], labs.float())
         assert torch.equal(logits[:, 0], labs.float())
@@ -121,8 +122,8 @@ def test_disk_store_trains_exactly_like_the_memory_store(tmp_path) -> None:
     results = [t.train(store, epochs=2) for t, store in zip(trainers, (memory, disk), strict=True)]
     # Assert
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
-        "node-1-round-1.npy",
-        "node-3-round-1.npy",
+        "node-1-2-round-1.npy",
+        "node-3-1-round-1.npy",
     ]
     assert isinstance(_buffer(disk.payload(1).features.data), mmap.mmap)
     assert results[0].loss == results[1].loss
@@ -139,12 +140,12 @@ def test_disk_store_replaces_a_nodes_file_on_a_new_upload(tmp_path) -> None:
     arrays = _arrays("int8", n=4)
     store.put(3, validate_payload(arrays, "int8", SHAPE, 10), server_round=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "node-1-round-1.npy",
-        "node-3-round-2.npy",
+        "node-1-2-round-1.npy",
+        "node-3-3-round-2.npy",
     ]
     assert store.node_features(3).shape == (4, *SHAPE)
     store.remove(1)
-    assert [p.name for p in tmp_path.iterdir()] == ["node-3-round-2.npy"]
+    assert [p.name for p in tmp_path.iterdir()] == ["node-3-3-round-2.npy"]
 
 
 def _buffer(array: np.ndarray) -> object:

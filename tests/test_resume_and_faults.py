@@ -125,7 +125,7 @@ def test_the_round_goes_on_when_nodes_misbehave_raise_or_stay_silent(
     _start(strategy, grid, 1)
     # Assert
     record = strategy.history[-1]
-    assert record["train_nodes"] == 2 and strategy.store.nodes() == [101, 102]
+    assert record["train_nodes"] == 2 and strategy.store.nodes() == ["0", "1"]
     assert [r["node_id"] for r in record["rejected_replies"]] == [103]
     assert "labels out of range" in record["rejected_replies"][0]["reason"]
     failed = {f["node_id"]: f["reason"] for f in record["failed_nodes"]}

@@ -37,7 +37,14 @@ def _strategy(**kwargs) -> FedGKT:
     return FedGKT(trainer, server_epochs=1, feature_dtype="float32", feature_shape=SHAPE, **kwargs)
 
 
-def _reply(node_id: int, server_round: int, sample_ids: np.ndarray, seed: int = 0, **overrides):
+def _reply(
+    node_id: int,
+    server_round: int,
+    sample_ids: np.ndarray,
+    seed: int = 0,
+    key: str | None = None,
+    **overrides,
+):
     gen = torch.Generator().manual_seed(seed)
     n = len(sample_ids)
     arrays = encode_features(torch.relu(torch.randn(n, *SHAPE, generator=gen)), "float32").arrays()
@@ -53,7 +60,13 @@ def _reply(node_id: int, server_round: int, sample_ids: np.ndarray, seed: int = 
             METRICS_KEY: MetricRecord(
                 {"num-examples": n, "train_loss": 1.0, "train_accuracy": 0.5}
             ),
-            META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": "float32"}),
+            META_KEY: ConfigRecord(
+                {
+                    "server-round": server_round,
+                    "feature-dtype": "float32",
+                    "node-key": str(node_id) if key is None else key,
+                }
+            ),
         }
     )
     return make_message(content, src_node_id=node_id, dst_node_id=0, message_type=MessageType.TRAIN)
@@ -143,7 +156,7 @@ def test_a_malformed_reply_touches_neither_store_nor_model(task_identity, case) 
     # Assert: the bad reply left exactly the state that no reply leaves
     with_bad, without = strategies
     assert _model_hash(with_bad) == _model_hash(without)
-    assert with_bad.store.nodes() == without.store.nodes() == [1]
+    assert with_bad.store.nodes() == without.store.nodes() == ["1"]
     assert with_bad.store.num_samples == 2
     rejected = with_bad._round["rejected_replies"]
     assert [r["node_id"] for r in rejected] == [7]
@@ -158,9 +171,9 @@ def test_the_round_goes_on_with_the_well_behaved_nodes(task_identity) -> None:
     stale = _reply(2, 1, np.arange(16, 32))  # a reply to another round
     _, metrics = strategy.aggregate_train(2, [good, stale])
     assert metrics["replies"] == 1
-    assert 1 in strategy.store and 2 not in strategy.store
+    assert "1" in strategy.store and "2" not in strategy.store
     assert "round 1" in strategy._round["rejected_replies"][0]["reason"]
-    assert 1 in strategy.server_logits
+    assert "1" in strategy.server_logits
 
 
 def test_stale_features_train_until_max_staleness_and_logits_still_reach_the_node(
@@ -170,16 +183,18 @@ def test_stale_features_train_until_max_staleness_and_logits_still_reach_the_nod
     strategy = _strategy(min_available_nodes=1, min_train_nodes=1, max_staleness=1)
     both, only_1 = FakeGrid([1, 2]), FakeGrid([1])
     strategy.configure_train(1, None, ConfigRecord(), both)
-    strategy.aggregate_train(1, [_reply(1, 1, np.arange(0, 8)), _reply(2, 1, np.arange(8, 16))])
+    strategy.aggregate_train(
+        1, [_reply(1, 1, np.arange(0, 8)), _reply(2, 1, np.arange(8, 16), seed=1)]
+    )
     # Execute / Assert: round 2, node 2 is one round stale and still trains
     strategy.configure_train(2, None, ConfigRecord(), only_1)
     strategy.aggregate_train(2, [_reply(1, 2, np.arange(0, 8))])
-    assert strategy.store.nodes() == [1, 2]
+    assert strategy.store.nodes() == ["1", "2"]
     assert strategy._round["stored_samples"] == 16
     # round 3: node 2 is two rounds stale, beyond max-staleness, and is dropped
     strategy.configure_train(3, None, ConfigRecord(), only_1)
     strategy.aggregate_train(3, [_reply(1, 3, np.arange(0, 8))])
-    assert strategy.store.nodes() == [1]
+    assert strategy.store.nodes() == ["1"]
     assert strategy._round["stored_samples"] == 8
     # round 4: node 2 is sampled again and gets its latest server logits
     messages = {

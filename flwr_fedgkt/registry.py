@@ -1,0 +1,191 @@
+"""Who is who: node keys, the Flower node ids that hold them, and sample ownership.
+
+Flower node ids are not stable (simulated nodes get new ids in every run, a
+restarted SuperNode may get a new one), so every reply names its node's **key**, a
+stable string (by default the node's ``partition-id``). The server keeps what it
+holds per node (stored features, server logits, last-seen round) by key, and this
+registry decides whether a reply may speak for the key it names:
+
+* within a run, a key is bound to the first node id that sends it, and a node id
+  to the first key it sends;
+* a reply from another node id under a bound key is rejected while the bound node
+  is still connected; once that node is gone, the key moves to the new node id (a
+  restarted SuperNode), so its entries are replaced, not doubled;
+* where sample ids are global (the built-in data sets), an id claimed under one
+  key cannot be claimed under another;
+* a payload whose features are a byte-for-byte copy of another key's is rejected.
+
+Checks (:meth:`NodeRegistry.check`) change nothing; :meth:`NodeRegistry.commit`
+records an accepted reply. This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .features import FeaturePayload, NodeKey, PayloadError
+
+__all__ = ["NodeRegistry", "features_digest"]
+
+
+def features_digest(payload: FeaturePayload) -> str:
+    """A digest of a payload's feature bytes (and int8 code parameters)."""
+    digest = hashlib.blake2b(digest_size=16)
+    enc = payload.features
+    for array in (enc.data, enc.scale, enc.offset):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Claims:
+    """Sample ids claimed by one key, by split (``train``/``test``)."""
+
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+class NodeRegistry:
+    """Bindings between node keys and Flower node ids, and what each key claims.
+
+    Parameters
+    ----------
+    global_sample_ids : bool (default: False)
+        Sample ids are unique across all nodes (the built-in data sets), so an id
+        claimed under two keys is rejected. With ids local to each node (a user's
+        own data), only keys and copies are checked.
+    """
+
+    def __init__(self, global_sample_ids: bool = False) -> None:
+        self.global_sample_ids = global_sample_ids
+        self._node_of: dict[NodeKey, int] = {}
+        self._key_of: dict[int, NodeKey] = {}
+        self._claims: dict[NodeKey, _Claims] = {}
+        self._index: tuple[np.ndarray, np.ndarray, list[NodeKey]] | None = None
+
+    # -- bindings --------------------------------------------------------------------
+    def key_of(self, node_id: int) -> NodeKey | None:
+        """The key ``node_id`` speaks for in this run, if it sent one yet."""
+        return self._key_of.get(node_id)
+
+    def node_of(self, key: NodeKey) -> int | None:
+        """The node id bound to ``key``, if any."""
+        return self._node_of.get(key)
+
+    def keys(self) -> list[NodeKey]:
+        return sorted(self._node_of)
+
+    def _check_binding(self, key: NodeKey, node_id: int, connected: Collection[int]) -> None:
+        held = self._key_of.get(node_id)
+        if held is not None and held != key:
+            raise PayloadError(f"node {node_id} already speaks for node key {held!r}, not {key!r}")
+        bound = self._node_of.get(key)
+        if bound is not None and bound != node_id and bound in connected:
+            raise PayloadError(
+                f"node key {key!r} belongs to node {bound}, which is still connected"
+            )
+
+    # -- sample ownership ---------------------------------------------------------------
+    def _owners(self) -> tuple[np.ndarray, np.ndarray, list[NodeKey]]:
+        """All claimed ids (sorted), the index of each one's key, and the keys."""
+        if self._index is None:
+            keys = sorted(self._claims)
+            parts, owners = [], []
+            for i, key in enumerate(keys):
+                for ids in self._claims[key].ids.values():
+                    parts.append(ids)
+                    owners.append(np.full(ids.shape, i, dtype=np.int64))
+            all_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            all_owners = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+            order = np.argsort(all_ids, kind="stable")
+            self._index = (all_ids[order], all_owners[order], keys)
+        return self._index
+
+    def _check_ids(self, key: NodeKey, ids: np.ndarray) -> None:
+        # Only checked claims are committed, so every claimed id has one owner.
+        all_ids, owners, keys = self._owners()
+        if not len(all_ids) or not len(ids):
+            return
+        pos = np.minimum(np.searchsorted(all_ids, ids), len(all_ids) - 1)
+        own = keys.index(key) if key in self._claims else -1
+        taken = np.flatnonzero((all_ids[pos] == ids) & (owners[pos] != own))
+        if len(taken):
+            shown = ", ".join(str(int(ids[i])) for i in taken[:5])
+            raise PayloadError(
+                f"{len(taken)} sample id(s) ({shown}{', ...' if len(taken) > 5 else ''}) "
+                f"belong to node key {keys[owners[pos[taken[0]]]]!r}"
+            )
+
+    def _check_copy(self, key: NodeKey, split: str, digest: str) -> None:
+        for other, claims in self._claims.items():
+            if other != key and claims.digests.get(split) == digest:
+                raise PayloadError(f"its features are a copy of node key {other!r}'s")
+
+    # -- the two calls the server makes ---------------------------------------------------
+    def check(
+        self,
+        key: NodeKey,
+        node_id: int,
+        connected: Collection[int],
+        payload: FeaturePayload | None = None,
+        split: str = "train",
+        digest: str | None = None,
+    ) -> None:
+        """Raise PayloadError when ``node_id`` may not speak for ``key`` (see the
+        module docstring) or ``payload`` claims another key's samples or copies its
+        features. Changes nothing."""
+        self._check_binding(key, node_id, connected)
+        if payload is not None:
+            if self.global_sample_ids:
+                self._check_ids(key, payload.ids)
+            if digest is not None:
+                self._check_copy(key, split, digest)
+
+    def commit(
+        self,
+        key: NodeKey,
+        node_id: int,
+        payload: FeaturePayload | None = None,
+        split: str = "train",
+        digest: str | None = None,
+    ) -> int | None:
+        """Record an accepted reply: bind ``key`` to ``node_id`` and note its ids.
+
+        Returns the node id the key was bound to before, when it moved.
+        """
+        previous = self._node_of.get(key)
+        if previous is not None and previous != node_id:
+            self._key_of.pop(previous, None)
+        self._node_of[key] = node_id
+        self._key_of[node_id] = key
+        if payload is not None:
+            claims = self._claims.setdefault(key, _Claims())
+            if self.global_sample_ids:
+                claims.ids[split] = np.sort(payload.ids)
+                self._index = None
+            if digest is not None:
+                claims.digests[split] = digest
+        return previous if previous != node_id else None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "global_sample_ids": self.global_sample_ids,
+            "nodes": dict(self._node_of),
+            "claims": {k: (dict(c.ids), dict(c.digests)) for k, c in self._claims.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._node_of = {str(k): int(v) for k, v in state.get("nodes", {}).items()}
+        self._key_of = {v: k for k, v in self._node_of.items()}
+        self._claims = {
+            str(k): _Claims(dict(ids), dict(digests))
+            for k, (ids, digests) in state.get("claims", {}).items()
+        }
+        self._index = None
