@@ -9,10 +9,11 @@ import pytest
 from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
 from flwr.app import Message, Metadata, RecordDict
 
-# The Message-API app's end-to-end run that several test modules check
+# The Message-API app's end-to-end run that several test modules check (with the
+# default feature dtype, int8)
 E2E_RUN_CONFIG = (
     "num-server-rounds=2 dataset='synthetic' server-epochs=2 batch-size=16 client-epochs=1 "
-    "feature-dtype='float16' seed=1 output-dir='{out}'"
+    "seed=1 output-dir='{out}'"
 )
 E2E_NODES = 2
 

@@ -1,7 +1,9 @@
-"""A run on Flower's simulation engine in which one node replies with a malformed
-payload and another raises: the well-behaved nodes finish the round."""
+"""A run on Flower's simulation engine with hostile and crashing nodes beside
+honest ones: every round finishes, the honest nodes are trained and scored, and
+each bad reply is rejected with its reason."""
 
 import json
+import math
 
 import pytest
 from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
@@ -9,22 +11,36 @@ from flower_processes import REPO, flower_environment, flwr_run, start_local_sup
 pytestmark = pytest.mark.e2e
 
 
-def test_malformed_and_crashing_nodes_do_not_stop_the_round(tmp_path) -> None:
-    # Prepare: four nodes; partition 2 sends labels out of range, partition 3 raises
+def test_hostile_and_crashing_nodes_do_not_stop_the_run(tmp_path) -> None:
+    # Prepare: six nodes with the default int8 features; partition 2 sends labels
+    # out of range, 3 raises, 4 sends a list-valued metric, 5 an int8 scale of 1e37
     out = tmp_path / "out"
     with flower_environment(tmp_path) as env:
         start_local_superlink(env, tmp_path / "superlink.log")
         # Execute
         result = flwr_run(
-            env, REPO / "tests" / "apps" / "faulty", f"output-dir='{out}'", num_supernodes=4
+            env, REPO / "tests" / "apps" / "faulty", f"output-dir='{out}'", num_supernodes=6
         )
     # Assert
     assert result.returncode == 0, result.stdout[-4000:]
-    record = json.loads((out / "results.json").read_text())["rounds"][0]
-    assert record["train_nodes"] == 2
-    assert len(record["rejected_replies"]) == 1
-    assert "labels out of range" in record["rejected_replies"][0]["reason"]
-    assert len(record["failed_nodes"]) == 1
-    assert "simulated crash on partition 3" in record["failed_nodes"][0]["reason"]
-    assert record["accuracy"] is not None and record["eval_nodes"] == 4
-    assert record["stored_samples"] > 0
+    assert "Exit Code" not in result.stdout, result.stdout[-4000:]
+    written = json.loads((out / "results.json").read_text())
+    assert written["status"] == "completed"
+    assert [r["round"] for r in written["rounds"]] == [1, 2]
+    for record in written["rounds"]:
+        reasons = {r["node_key"]: r["reason"] for r in record["rejected_replies"]}
+        assert len(record["rejected_replies"]) == 4
+        train_rejected = [r for r in record["rejected_replies"] if r["node_key"] != "4"]
+        assert {r["node_key"] for r in train_rejected} == {"2", "5"}
+        assert "labels out of range" in reasons["2"]
+        assert "max-feature-abs" in reasons["5"]
+        list_metric = [r["reason"] for r in record["rejected_replies"] if r["node_key"] == "4"]
+        assert len(list_metric) == 2  # its training and its evaluation reply
+        assert "'train_loss' is a list" in list_metric[0]
+        assert "'edge_accuracy' is a list" in list_metric[1]
+        assert len(record["failed_nodes"]) == 1
+        assert "simulated crash on partition 3" in record["failed_nodes"][0]["reason"]
+        assert record["train_nodes"] == 2  # partitions 0 and 1
+        assert record["eval_nodes"] == 5  # all but partition 4
+        assert math.isfinite(record["accuracy"]) and math.isfinite(record["server_train_loss"])
+        assert record["stored_nodes"] == 2

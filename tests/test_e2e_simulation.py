@@ -11,6 +11,8 @@ def test_flwr_run_trains_fedgkt_and_writes_results(message_api_run) -> None:
     results, stdout = message_api_run
     # Assert
     assert "round 2: accuracy" in stdout, stdout[-4000:]
+    assert results["status"] == "completed"
+    assert results["config"]["feature-dtype"] == "int8"  # the default, end to end
     assert results["edge_model"]["params"] == 10_586
     assert results["server_model"]["params"] == 590_858
     rounds = results["rounds"]

@@ -1,4 +1,9 @@
-"""FedGKT's ClientApp with two misbehaving partitions (for fault tests)."""
+"""FedGKT's ClientApp with misbehaving partitions (for fault tests).
+
+Partition 2 sends labels out of range, 3 raises, 4 sends a list-valued metric (in
+training and evaluation), 5 sends int8 features whose scale is 1e37. Partitions 0
+and 1 behave.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +22,22 @@ def train(msg: Message, context: Context) -> Message:
     if partition_id == 3:
         raise RuntimeError("simulated crash on partition 3")
     reply = fedgkt.train(msg, context)
+    arrays = reply.content.array_records["features"]
     if partition_id == 2:
-        arrays = reply.content.array_records["features"]
         labels = arrays["labels"].numpy()
         arrays["labels"] = Array(np.full(labels.shape, 1000, dtype=np.int64))
+    if partition_id == 4:
+        reply.content.metric_records["metrics"]["train_loss"] = [1.0, 2.0]
+    if partition_id == 5:
+        scale = arrays["feature_scale"].numpy()
+        arrays["feature_scale"] = Array(np.full(scale.shape, 1e37, dtype=np.float32))
     return reply
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return fedgkt.evaluate(msg, context)
+    partition_id = int(context.node_config["partition-id"])
+    reply = fedgkt.evaluate(msg, context)
+    if partition_id == 4:
+        reply.content.metric_records["metrics"]["edge_accuracy"] = [0.5]
+    return reply
