@@ -24,12 +24,12 @@ Client -> server, ``FitRes`` (what :meth:`FedGKTNumPyClient.fit` returns)
     ``int8`` only, by :data:`INT8_ARRAYS` (``feature_scale``, ``feature_offset``,
     ``(16,)`` float32 each).
     ``num_examples``: ``N``. ``metrics``: ``server-round``, ``feature-dtype``,
-    ``train_loss``, ``train_accuracy``.
+    ``node-key``, ``train_loss``, ``train_accuracy``.
 Server -> client, ``EvaluateIns``
     ``parameters``: ``[]``; ``config``: ``server-round`` and ``feature-dtype``.
 Client -> server, ``EvaluateRes``
     ``loss``: the edge model's test loss; ``num_examples``: test samples.
-    ``metrics``: ``server-round``, ``feature-dtype``, ``edge_accuracy``,
+    ``metrics``: ``server-round``, ``feature-dtype``, ``node-key``, ``edge_accuracy``,
     ``edge_loss`` and the test split's ``features``, ``labels``, ``ids`` (and for
     ``int8`` ``feature_scale``, ``feature_offset``) as ``.npy`` bytes under
     ``array.<name>``: a legacy ``EvaluateRes`` has no other room for arrays.
