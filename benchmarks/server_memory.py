@@ -89,7 +89,9 @@ def child(store_kind: str, rounds: int, per_round: int, samples: int, directory:
             {
                 FEATURES_KEY: arrays_record(arrays),
                 METRICS_KEY: MetricRecord({"num-examples": samples}),
-                META_KEY: ConfigRecord({"server-round": server_round, "feature-dtype": "float16"}),
+                META_KEY: ConfigRecord(
+                    {"server-round": server_round, "feature-dtype": "float16", "node-key": str(node)}
+                ),
             }
         )
         return make_message(content, node, 0, MessageType.TRAIN)

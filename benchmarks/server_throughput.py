@@ -49,7 +49,9 @@ def replies(
             {
                 FEATURES_KEY: arrays_record(arrays),
                 METRICS_KEY: MetricRecord({"num-examples": len(rows)}),
-                META_KEY: ConfigRecord({"server-round": 1, "feature-dtype": dtype}),
+                META_KEY: ConfigRecord(
+                    {"server-round": 1, "feature-dtype": dtype, "node-key": str(node)}
+                ),
             }
         )
         messages.append(make_message(content, node, 0, MessageType.TRAIN))
