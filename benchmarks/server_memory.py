@@ -90,7 +90,11 @@ def child(store_kind: str, rounds: int, per_round: int, samples: int, directory:
                 FEATURES_KEY: arrays_record(arrays),
                 METRICS_KEY: MetricRecord({"num-examples": samples}),
                 META_KEY: ConfigRecord(
-                    {"server-round": server_round, "feature-dtype": "float16", "node-key": str(node)}
+                    {
+                        "server-round": server_round,
+                        "feature-dtype": "float16",
+                        "node-key": str(node),
+                    }
                 ),
             }
         )
