@@ -18,6 +18,16 @@ E2E_RUN_CONFIG = (
 E2E_NODES = 2
 
 
+class FakeGrid:
+    """Node discovery only: the strategy samples nodes through the Grid."""
+
+    def __init__(self, node_ids) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
 def make_message(
     content: RecordDict, src_node_id: int, dst_node_id: int, message_type: str
 ) -> Message:
@@ -34,6 +44,18 @@ def make_message(
         message_type=message_type,
     )
     return Message(content=content, metadata=metadata)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and does not oversubscribe a
+    busy machine (the previous setting is restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

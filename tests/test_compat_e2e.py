@@ -1,7 +1,6 @@
 """The legacy-API example app end to end on Flower's simulation engine, through
 ``flwr run``, and against the Message-API app on the same seed and data."""
 
-
 import pytest
 from conftest import run_app
 from flower_processes import REPO

@@ -179,9 +179,7 @@ def test_a_view_of_bytes_that_are_not_an_array_is_refused() -> None:
     from flwr_fedgkt.records import array_view
 
     good = Array(np.arange(6, dtype=np.float32))
-    truncated = Array(
-        dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4]
-    )
+    truncated = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
     with pytest.raises(ValueError, match="does not match"):
         array_view(truncated)
     with pytest.raises(ValueError):

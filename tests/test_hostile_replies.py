@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import make_message
+from conftest import FakeGrid, make_message
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -50,16 +50,6 @@ CLASSES = 10
 HONEST = {1: np.arange(0, 12), 2: np.arange(100, 110), 3: np.arange(200, 216)}
 HOSTILE = 9
 HOSTILE_IDS = np.arange(300, 308)
-
-
-class Grid:
-    """Node discovery only: the strategy samples nodes through the Grid."""
-
-    def __init__(self, node_ids) -> None:
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
 
 
 def _strategy(dtype: str = "int8", **kwargs) -> FedGKT:
@@ -251,7 +241,7 @@ def test_a_hostile_reply_is_rejected_and_the_honest_nodes_go_on(task_identity, c
     dtype, phase, build, reason = CASES[case]
     records: list[dict] = []
     strategy = _strategy(dtype, on_round_end=records.append)
-    grid = Grid([*HONEST, HOSTILE])
+    grid = FakeGrid([*HONEST, HOSTILE])
     for server_round in (1, 2):
         # Execute: the hostile node replies after the honest ones in both phases
         messages = {
@@ -295,7 +285,7 @@ def test_a_hostile_reply_is_rejected_and_the_honest_nodes_go_on(task_identity, c
 def test_a_copy_of_another_nodes_payload_is_rejected(task_identity) -> None:
     # Prepare: sample ids local to each node, so only the copy itself can tell
     strategy = _strategy(global_sample_ids=False)
-    strategy.configure_train(1, None, ConfigRecord(), Grid([1, 2, HOSTILE]))
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2, HOSTILE]))
     original = _arrays(HONEST[1], "int8", 1)
     replies = [
         _reply(1, 1, original, "int8"),
@@ -315,17 +305,17 @@ def test_a_copy_of_another_nodes_payload_is_rejected(task_identity) -> None:
 def test_a_key_moves_to_a_new_node_id_once_its_node_is_gone(task_identity) -> None:
     # Prepare: round 1 with nodes 1, 2, 3
     strategy = _strategy()
-    strategy.configure_train(1, None, ConfigRecord(), Grid(HONEST))
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid(HONEST))
     strategy.aggregate_train(1, _honest(1, "int8"))
     stored = strategy.store.num_samples
     # Execute: node 1 restarts as node 11 (node 1 is gone) and sends key "1"
-    strategy.configure_train(2, None, ConfigRecord(), Grid([2, 3, 11]))
+    strategy.configure_train(2, None, ConfigRecord(), FakeGrid([2, 3, 11]))
     restarted = _reply(11, 2, _arrays(HONEST[1], "int8", 5), "int8", key="1")
     others = [m for m in _honest(2, "int8") if m.metadata.src_node_id != 1]
     strategy.aggregate_train(2, [restarted, *others])
     messages = {
         m.metadata.dst_node_id: m
-        for m in strategy.configure_train(3, None, ConfigRecord(), Grid([2, 3, 11]))
+        for m in strategy.configure_train(3, None, ConfigRecord(), FakeGrid([2, 3, 11]))
     }
     # Assert: one entry for key "1", not two; node 11 gets key "1"'s logits
     assert strategy._round["rejected_replies"] == []
@@ -338,7 +328,7 @@ def test_a_key_moves_to_a_new_node_id_once_its_node_is_gone(task_identity) -> No
 
 def test_a_node_cannot_speak_for_two_keys(task_identity) -> None:
     strategy = _strategy()
-    strategy.configure_train(1, None, ConfigRecord(), Grid([1, 2]))
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2]))
     strategy.aggregate_train(
         1,
         [
@@ -353,7 +343,7 @@ def test_a_node_cannot_speak_for_two_keys(task_identity) -> None:
 
 def test_extra_records_arrays_and_metrics_are_ignored(task_identity) -> None:
     strategy = _strategy()
-    strategy.configure_train(1, None, ConfigRecord(), Grid([1]))
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1]))
     reply = _reply(1, 1, {**_arrays(HONEST[1], "int8", 1), "junk": np.zeros(3)}, "int8")
     reply.content["extra"] = ArrayRecord({"blob": arrays_record({"x": np.ones(2)})["x"]})
     reply.content.metric_records[METRICS_KEY]["unknown"] = [1.0, 2.0]
@@ -366,7 +356,7 @@ def test_extra_records_arrays_and_metrics_are_ignored(task_identity) -> None:
 def test_a_node_whose_features_make_training_non_finite_is_taken_out(task_identity) -> None:
     # Prepare: no feature bound, so features of 3e38 reach the server's training
     strategy = _strategy("float32", max_feature_abs=float("inf"))
-    strategy.configure_train(1, None, ConfigRecord(), Grid([*HONEST, HOSTILE]))
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([*HONEST, HOSTILE]))
     poison = _hostile(lambda a: _with(a, features=np.full_like(a["features"], 3e38)))
     before = [t.clone() for t in strategy.trainer.model.parameters()]
     # Execute
@@ -375,7 +365,7 @@ def test_a_node_whose_features_make_training_non_finite_is_taken_out(task_identi
     skipped = strategy._round["skipped_server_steps"]
     messages = {
         m.metadata.dst_node_id: m
-        for m in strategy.configure_train(2, None, ConfigRecord(), Grid([*HONEST, HOSTILE]))
+        for m in strategy.configure_train(2, None, ConfigRecord(), FakeGrid([*HONEST, HOSTILE]))
     }
     # Assert: the poisoned steps were skipped, the node rejected, the rest trained
     assert [r["node_id"] for r in rejected] == [HOSTILE] and skipped >= 1
@@ -396,9 +386,9 @@ def test_a_node_whose_test_features_give_non_finite_logits_is_not_scored(task_id
     # Prepare
     records: list[dict] = []
     strategy = _strategy("float32", max_feature_abs=float("inf"), on_round_end=records.append)
-    strategy.configure_train(1, None, ConfigRecord(), Grid(HONEST))
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid(HONEST))
     strategy.aggregate_train(1, _honest(1, "float32"))
-    strategy.configure_evaluate(1, None, ConfigRecord(), Grid([*HONEST, HOSTILE]))
+    strategy.configure_evaluate(1, None, ConfigRecord(), FakeGrid([*HONEST, HOSTILE]))
     poison = _hostile(lambda a: _with(a, features=np.full_like(a["features"], 3e38)))
     # Execute
     strategy.aggregate_evaluate(1, [*_honest(1, "float32", False), poison(1, "float32", False)])

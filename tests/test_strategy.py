@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import make_message
+from conftest import FakeGrid, make_message
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from flwr_fedgkt.features import encode_features
@@ -20,16 +20,6 @@ from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.strategy import FedGKT
 
 SHAPE = (16, 8, 8)
-
-
-class FakeGrid:
-    """Only node discovery: the strategy samples nodes through the Grid."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
 
 
 def _strategy(**kwargs) -> FedGKT:

@@ -1,0 +1,127 @@
+"""Each node keeps its own edge model: in its Context between rounds and, with
+``client-state-dir``, in its own file, from which a restarted node continues.
+
+Two nodes never share (or continue from) one edge state: not in memory, not on
+disk, not through a shared seed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+from flwr_fedgkt.client_app import load_edge, save_edge, train_edge
+from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.data import SampleSet
+
+NUM_CLASSES = 10
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(state_dir=None) -> RunConfig:
+    values = {"dataset": "synthetic", "batch-size": 8, "client-epochs": 1, "seed": 3}
+    if state_dir is not None:
+        values["client-state-dir"] = str(state_dir)
+    return RunConfig.from_mapping({**values, "device": "cpu"})
+
+
+def _context(node_id: int, partition_id: int) -> Context:
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": partition_id, "num-partitions": 4},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def _data(partition_id: int, n: int = 16) -> SampleSet:
+    """A small training split of 8x8 images (the edge model is fully convolutional)."""
+    gen = torch.Generator().manual_seed(100 + partition_id)
+    ids = torch.arange(n) + 1000 * partition_id
+    return SampleSet(
+        torch.randn(n, 3, 8, 8, generator=gen),
+        torch.randint(0, NUM_CLASSES, (n,), generator=gen),
+        ids,
+    )
+
+
+def _weights(context: Context, config: RunConfig, partition_id: int) -> dict[str, torch.Tensor]:
+    """The edge weights a node with ``context`` would train from next."""
+    trainer = load_edge(context, config, NUM_CLASSES, partition_id)
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _round(context: Context, config: RunConfig, partition_id: int, server_round: int) -> None:
+    train_edge(context, config, partition_id, _data(partition_id), NUM_CLASSES, server_round, None)
+
+
+def test_fresh_nodes_start_from_their_own_seeded_edge_models() -> None:
+    # Prepare
+    config = _config()
+    # Execute
+    first = _weights(_context(1, 0), config, 0)
+    again = _weights(_context(7, 0), config, 0)
+    other = _weights(_context(2, 1), config, 1)
+    # Assert: reproducible per partition, different between partitions
+    assert _same(first, again), "one partition's initial edge model is not reproducible"
+    assert not _same(first, other), "partitions 0 and 1 start from the same edge model"
+
+
+def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> None:
+    # Prepare
+    config = _config(tmp_path / "clients")
+    node_a, node_b = _context(11, 0), _context(22, 1)
+    # Execute: two rounds on both nodes, interleaved
+    for server_round in (1, 2):
+        _round(node_a, config, 0, server_round)
+        _round(node_b, config, 1, server_round)
+    # Assert: the two nodes hold different models ...
+    weights_a, weights_b = _weights(node_a, config, 0), _weights(node_b, config, 1)
+    assert not _same(weights_a, weights_b), "the two nodes hold the same edge model"
+    # ... and a restarted node (empty Context) restores its own from disk
+    restored_a = _weights(_context(33, 0), config, 0)
+    restored_b = _weights(_context(44, 1), config, 1)
+    assert _same(restored_a, weights_a), "restarted node a did not restore its own edge state"
+    assert _same(restored_b, weights_b), "restarted node b did not restore its own edge state"
+    # a partition that never trained starts afresh, from nobody's state
+    fresh = _weights(_context(55, 2), _config(), 2)
+    assert _same(_weights(_context(55, 2), config, 2), fresh), (
+        "a partition without a state file restored another node's edge state"
+    )
+
+
+def test_each_node_continues_from_its_own_state(tmp_path) -> None:
+    # Prepare: round 1 on both nodes; a copy of node a's state after it
+    config = _config(tmp_path / "clients")
+    node_a, node_b = _context(11, 0), _context(22, 1)
+    _round(node_a, config, 0, 1)
+    _round(node_b, config, 1, 1)
+    reference = _context(99, 0)
+    save_edge(reference, load_edge(node_a, config, NUM_CLASSES, 0))
+    # Execute: round 2 on node a after node b, and on the copy (no state dir)
+    _round(node_b, config, 1, 2)
+    _round(node_a, config, 0, 2)
+    _round(reference, _config(), 0, 2)
+    # Assert: node a's round 2 continued from its own round-1 state
+    assert _same(_weights(node_a, config, 0), _weights(reference, _config(), 0)), (
+        "node a's round 2 did not continue from its own round-1 edge state"
+    )
+    # Execute: node b trains last; then round 3 on node a restarted (its state
+    # from disk only) and on node a as it is (its state in memory, nothing saved)
+    _round(node_b, config, 1, 3)
+    restarted = _context(33, 0)
+    _round(restarted, config, 0, 3)
+    _round(node_a, _config(), 0, 3)
+    # Assert: the restarted node continued from node a's state, not node b's
+    after_restart = _weights(restarted, config, 0)
+    assert _same(after_restart, _weights(node_a, _config(), 0)), (
+        "restarted node a did not continue from its own edge state"
+    )
+    assert not _same(after_restart, _weights(node_b, config, 1))
