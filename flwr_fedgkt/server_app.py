@@ -101,6 +101,7 @@ def main(grid: Grid, context: Context) -> None:
             state, path, skipped = load_latest_checkpoint(config.resume_from)
         except CheckpointError as err:
             log(ERROR, "%s\nThe run stops before its first round.", err)
+            writer.finish("failed", str(err))
             return
         for note in skipped:
             log(WARNING, "Skipped an unreadable checkpoint: %s", note)

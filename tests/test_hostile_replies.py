@@ -485,3 +485,27 @@ def test_a_server_app_that_fails_leaves_status_failed(task_identity, tmp_path) -
     assert written["status"] == "failed"
     assert "the link to the SuperLink broke" in written["error"]
     assert [r["round"] for r in written["rounds"]] == [1]
+
+
+def test_a_run_that_cannot_resume_leaves_status_failed(task_identity, tmp_path) -> None:
+    from flwr_fedgkt import server_app
+
+    # Prepare: resume-from names a folder without any checkpoint
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    run_config = {
+        "dataset": "synthetic",
+        "device": "cpu",
+        "output-dir": str(out),
+        "resume-from": str(empty),
+    }
+    contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    # Execute
+    server_app.main(InProcessGrid(contexts), context)
+    # Assert
+    written = json.loads((out / "results.json").read_text())
+    assert written["status"] == "failed" and "checkpoint" in written["error"]
+    assert written["rounds"] == []
