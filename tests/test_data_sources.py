@@ -2,6 +2,7 @@
 image folders) and through FederatedDataset, on tiny files written here."""
 
 import dataclasses
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -78,7 +79,33 @@ def write_cifar100(root: Path, num_train: int = 200, num_test: int = 100) -> np.
     labels = np.arange(num_train + num_test) % 100
     _pickle(folder / "train", _marked_images(0, num_train), labels[:num_train], "fine_labels")
     _pickle(folder / "test", _marked_images(num_train, num_test), labels[num_train:], "fine_labels")
+    with open(folder / "meta", "wb") as handle:
+        names = [f"class_{i}" for i in range(100)]
+        pickle.dump({"fine_label_names": names, "coarse_label_names": names[:20]}, handle, 2)
     return labels
+
+
+def fake_checksums(folder: Path) -> dict[str, str]:
+    """The MD5 checksum of every file of a fake CIFAR copy, by file name."""
+    return {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in folder.iterdir()}
+
+
+def accept_fake_copy(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Let torchvision's integrity check pass a fake CIFAR copy.
+
+    torchvision checks a copy against the MD5 checksums of the published archive,
+    which no fake copy can match. The check stays on; the checksums it expects become
+    those of the files in ``folder`` (any other content is still rejected). One copy
+    per kind at a time: call this again before the first load of another copy.
+    """
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    sums = fake_checksums(folder)
+    dataset = CIFAR10 if (folder / "batches.meta").exists() else CIFAR100
+    for attribute in ("train_list", "test_list"):
+        files = [[name, sums[name]] for name, _ in getattr(dataset, attribute)]
+        monkeypatch.setattr(dataset, attribute, files)
+    monkeypatch.setattr(dataset, "meta", {**dataset.meta, "md5": sums[dataset.meta["filename"]]})
 
 
 def write_cinic10(root: Path, per_class: dict[str, int]) -> None:
@@ -106,9 +133,12 @@ def _decoded_ids(images: torch.Tensor, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("point_at", ["parent", "batches-folder"])
-def test_cifar10_folder_loads_with_stable_ids_and_a_test_split(tmp_path, point_at) -> None:
+def test_cifar10_folder_loads_with_stable_ids_and_a_test_split(
+    tmp_path, monkeypatch, point_at
+) -> None:
     # Prepare
     labels = write_cifar10(tmp_path)
+    accept_fake_copy(monkeypatch, tmp_path / "cifar-10-batches-py")
     data_dir = tmp_path if point_at == "parent" else tmp_path / "cifar-10-batches-py"
     num_train = 60
     # Execute
@@ -134,9 +164,10 @@ def test_cifar10_folder_loads_with_stable_ids_and_a_test_split(tmp_path, point_a
     assert info.summary().startswith("cifar10: 10 classes, 60 training / 10 test images (local")
 
 
-def test_cifar10_is_normalised_with_its_channel_statistics(tmp_path) -> None:
+def test_cifar10_is_normalised_with_its_channel_statistics(tmp_path, monkeypatch) -> None:
     # Prepare
     write_cifar10(tmp_path)
+    accept_fake_copy(monkeypatch, tmp_path / "cifar-10-batches-py")
     # Execute
     full, num_classes = load_dataset("cifar10", data_dir=str(tmp_path))
     # Assert
@@ -152,9 +183,10 @@ def test_cifar10_is_normalised_with_its_channel_statistics(tmp_path) -> None:
     )
 
 
-def test_partitions_of_a_local_copy_are_reproducible(tmp_path) -> None:
+def test_partitions_of_a_local_copy_are_reproducible(tmp_path, monkeypatch) -> None:
     # Prepare
     write_cifar10(tmp_path, per_batch=40)
+    accept_fake_copy(monkeypatch, tmp_path / "cifar-10-batches-py")
     kwargs = {"dirichlet_alpha": 0.5, "min_partition_size": 0, "data_dir": str(tmp_path)}
     # Execute
     first = [load_partition("cifar10", i, 3, "dirichlet", seed=5, **kwargs) for i in range(3)]
@@ -166,9 +198,12 @@ def test_partitions_of_a_local_copy_are_reproducible(tmp_path) -> None:
         assert torch.equal(a.train.images, b.train.images)
 
 
-def test_cifar100_folder_gives_a_hundred_classes_and_hundred_class_heads(tmp_path) -> None:
+def test_cifar100_folder_gives_a_hundred_classes_and_hundred_class_heads(
+    tmp_path, monkeypatch
+) -> None:
     # Prepare
     labels = write_cifar100(tmp_path)
+    accept_fake_copy(monkeypatch, tmp_path / "cifar-100-python")
     # Execute
     info = describe_dataset("cifar100", str(tmp_path))
     part = load_partition("cifar100", 1, 2, "iid", seed=0, data_dir=str(tmp_path))
@@ -211,6 +246,7 @@ def test_hub_copy_through_federated_dataset_matches_the_local_copy(tmp_path, mon
     from datasets import Image as ImageFeature
 
     labels = write_cifar10(tmp_path / "local", per_batch=20)
+    accept_fake_copy(monkeypatch, tmp_path / "local" / "cifar-10-batches-py")
     hub = tmp_path / "hub" / "data"
     hub.mkdir(parents=True)
     features = Features({"img": ImageFeature(), "label": ClassLabel(names=list(CINIC10_CLASSES))})
@@ -244,9 +280,10 @@ def test_hub_copy_through_federated_dataset_matches_the_local_copy(tmp_path, mon
     assert describe_dataset("cifar10").num_train == 100
 
 
-def test_label_distribution_plot_is_written(tmp_path) -> None:
+def test_label_distribution_plot_is_written(tmp_path, monkeypatch) -> None:
     # Prepare
     write_cifar10(tmp_path / "c10", per_batch=40)
+    accept_fake_copy(monkeypatch, tmp_path / "c10" / "cifar-10-batches-py")
     out = tmp_path / "out" / "labels.png"
     # Execute
     path = plot_label_distribution(
