@@ -33,7 +33,7 @@ __all__ = [
 
 _NAME = re.compile(r"^checkpoint-round-(\d+)\.pt$")
 KEEP = 2
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trainer state by its own state_dict, per node key
 
 
 class CheckpointError(RuntimeError):

@@ -22,7 +22,14 @@ from flwr.clientapp import ClientApp
 
 from .config import RunConfig
 from .data import Partition, SampleSet, load_partition
-from .edge import EdgeTrainer, Extracted, LogitTable, edge_generator
+from .edge import (
+    EdgeTrainer,
+    Extracted,
+    LogitTable,
+    edge_generator,
+    evaluate_metrics,
+    train_metrics,
+)
 from .records import (
     CONFIG_KEY,
     FEATURES_KEY,
@@ -187,7 +194,9 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             FEATURES_KEY: features_record(extracted, dtype, with_features=_send_features(msg)),
-            METRICS_KEY: MetricRecord({"num-examples": len(partition.train), **metrics}),
+            METRICS_KEY: MetricRecord(
+                {"num-examples": len(partition.train), **train_metrics(metrics)}
+            ),
             META_KEY: _meta(server_round, dtype, partition_id),
         }
     )
@@ -211,8 +220,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             METRICS_KEY: MetricRecord(
                 {
                     "num-examples": len(partition.test),
-                    "edge_accuracy": scores["accuracy"],
-                    "edge_loss": scores["loss"],
+                    **evaluate_metrics(scores),
                 }
             ),
             META_KEY: _meta(server_round, dtype, partition_id),

@@ -24,13 +24,13 @@ Client -> server, ``FitRes`` (what :meth:`FedGKTNumPyClient.fit` returns)
     ``int8`` only, by :data:`INT8_ARRAYS` (``feature_scale``, ``feature_offset``,
     ``(16,)`` float32 each).
     ``num_examples``: ``N``. ``metrics``: ``server-round``, ``feature-dtype``,
-    ``node-key``, ``train_loss``, ``train_accuracy``.
+    ``node-key``, ``train-loss``, ``train-accuracy``.
 Server -> client, ``EvaluateIns``
     ``parameters``: ``[]``; ``config``: ``server-round`` and ``feature-dtype``.
 Client -> server, ``EvaluateRes``
     ``loss``: the edge model's test loss; ``num_examples``: test samples.
-    ``metrics``: ``server-round``, ``feature-dtype``, ``node-key``, ``edge_accuracy``,
-    ``edge_loss`` and the test split's ``features``, ``labels``, ``ids`` (and for
+    ``metrics``: ``server-round``, ``feature-dtype``, ``node-key``, ``edge-accuracy``,
+    ``edge-loss`` and the test split's ``features``, ``labels``, ``ids`` (and for
     ``int8`` ``feature_scale``, ``feature_offset``) as ``.npy`` bytes under
     ``array.<name>``: a legacy ``EvaluateRes`` has no other room for arrays.
 
@@ -41,7 +41,7 @@ feature store nor the server model.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from logging import INFO
 from pathlib import Path
@@ -74,13 +74,13 @@ from .accounting import model_profile
 from .client_app import extract_test, round_settings, train_edge
 from .config import RunConfig
 from .data import SampleSet, describe_dataset
-from .edge import Extracted, LogitTable
-from .features import PayloadError
-from .records import NODE_KEY, features_record, record_arrays
+from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
+from .features import FeatureStore, PayloadError
+from .records import features_record, record_arrays
 from .results import ResultsWriter
+from .rounds import NODE_KEY, ReplyParts, RoundEngine, sample_size
 from .server import ServerTrainer
 from .server_app import default_output_dir
-from .strategy import AcceptedReply, FedGKTBase, ReplyParts, sample_size
 
 __all__ = [
     "FIT_ARRAYS",
@@ -211,7 +211,7 @@ class FedGKTNumPyClient(NumPyClient):
         tuple[NDArrays, int, dict[str, Scalar]]
             The arrays of :data:`FIT_ARRAYS` (plus :data:`INT8_ARRAYS` for ``int8``),
             the number of training samples, and ``server-round``, ``feature-dtype``,
-            ``train_loss``, ``train_accuracy``.
+            ``train-loss``, ``train-accuracy``.
         """
         server_round, dtype = round_settings(config, self.config)
         if len(parameters) not in (0, 2):
@@ -234,7 +234,7 @@ class FedGKTNumPyClient(NumPyClient):
             "feature-dtype": dtype,
             NODE_KEY: self.node_key,
         }
-        reply.update(metrics)
+        reply.update(train_metrics(metrics))
         return (
             [arrays[name] for name in _array_names(FIT_ARRAYS, dtype)],
             len(self.train_set),
@@ -250,7 +250,7 @@ class FedGKTNumPyClient(NumPyClient):
         -------
         tuple[float, int, dict[str, Scalar]]
             The edge model's test loss, the number of test samples, and
-            ``server-round``, ``feature-dtype``, ``edge_accuracy``, ``edge_loss`` and
+            ``server-round``, ``feature-dtype``, ``edge-accuracy``, ``edge-loss`` and
             the arrays as ``.npy`` bytes under ``array.<name>``.
         """
         server_round, dtype = round_settings(config, self.config)
@@ -262,8 +262,7 @@ class FedGKTNumPyClient(NumPyClient):
             "server-round": server_round,
             "feature-dtype": dtype,
             NODE_KEY: self.node_key,
-            "edge_accuracy": scores["accuracy"],
-            "edge_loss": scores["loss"],
+            **evaluate_metrics(scores),
         }
         for name in _array_names(_EVALUATE_ARRAYS, dtype):
             reply[EVALUATE_ARRAY_PREFIX + name] = ndarray_to_bytes(arrays[name])
@@ -298,28 +297,41 @@ def _evaluate_arrays(metrics: Mapping[str, Scalar]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _fit_parts(res: FitRes, dtype: str) -> ReplyParts:
-    """Meta values, arrays and metrics of a training reply (``num-examples`` from
-    ``FitRes.num_examples``)."""
-    metrics = {**res.metrics, "num-examples": res.num_examples}
-    return res.metrics, _fit_arrays(res.parameters, dtype), metrics
+class FitReply:
+    """A legacy training reply, read as the engine reads replies."""
+
+    def __init__(self, proxy: ClientProxy, res: FitRes, dtype: str) -> None:
+        self.res, self.dtype = res, dtype
+        self.node_id = _node_id(proxy)
+        self.nbytes = _parameters_bytes(res.parameters)
+
+    def read(self) -> ReplyParts:
+        """Meta values and metrics from ``FitRes.metrics`` (``num-examples`` from
+        ``FitRes.num_examples``), arrays from ``FitRes.parameters``."""
+        metrics = {**self.res.metrics, "num-examples": self.res.num_examples}
+        return self.res.metrics, _fit_arrays(self.res.parameters, self.dtype), metrics
 
 
-def _evaluate_parts(res: EvaluateRes) -> ReplyParts:
-    """Meta values, arrays and metrics of an evaluation reply."""
-    metrics = {**res.metrics, "num-examples": res.num_examples}
-    return res.metrics, _evaluate_arrays(res.metrics), metrics
+class EvaluateReply:
+    """A legacy evaluation reply, read as the engine reads replies."""
+
+    def __init__(self, proxy: ClientProxy, res: EvaluateRes) -> None:
+        self.res = res
+        self.node_id = _node_id(proxy)
+        self.nbytes = sum(
+            len(v)
+            for k, v in res.metrics.items()
+            if k.startswith(EVALUATE_ARRAY_PREFIX) and isinstance(v, bytes)
+        )
+
+    def read(self) -> ReplyParts:
+        """Meta values and metrics from ``EvaluateRes.metrics``, arrays from its
+        ``array.<name>`` entries."""
+        metrics = {**self.res.metrics, "num-examples": self.res.num_examples}
+        return self.res.metrics, _evaluate_arrays(self.res.metrics), metrics
 
 
-def _evaluate_bytes(metrics: Mapping[str, Scalar]) -> int:
-    return sum(
-        len(v)
-        for k, v in metrics.items()
-        if k.startswith(EVALUATE_ARRAY_PREFIX) and isinstance(v, bytes)
-    )
-
-
-class LegacyFedGKT(FedGKTBase, Strategy):
+class LegacyFedGKT(Strategy):
     """Group Knowledge Transfer as a legacy ``flwr.server.strategy.Strategy``.
 
     The drop-in for ``FedAvg`` in a ``ServerApp(server_fn=...)``: ``configure_fit``
@@ -329,8 +341,8 @@ class LegacyFedGKT(FedGKTBase, Strategy):
     ``aggregate_evaluate`` score the server model on the clients' test features and
     report the edge model's own accuracy. No global model exists: the ``Parameters``
     the legacy ``Server`` carries between rounds stay empty. The server-side work is
-    :class:`~flwr_fedgkt.strategy.FedGKTBase`'s, shared with the Message-API
-    :class:`~flwr_fedgkt.strategy.FedGKT`.
+    the :class:`~flwr_fedgkt.rounds.RoundEngine`'s, which the Message-API
+    :class:`~flwr_fedgkt.strategy.FedGKT` holds too.
 
     Implementation based on https://arxiv.org/abs/2007.14513
 
@@ -339,12 +351,6 @@ class LegacyFedGKT(FedGKTBase, Strategy):
     trainer : ServerTrainer
         The server-side large model with its optimizer; trained inside
         ``aggregate_fit``.
-    server_epochs : int (default: 1)
-        Epochs of server training per round over all stored features.
-    feature_dtype : str (default: "float32")
-        Wire dtype the clients encode features in: float32, float16, bfloat16, int8.
-    feature_shape : tuple[int, int, int] (default: (16, 32, 32))
-        Shape of one sample's features; replies with another shape are rejected.
     fraction_train : float (default: 1.0)
         Fraction of clients sampled for training (``fraction_fit`` in ``FedAvg``).
     fraction_evaluate : float (default: 1.0)
@@ -355,24 +361,77 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         Minimum number of clients sampled for evaluation.
     min_available_nodes : int (default: 2)
         Minimum number of connected clients before a round starts.
-    on_round_end : Callable[[dict], None] | None (default: None)
-        Called with each round's record once the round's evaluation is done (for
-        example a :class:`~flwr_fedgkt.results.ResultsWriter`).
+    **engine_settings
+        The round engine's settings, as documented on
+        :class:`~flwr_fedgkt.strategy.FedGKT` (``server_epochs``, ``feature_dtype``,
+        ``feature_shape``, ``on_round_end``, ``max_reply_bytes``, ``max_staleness``,
+        ``max_feature_abs``, ``global_sample_ids``, ``seed``, ...).
     """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        trainer: ServerTrainer,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        **engine_settings: Any,
+    ) -> None:
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = min_evaluate_nodes
+        self.min_available_nodes = min_available_nodes
+        self.engine = RoundEngine(trainer, **engine_settings)
+        self._client_manager: ClientManager | None = None
+
+    @classmethod
+    def from_run_config(
+        cls,
+        config: RunConfig,
+        num_classes: int,
+        output_dir: str | Path | None = None,
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> LegacyFedGKT:
+        """The strategy a run's config asks for, with the same engine settings as
+        :meth:`flwr_fedgkt.strategy.FedGKT.from_run_config`."""
+        return cls(
+            ServerTrainer.from_run_config(config, num_classes),
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+            min_train_nodes=config.min_train_nodes,
+            min_evaluate_nodes=config.min_evaluate_nodes,
+            min_available_nodes=config.min_available_nodes,
+            on_round_end=on_round_end,
+            **RoundEngine.settings(config, output_dir),
+        )
+
+    @property
+    def trainer(self) -> ServerTrainer:
+        return self.engine.trainer
+
+    @property
+    def store(self) -> FeatureStore:
+        return self.engine.store
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.engine.history
 
     def __repr__(self) -> str:
         return (
             f"LegacyFedGKT(server_model={self.trainer.model_name!r}, "
-            f"feature_dtype={self.feature_dtype!r}, server_epochs={self.server_epochs})"
+            f"feature_dtype={self.engine.feature_dtype!r}, "
+            f"server_epochs={self.engine.server_epochs})"
         )
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """No global model: empty parameters (and the strategy's summary in the log)."""
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
-        self.summary()
+        self.engine.summary()
         return _empty_parameters()
-
-    _client_manager: ClientManager | None = None
 
     def _connected(self) -> Collection[int]:
         if self._client_manager is None:
@@ -382,44 +441,45 @@ class LegacyFedGKT(FedGKTBase, Strategy):
     def _sample(
         self, client_manager: ClientManager, fraction: float, minimum: int
     ) -> list[ClientProxy]:
+        """Wait for enough clients, then sample with the engine's seeded generator."""
         self._client_manager = client_manager
+        self.engine.connected = self._connected
         size = sample_size(client_manager.num_available(), fraction, minimum)
         if size == 0:
             return []
-        clients = client_manager.sample(
-            num_clients=size, min_num_clients=max(self.min_available_nodes, size)
-        )
-        return sorted(clients, key=_node_id)
+        client_manager.wait_for(max(self.min_available_nodes, size), timeout=86400)
+        proxies = {_node_id(proxy): proxy for proxy in client_manager.all().values()}
+        return [proxies[node_id] for node_id in self.engine.sample(proxies, size)]
 
     # -- training ------------------------------------------------------------------
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """One ``FitIns`` per sampled client, each with that client's server logits."""
-        self._begin_round(server_round)
+        round_log = self.engine.begin_round(server_round)
         clients = self._sample(client_manager, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_fit: sampled %d nodes", len(clients))
         instructions = []
         for proxy in clients:
-            key = self.registry.key_of(_node_id(proxy))
+            _, logits = self.engine.instructions(_node_id(proxy), training=True)
             fit_parameters = _empty_parameters()
-            if key is not None and key in self.server_logits:
-                ids, logits = self.server_logits[key]
+            if logits is not None:
+                ids, values = logits
                 fit_parameters = ndarrays_to_parameters(
-                    [ids.astype(np.int64), logits.astype(np.float32)]
+                    [ids.astype(np.int64), values.astype(np.float32)]
                 )
-            self._round["bytes_down"] += _parameters_bytes(fit_parameters)
-            config: dict[str, Scalar] = self._round_config(server_round, {})
+            round_log.bytes_down += _parameters_bytes(fit_parameters)
+            config: dict[str, Scalar] = self.engine.round_config(server_round)
             instructions.append((proxy, FitIns(parameters=fit_parameters, config=config)))
         return instructions
 
     def _record_failures(self, failures: Sequence[tuple[ClientProxy, Any] | BaseException]) -> None:
         for failure in failures:
             if isinstance(failure, BaseException):
-                self._record_failure(None, f"{type(failure).__name__}: {failure}")
+                self.engine.record_failure(None, f"{type(failure).__name__}: {failure}")
             else:
                 proxy, res = failure
-                self._record_failure(_node_id(proxy), res.status.message)
+                self.engine.record_failure(_node_id(proxy), res.status.message)
 
     def aggregate_fit(
         self,
@@ -429,20 +489,17 @@ class LegacyFedGKT(FedGKTBase, Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate and store the features, train the server model, refresh logits."""
         self._record_failures(failures)
-        accepted: list[AcceptedReply] = []
-        for proxy, res in results:
-            reply = self._admit(
-                _node_id(proxy),
-                _parameters_bytes(res.parameters),
-                partial(_fit_parts, res, self.feature_dtype),
-                server_round,
-                training=True,
-            )
-            if reply is not None:
-                accepted.append(reply)
-        accepted.sort(key=lambda reply: reply.node_id)
-        metrics = self._train_server(server_round, accepted)
-        return None, {k: v for k, v in metrics.items()}
+        replies = sorted(
+            (FitReply(proxy, res, self.engine.feature_dtype) for proxy, res in results),
+            key=lambda reply: reply.node_id,
+        )
+        accepted = [
+            reply
+            for reply in (self.engine.accept(r, server_round, training=True) for r in replies)
+            if reply is not None
+        ]
+        metrics = self.engine.train_round(server_round, accepted)
+        return None, dict(metrics)
 
     # -- evaluation ----------------------------------------------------------------
     def configure_evaluate(
@@ -452,9 +509,9 @@ class LegacyFedGKT(FedGKTBase, Strategy):
         clients = self._sample(client_manager, self.fraction_evaluate, self.min_evaluate_nodes)
         if not clients:
             # the legacy Server calls no aggregate_evaluate then: close the round here
-            self._close_round(server_round, [])
+            self.engine.close_round(server_round, [])
             return []
-        config: dict[str, Scalar] = self._round_config(server_round, {})
+        config: dict[str, Scalar] = self.engine.round_config(server_round)
         return [
             (proxy, EvaluateIns(parameters=_empty_parameters(), config=dict(config)))
             for proxy in clients
@@ -468,22 +525,18 @@ class LegacyFedGKT(FedGKTBase, Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Score the server model on the test features; report edge accuracy too."""
         self._record_failures(failures)
-        accepted: list[AcceptedReply] = []
-        for proxy, res in results:
-            reply = self._admit(
-                _node_id(proxy),
-                _evaluate_bytes(res.metrics),
-                partial(_evaluate_parts, res),
-                server_round,
-                training=False,
-            )
-            if reply is not None:
-                accepted.append(reply)
-        accepted.sort(key=lambda reply: reply.node_id)
-        metrics = self._close_round(server_round, accepted)
+        replies = sorted(
+            (EvaluateReply(proxy, res) for proxy, res in results), key=lambda r: r.node_id
+        )
+        accepted = [
+            reply
+            for reply in (self.engine.accept(r, server_round, training=False) for r in replies)
+            if reply is not None
+        ]
+        metrics = self.engine.close_round(server_round, accepted)
         if metrics is None:
             return None, {}
-        return float(metrics["loss"]), {k: v for k, v in metrics.items()}
+        return float(metrics["loss"]), dict(metrics)
 
     def evaluate(
         self, server_round: int, parameters: Parameters
@@ -513,7 +566,6 @@ def server_fn(context: Context) -> ServerAppComponents:
     num_classes = describe_dataset(
         config.dataset, data_dir=config.data_dir, seed=config.seed
     ).num_classes
-    trainer = ServerTrainer.from_run_config(config, num_classes)
     header = {
         "algorithm": "fedgkt",
         "flower_api": "legacy",
@@ -523,20 +575,11 @@ def server_fn(context: Context) -> ServerAppComponents:
     }
     writer = ResultsWriter(output_dir, header)
     log(INFO, "FedGKT results go to %s", writer.path)
-    strategy = LegacyFedGKT(
-        trainer,
-        server_epochs=config.server_epochs,
-        feature_dtype=config.feature_dtype,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_evaluate_nodes,
-        min_available_nodes=config.min_available_nodes,
+    strategy = LegacyFedGKT.from_run_config(
+        config,
+        num_classes,
+        output_dir,
         on_round_end=partial(_write_round, writer, config.num_server_rounds),
-        max_reply_bytes=config.max_reply_bytes,
-        max_staleness=None if config.max_staleness < 0 else config.max_staleness,
-        max_feature_abs=config.max_feature_abs,
-        global_sample_ids=True,  # the built-in data sets number samples globally
     )
     server_config = ServerConfig(
         num_rounds=config.num_server_rounds, round_timeout=config.round_timeout

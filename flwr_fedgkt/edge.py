@@ -17,7 +17,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +37,8 @@ __all__ = [
     "edge_generator",
     "resolve_device",
     "training_batches",
+    "train_metrics",
+    "evaluate_metrics",
 ]
 
 
@@ -269,3 +271,16 @@ class EdgeTrainer:
             "loss": float(F.cross_entropy(logits, labels)),
             "accuracy": float((logits.argmax(1) == labels).float().mean()),
         }
+
+
+def train_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The edge's training metrics as a reply carries them (Flower's kebab-case)."""
+    return {
+        "train-loss": metrics["train_loss"],
+        "train-accuracy": metrics["train_accuracy"],
+    }
+
+
+def evaluate_metrics(scores: Mapping[str, float]) -> dict[str, float]:
+    """The edge model's own test scores as a reply carries them."""
+    return {"edge-accuracy": scores["accuracy"], "edge-loss": scores["loss"]}

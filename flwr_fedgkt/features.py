@@ -41,6 +41,7 @@ __all__ = [
     "validate_payload",
     "validate_update",
     "validate_metrics",
+    "check_dtype_name",
     "validate_node_key",
     "MAX_FEATURE_ABS",
     "MAX_LOGIT_ABS",
@@ -76,7 +77,9 @@ class PayloadError(ValueError):
     """A client's payload is malformed; the message says what is wrong."""
 
 
-def _check_dtype_name(dtype: str) -> None:
+def check_dtype_name(dtype: str) -> None:
+    """Raise PayloadError (a ValueError) unless ``dtype`` is one of
+    :data:`FEATURE_DTYPES`."""
     if dtype not in FEATURE_DTYPES:
         raise PayloadError(
             f"unknown feature dtype {dtype!r}; expected one of {', '.join(FEATURE_DTYPES)}"
@@ -107,7 +110,7 @@ class EncodedFeatures:
 
 def encode_features(features: Tensor, dtype: str) -> EncodedFeatures:
     """Encode ``N x C x H x W`` float features in the wire dtype ``dtype``."""
-    _check_dtype_name(dtype)
+    check_dtype_name(dtype)
     x = features.detach().to("cpu", torch.float32).contiguous()
     if dtype == "float32":
         return EncodedFeatures(dtype, x.numpy())
@@ -123,7 +126,7 @@ def encode_features(features: Tensor, dtype: str) -> EncodedFeatures:
     else:
         lo, hi = per_channel.min(dim=1).values, per_channel.max(dim=1).values
     scale = ((hi - lo) / 255.0).clamp_min(1e-12)
-    shape = (1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
     q = torch.round((x - lo.view(shape)) / scale.view(shape)).clamp_(0, 255).to(torch.uint8)
     return EncodedFeatures(dtype, q.numpy(), scale.numpy(), lo.numpy())
 
@@ -150,7 +153,7 @@ def _widen(data: Tensor, dtype: str, scale: Tensor | None, offset: Tensor | None
     if dtype == "bfloat16":
         return data.view(torch.bfloat16).float()
     assert scale is not None and offset is not None
-    shape = (1, -1, 1, 1)
+    shape = (1, -1) + (1,) * (data.dim() - 2)  # per channel: along dimension 1
     return data.float() * scale.view(shape) + offset.view(shape)
 
 
@@ -227,7 +230,7 @@ def _feature_magnitude(features: np.ndarray, dtype: str) -> float:
 def validate_payload(
     arrays: Mapping[str, np.ndarray],
     dtype: str,
-    feature_shape: tuple[int, int, int],
+    feature_shape: tuple[int, ...],
     num_classes: int,
     require_logits: bool = True,
     max_feature_abs: float = MAX_FEATURE_ABS,
@@ -243,7 +246,7 @@ def validate_payload(
     that disagree, duplicate or negative sample ids, ids that do not fit in int64.
     Arrays other than those listed in :mod:`flwr_fedgkt.records` are ignored.
     """
-    _check_dtype_name(dtype)
+    check_dtype_name(dtype)
     required = ["features", "labels", "ids"] + (["logits"] if require_logits else [])
     if dtype == "int8":
         required += ["feature_scale", "feature_offset"]
@@ -257,7 +260,7 @@ def validate_payload(
         raise PayloadError(
             f"features have dtype {features.dtype}, expected {expected_dtype} for {dtype!r}"
         )
-    if features.ndim != 4 or tuple(features.shape[1:]) != tuple(feature_shape):
+    if tuple(features.shape[1:]) != tuple(feature_shape):
         expected = ", ".join(map(str, feature_shape))
         raise PayloadError(f"features have shape {tuple(features.shape)}, expected (N, {expected})")
     n = features.shape[0]
@@ -347,37 +350,48 @@ def validate_update(
     return FeaturePayload(cached.features, logits, cached.labels, cached.ids)
 
 
-# What the server reads from a reply's metrics, and the range each must lie in.
-# Other keys are ignored (a node may report more; nothing reads it).
+# What the server reads from a reply's metrics (Flower's kebab-case), the range each
+# must lie in, and the snake_case name a node may still send it under. Other keys
+# are ignored (a node may report more; nothing reads it).
 _METRIC_RANGES: dict[str, tuple[float, float]] = {
     "num-examples": (0.0, float(_INT64_MAX)),
-    "train_loss": (0.0, float("inf")),
-    "train_accuracy": (0.0, 1.0),
-    "edge_loss": (0.0, float("inf")),
-    "edge_accuracy": (0.0, 1.0),
+    "train-loss": (0.0, float("inf")),
+    "train-accuracy": (0.0, 1.0),
+    "edge-loss": (0.0, float("inf")),
+    "edge-accuracy": (0.0, 1.0),
+}
+_METRIC_ALIASES = {
+    "train_loss": "train-loss",
+    "train_accuracy": "train-accuracy",
+    "edge_loss": "edge-loss",
+    "edge_accuracy": "edge-accuracy",
 }
 
 
 def validate_metrics(metrics: Mapping[str, Any], num_samples: int) -> dict[str, float]:
     """The metrics the server uses, checked; raise PayloadError naming what is wrong.
 
-    Each known key (``num-examples``, ``train_loss``, ``train_accuracy``,
-    ``edge_loss``, ``edge_accuracy``), when present, must be a single finite number
-    in its range: accuracies in [0, 1], losses non-negative, ``num-examples`` a
+    Each known key (``num-examples``, ``train-loss``, ``train-accuracy``,
+    ``edge-loss``, ``edge-accuracy``; the last four also under their snake_case
+    names ``train_loss``, ...), when present, must be a single finite number in its
+    range: accuracies in [0, 1], losses non-negative, ``num-examples`` a
     non-negative integer equal to ``num_samples`` (the samples the reply carries).
     Lists, strings, bytes and booleans are rejected for these keys. Unknown keys
     are ignored and not returned.
     """
     checked: dict[str, float] = {}
-    for key, (low, high) in _METRIC_RANGES.items():
-        if key not in metrics:
+    for name, value in metrics.items():
+        key = _METRIC_ALIASES.get(name, name)
+        if key not in _METRIC_RANGES:
             continue
-        value = metrics[key]
+        low, high = _METRIC_RANGES[key]
+        if key in checked:
+            raise PayloadError(f"metric {key!r} is sent twice (as {name!r} too)")
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise PayloadError(f"metric {key!r} is a {type(value).__name__}, expected a number")
+            raise PayloadError(f"metric {name!r} is a {type(value).__name__}, expected a number")
         number = float(value)
         if not np.isfinite(number) or not low <= number <= high:
-            raise PayloadError(f"metric {key!r} = {number!r} lies outside [{low:g}, {high:g}]")
+            raise PayloadError(f"metric {name!r} = {number!r} lies outside [{low:g}, {high:g}]")
         checked[key] = number
     if "num-examples" in checked:
         count = checked["num-examples"]

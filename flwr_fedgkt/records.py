@@ -25,6 +25,7 @@ from flwr.common.constant import SType
 
 from .edge import Extracted
 from .features import encode_features, read_npy_header
+from .rounds import NODE_KEY
 
 __all__ = [
     "FEATURES_KEY",
@@ -46,7 +47,6 @@ LOGITS_KEY = "server_logits"
 METRICS_KEY = "metrics"
 META_KEY = "meta"
 CONFIG_KEY = "config"
-NODE_KEY = "node-key"
 
 
 def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

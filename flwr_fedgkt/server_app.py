@@ -14,9 +14,7 @@ from .accounting import model_profile
 from .checkpoint import CheckpointError, load_latest_checkpoint
 from .config import RunConfig
 from .data import DataUnavailableError, describe_dataset, plot_label_distribution
-from .features import FeatureStore
 from .results import ResultsWriter
-from .server import ServerTrainer
 from .strategy import FedGKT
 
 app = ServerApp()
@@ -65,7 +63,6 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Data set %s", info.summary())
     num_classes = info.num_classes
 
-    trainer = ServerTrainer.from_run_config(config, num_classes)
     header = {
         "algorithm": "fedgkt",
         "config": config.to_dict(),
@@ -73,29 +70,11 @@ def main(grid: Grid, context: Context) -> None:
         "server_model": model_profile(config.server_model, num_classes),
     }
     writer = ResultsWriter(output_dir, header)
-    log(20, "FedGKT results go to %s", writer.path)
+    log(INFO, "FedGKT results go to %s", writer.path)
     plot_partitions(grid, config, output_dir)
 
-    strategy = FedGKT(
-        trainer,
-        server_epochs=config.server_epochs,
-        feature_dtype=config.feature_dtype,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_evaluate_nodes,
-        min_available_nodes=config.min_available_nodes,
-        on_round_end=writer,
-        max_reply_bytes=config.max_reply_bytes,
-        max_staleness=None if config.max_staleness < 0 else config.max_staleness,
-        store=FeatureStore(
-            output_dir / "feature-store" if config.feature_store == "disk" else None
-        ),
-        checkpoint_dir=output_dir,
-        freeze_extractor=config.freeze_extractor,
-        max_feature_abs=config.max_feature_abs,
-        global_sample_ids=True,  # the built-in data sets number samples globally
-    )
+    strategy = FedGKT.from_run_config(config, num_classes, output_dir, on_round_end=writer)
+    engine = strategy.engine
     if config.resume_from:
         try:
             state, path, skipped = load_latest_checkpoint(config.resume_from)
@@ -105,10 +84,10 @@ def main(grid: Grid, context: Context) -> None:
             return
         for note in skipped:
             log(WARNING, "Skipped an unreadable checkpoint: %s", note)
-        strategy.restore(state)
-        writer.rounds = list(strategy.history)
+        engine.load_state_dict(state)
+        writer.rounds = list(engine.history)
         writer.write()
-        log(INFO, "Resuming from %s: round %d is next", path, strategy.round_offset + 1)
+        log(INFO, "Resuming from %s: round %d is next", path, engine.round_offset + 1)
     round_config = ConfigRecord(
         {
             "client-epochs": config.client_epochs,
@@ -122,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
-            num_rounds=config.num_server_rounds - strategy.round_offset,
+            num_rounds=config.num_server_rounds - engine.round_offset,
             timeout=config.round_timeout,
             train_config=round_config,
             evaluate_config=ConfigRecord(),

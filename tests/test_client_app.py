@@ -80,7 +80,7 @@ def test_evaluate_sends_test_features_and_the_edge_accuracy() -> None:
     metrics = reply.content.metric_records[METRICS_KEY]
     assert "logits" not in arrays
     assert metrics["num-examples"] == len(arrays["labels"]) > 0
-    assert 0.0 <= metrics["edge_accuracy"] <= 1.0
+    assert 0.0 <= metrics["edge-accuracy"] <= 1.0
 
 
 def _feature_bytes(dtype: str) -> int:

@@ -216,7 +216,7 @@ def test_fit_uploads_what_the_message_api_client_uploads_in_the_documented_order
     assert num_examples == len(ids)
     assert metrics["server-round"] == 2 and metrics["feature-dtype"] == dtype
     message_metrics = reply.content.metric_records[METRICS_KEY]
-    assert metrics["train_loss"] == message_metrics["train_loss"]
+    assert metrics["train-loss"] == message_metrics["train-loss"]
 
 
 def test_evaluate_sends_the_test_features_and_the_edge_scores() -> None:
@@ -236,8 +236,8 @@ def test_evaluate_sends_the_test_features_and_the_edge_scores() -> None:
         sent = bytes_to_ndarray(metrics[EVALUATE_ARRAY_PREFIX + name])
         np.testing.assert_array_equal(sent, expected[name], err_msg=name)
     message_metrics = reply.content.metric_records[METRICS_KEY]
-    assert metrics["edge_accuracy"] == message_metrics["edge_accuracy"]
-    assert loss == pytest.approx(message_metrics["edge_loss"])
+    assert metrics["edge-accuracy"] == message_metrics["edge-accuracy"]
+    assert loss == pytest.approx(message_metrics["edge-loss"])
     assert num_examples == message_metrics["num-examples"]
 
 
@@ -300,7 +300,7 @@ def test_each_client_gets_its_own_fit_instructions_with_its_own_logits(task_iden
         "send-features": True,
     }
     assert second[101] is not second[202]
-    assert strategy._round["bytes_down"] > 0
+    assert strategy.engine.current.bytes_down > 0
 
 
 @pytest.mark.parametrize(
@@ -334,11 +334,11 @@ def test_a_malformed_reply_touches_neither_store_nor_model(
     # Assert: the bad reply is recorded and left out; the good one trains the model
     assert "7" not in strategy.store and "8" in strategy.store
     assert metrics["replies"] == 1
-    rejected = strategy._round["rejected_replies"]
+    rejected = strategy.engine.current.rejected_replies
     assert [r["node_id"] for r in rejected] == [7] and reason in rejected[0]["reason"]
-    assert strategy._round["failed_nodes"][0]["reason"] == "RuntimeError: lost"
+    assert strategy.engine.current.failed_nodes[0]["reason"] == "RuntimeError: lost"
     assert _model_hash(strategy.trainer) != before
-    assert "7" not in strategy.server_logits
+    assert "7" not in strategy.engine.server_logits
 
 
 def test_both_strategies_train_and_score_alike_on_the_same_replies(task_identity) -> None:
@@ -386,7 +386,8 @@ def test_both_strategies_train_and_score_alike_on_the_same_replies(task_identity
     assert _model_hash(legacy.trainer) == _model_hash(message.trainer)
     for node_id in train_data:
         np.testing.assert_array_equal(
-            legacy.server_logits[str(node_id)][1], message.server_logits[str(node_id)][1]
+            legacy.engine.server_logits[str(node_id)][1],
+            message.engine.server_logits[str(node_id)][1],
         )
     assert len(legacy_records) == len(message_records) == 2
     for ours, theirs in zip(legacy_records, message_records, strict=True):

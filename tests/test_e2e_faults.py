@@ -36,8 +36,8 @@ def test_hostile_and_crashing_nodes_do_not_stop_the_run(tmp_path) -> None:
         assert "max-feature-abs" in reasons["5"]
         list_metric = [r["reason"] for r in record["rejected_replies"] if r["node_key"] == "4"]
         assert len(list_metric) == 2  # its training and its evaluation reply
-        assert "'train_loss' is a list" in list_metric[0]
-        assert "'edge_accuracy' is a list" in list_metric[1]
+        assert "'train-loss' is a list" in list_metric[0]
+        assert "'edge-accuracy' is a list" in list_metric[1]
         assert len(record["failed_nodes"]) == 1
         assert "simulated crash on partition 3" in record["failed_nodes"][0]["reason"]
         assert record["train_nodes"] == 2  # partitions 0 and 1

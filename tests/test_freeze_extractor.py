@@ -103,7 +103,7 @@ def test_second_participation_uploads_no_features_and_the_server_still_trains(
     )
     strategy = _strategy(run_config)
     hashes = []
-    strategy.on_round_end = lambda record: hashes.append(_model_hash(strategy))
+    strategy.engine.on_round_end = lambda record: hashes.append(_model_hash(strategy))
     # Execute
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=3)
     # Assert: features travel in round 1 only, for training and for evaluation

@@ -295,7 +295,7 @@ def test_a_copy_of_another_nodes_payload_is_rejected(task_identity) -> None:
     # Execute
     _, metrics = strategy.aggregate_train(1, replies)
     # Assert
-    rejected = strategy._round["rejected_replies"]
+    rejected = strategy.engine.current.rejected_replies
     assert [r["node_id"] for r in rejected] == [HOSTILE]
     assert "copy of node key '1'" in rejected[0]["reason"]
     assert strategy.store.nodes() == ["1", "2"]
@@ -318,12 +318,12 @@ def test_a_key_moves_to_a_new_node_id_once_its_node_is_gone(task_identity) -> No
         for m in strategy.configure_train(3, None, ConfigRecord(), FakeGrid([2, 3, 11]))
     }
     # Assert: one entry for key "1", not two; node 11 gets key "1"'s logits
-    assert strategy._round["rejected_replies"] == []
+    assert strategy.engine.current.rejected_replies == []
     assert strategy.store.nodes() == ["1", "2", "3"]
     assert strategy.store.num_samples == stored
     sent = record_arrays(messages[11].content.array_records[LOGITS_KEY])
     assert sorted(sent["ids"].tolist()) == HONEST[1].tolist()
-    assert strategy.registry.node_of("1") == 11
+    assert strategy.engine.registry.node_of("1") == 11
 
 
 def test_a_node_cannot_speak_for_two_keys(task_identity) -> None:
@@ -336,7 +336,7 @@ def test_a_node_cannot_speak_for_two_keys(task_identity) -> None:
             _reply(1, 1, _arrays(HONEST[2], "int8", 2), "int8", key="other"),
         ],
     )
-    rejected = strategy._round["rejected_replies"]
+    rejected = strategy.engine.current.rejected_replies
     assert len(rejected) == 1 and "already speaks for node key '1'" in rejected[0]["reason"]
     assert strategy.store.nodes() == ["1"]
 
@@ -348,7 +348,7 @@ def test_extra_records_arrays_and_metrics_are_ignored(task_identity) -> None:
     reply.content["extra"] = ArrayRecord({"blob": arrays_record({"x": np.ones(2)})["x"]})
     reply.content.metric_records[METRICS_KEY]["unknown"] = [1.0, 2.0]
     _, metrics = strategy.aggregate_train(1, [reply])
-    assert strategy._round["rejected_replies"] == []
+    assert strategy.engine.current.rejected_replies == []
     assert metrics["replies"] == 1 and strategy.store.nodes() == ["1"]
 
 
@@ -361,8 +361,8 @@ def test_a_node_whose_features_make_training_non_finite_is_taken_out(task_identi
     before = [t.clone() for t in strategy.trainer.model.parameters()]
     # Execute
     _, metrics = strategy.aggregate_train(1, [*_honest(1, "float32"), poison(1, "float32", True)])
-    rejected = list(strategy._round["rejected_replies"])
-    skipped = strategy._round["skipped_server_steps"]
+    rejected = list(strategy.engine.current.rejected_replies)
+    skipped = strategy.engine.current.skipped_server_steps
     messages = {
         m.metadata.dst_node_id: m
         for m in strategy.configure_train(2, None, ConfigRecord(), FakeGrid([*HONEST, HOSTILE]))

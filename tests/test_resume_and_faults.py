@@ -66,8 +66,8 @@ def test_a_resumed_run_reaches_the_same_round_4_as_an_uninterrupted_one(
     _start(first, _grid(split_config), 2)
     resumed = _strategy(split_config, tmp_path / "ckpt")
     state, path, skipped = load_latest_checkpoint(tmp_path / "ckpt")
-    resumed.restore(state)
-    _start(resumed, _grid(split_config), ROUNDS - resumed.round_offset)
+    resumed.engine.load_state_dict(state)
+    _start(resumed, _grid(split_config), ROUNDS - resumed.engine.round_offset)
     # Assert
     assert path.name == "checkpoint-round-2.pt" and skipped == []
     assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]

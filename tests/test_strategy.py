@@ -148,7 +148,7 @@ def test_a_malformed_reply_touches_neither_store_nor_model(task_identity, case) 
     assert _model_hash(with_bad) == _model_hash(without)
     assert with_bad.store.nodes() == without.store.nodes() == ["1"]
     assert with_bad.store.num_samples == 2
-    rejected = with_bad._round["rejected_replies"]
+    rejected = with_bad.engine.current.rejected_replies
     assert [r["node_id"] for r in rejected] == [7]
     assert re.search(reason, rejected[0]["reason"]), rejected[0]["reason"]
     assert metrics is not None and metrics["replies"] == 0
@@ -162,8 +162,8 @@ def test_the_round_goes_on_with_the_well_behaved_nodes(task_identity) -> None:
     _, metrics = strategy.aggregate_train(2, [good, stale])
     assert metrics["replies"] == 1
     assert "1" in strategy.store and "2" not in strategy.store
-    assert "round 1" in strategy._round["rejected_replies"][0]["reason"]
-    assert "1" in strategy.server_logits
+    assert "round 1" in strategy.engine.current.rejected_replies[0]["reason"]
+    assert "1" in strategy.engine.server_logits
 
 
 def test_stale_features_train_until_max_staleness_and_logits_still_reach_the_node(
@@ -180,12 +180,12 @@ def test_stale_features_train_until_max_staleness_and_logits_still_reach_the_nod
     strategy.configure_train(2, None, ConfigRecord(), only_1)
     strategy.aggregate_train(2, [_reply(1, 2, np.arange(0, 8))])
     assert strategy.store.nodes() == ["1", "2"]
-    assert strategy._round["stored_samples"] == 16
+    assert strategy.engine.current.stored_samples == 16
     # round 3: node 2 is two rounds stale, beyond max-staleness, and is dropped
     strategy.configure_train(3, None, ConfigRecord(), only_1)
     strategy.aggregate_train(3, [_reply(1, 3, np.arange(0, 8))])
     assert strategy.store.nodes() == ["1"]
-    assert strategy._round["stored_samples"] == 8
+    assert strategy.engine.current.stored_samples == 8
     # round 4: node 2 is sampled again and gets its latest server logits
     messages = {
         m.metadata.dst_node_id: m for m in strategy.configure_train(4, None, ConfigRecord(), both)

@@ -27,7 +27,7 @@ def train(msg: Message, context: Context) -> Message:
         labels = arrays["labels"].numpy()
         arrays["labels"] = Array(np.full(labels.shape, 1000, dtype=np.int64))
     if partition_id == 4:
-        reply.content.metric_records["metrics"]["train_loss"] = [1.0, 2.0]
+        reply.content.metric_records["metrics"]["train-loss"] = [1.0, 2.0]
     if partition_id == 5:
         scale = arrays["feature_scale"].numpy()
         arrays["feature_scale"] = Array(np.full(scale.shape, 1e37, dtype=np.float32))
@@ -39,5 +39,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
     reply = fedgkt.evaluate(msg, context)
     if partition_id == 4:
-        reply.content.metric_records["metrics"]["edge_accuracy"] = [0.5]
+        reply.content.metric_records["metrics"]["edge-accuracy"] = [0.5]
     return reply

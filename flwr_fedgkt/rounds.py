@@ -1,0 +1,563 @@
+"""The server's side of a FedGKT round, without Flower.
+
+:class:`RoundEngine` is what both Flower faces (:class:`flwr_fedgkt.strategy.FedGKT`
+on the Message API, :class:`flwr_fedgkt.compat.LegacyFedGKT` on the legacy API)
+and :func:`flwr_fedgkt.local.run_local` hold and drive. A round, as calls:
+
+1. :meth:`~RoundEngine.begin_round` opens the round's :class:`RoundLog`;
+   :meth:`~RoundEngine.sample` picks nodes (seeded) and
+   :meth:`~RoundEngine.instructions` gives each its own server logits;
+2. :meth:`~RoundEngine.accept` takes one reply (a :class:`ReplyReader`: the face's
+   decoding of a Flower reply) through size check, decoding, validation and the
+   node-key and ownership checks, in that order, with every error caught in one
+   place: a bad reply is rejected with its reason and changes nothing;
+3. :meth:`~RoundEngine.train_round` stores the accepted features, trains the
+   server model on all stored features and computes each node's server logits;
+4. :meth:`~RoundEngine.close_round` scores the server model on the accepted test
+   features, closes the round's log (``on_round_end``, checkpoint) and returns the
+   evaluation metrics.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig
+from .features import (
+    MAX_FEATURE_ABS,
+    MAX_LOGIT_ABS,
+    FeaturePayload,
+    FeatureStore,
+    NodeKey,
+    PayloadError,
+    check_dtype_name,
+    decode_features,
+    validate_metrics,
+    validate_node_key,
+    validate_payload,
+    validate_update,
+)
+from .models import FEATURE_CHANNELS
+from .registry import NodeRegistry, features_digest
+from .server import NonFiniteOutput, ServerTrainer
+
+__all__ = [
+    "AcceptedReply",
+    "ReplyParts",
+    "ReplyReader",
+    "RoundEngine",
+    "RoundLog",
+    "sample_size",
+]
+
+# Under Flower's logger, so that the round's lines appear in Flower's log
+logger = logging.getLogger("flwr.fedgkt")
+
+NODE_KEY = "node-key"
+"""The meta entry in which a reply names its node's stable key."""
+
+ReplyParts = tuple[Mapping[str, Any], Mapping[str, np.ndarray], Mapping[str, Any]]
+"""What a reply holds: its meta values, its arrays by name, its metrics."""
+
+
+class ReplyReader(Protocol):
+    """One node's reply as a Flower face received it."""
+
+    node_id: int
+    nbytes: int  # bytes of its arrays, as Flower counts them
+
+    def read(self) -> ReplyParts:
+        """Decode the reply; raise (anything) when it cannot be decoded."""
+        ...
+
+
+@dataclass
+class AcceptedReply:
+    """A reply that passed validation: who sent it, its payload, its checked metrics."""
+
+    node_id: int
+    key: NodeKey
+    payload: FeaturePayload
+    metrics: dict[str, float]
+
+
+@dataclass
+class RoundLog:
+    """One round's record, as written to ``results.json`` (:meth:`to_dict`)."""
+
+    round: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected_replies: list[dict[str, Any]] = field(default_factory=list)
+    failed_nodes: list[dict[str, Any]] = field(default_factory=list)
+    skipped_server_steps: int = 0
+    server_train_seconds: float = 0.0
+    server_train_loss: float | None = None
+    server_train_accuracy: float | None = None
+    train_nodes: int = 0
+    train_samples: int = 0
+    cached_feature_nodes: int = 0
+    stored_nodes: int = 0
+    stored_samples: int = 0
+    stored_feature_bytes: int = 0
+    server_peak_rss_bytes: int = 0
+    accuracy: float | None = None
+    loss: float | None = None
+    edge_accuracy: float | None = None
+    edge_loss: float | None = None
+    eval_nodes: int = 0
+    eval_samples: int = 0
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        del record["started"]
+        return record
+
+
+def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
+    """Nodes to sample out of ``num_nodes``: ``fraction`` of them, at least ``minimum``
+    and at least one; none when ``fraction`` is 0."""
+    if fraction == 0.0:
+        return 0
+    return max(int(num_nodes * fraction), minimum, 1)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this (server) process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+# pylint: disable=too-many-instance-attributes
+class RoundEngine:
+    """The server side of FedGKT: server trainer, feature store, node keys, every
+    node's server logits and the rounds' logs. Its parameters are documented on
+    :class:`flwr_fedgkt.strategy.FedGKT`, which holds one."""
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        trainer: ServerTrainer,
+        *,
+        server_epochs: int = 1,
+        feature_dtype: str = "float32",
+        feature_shape: tuple[int, ...] = (FEATURE_CHANNELS, 32, 32),
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+        max_reply_bytes: int = 0,
+        max_staleness: int | None = None,
+        store: FeatureStore | None = None,
+        checkpoint_dir: str | Path | None = None,
+        freeze_extractor: bool = False,
+        max_feature_abs: float = MAX_FEATURE_ABS,
+        max_logit_abs: float = MAX_LOGIT_ABS,
+        global_sample_ids: bool = False,
+        seed: int = 0,
+    ) -> None:
+        check_dtype_name(feature_dtype)
+        self.trainer = trainer
+        self.server_epochs = server_epochs
+        self.feature_dtype = feature_dtype
+        self.feature_shape = tuple(feature_shape)
+        self.on_round_end = on_round_end
+        self.max_reply_bytes = max_reply_bytes
+        self.max_staleness = max_staleness
+        self.store = FeatureStore() if store is None else store
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.freeze_extractor = freeze_extractor
+        self.max_feature_abs = max_feature_abs
+        self.max_logit_abs = max_logit_abs
+        self.registry = NodeRegistry(global_sample_ids)
+        self.sampler = random.Random(seed)
+        # with a frozen extractor, each node's test features, kept after its first
+        # evaluation reply (training features are kept in the store)
+        self.test_cache: dict[NodeKey, FeaturePayload] = {}
+        self.round_offset = 0  # rounds done before a resume
+        self.server_logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.current = RoundLog(round=0)
+        self.connected: Callable[[], Collection[int]] = tuple
+
+    @staticmethod
+    def settings(config: RunConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+        """The engine's keyword arguments a run's config asks for (besides the
+        trainer: :meth:`ServerTrainer.from_run_config`). The built-in data sets
+        number samples globally. With ``output_dir``, checkpoints go there and so
+        does the disk store."""
+        out = None if output_dir is None else Path(output_dir)
+        disk = config.feature_store == "disk" and out is not None
+        return {
+            "server_epochs": config.server_epochs,
+            "feature_dtype": config.feature_dtype,
+            "max_reply_bytes": config.max_reply_bytes,
+            "max_staleness": None if config.max_staleness < 0 else config.max_staleness,
+            "store": FeatureStore(out / "feature-store" if disk and out is not None else None),
+            "checkpoint_dir": out,
+            "freeze_extractor": config.freeze_extractor,
+            "max_feature_abs": config.max_feature_abs,
+            "global_sample_ids": True,
+            "seed": config.seed,
+        }
+
+    # -- configuration -----------------------------------------------------------------
+    def summary(self) -> None:
+        """Log the engine's settings (the strategy's summary)."""
+        trainer = self.trainer
+        logger.info("\t└──> Group knowledge transfer:")
+        logger.info(
+            "\t\t├── Server model: %s (%d params) on %s",
+            trainer.model_name,
+            trainer.num_parameters,
+            trainer.device,
+        )
+        logger.info(
+            "\t\t├── Server epochs per round: %d | KD T=%.2f alpha=%.2f",
+            self.server_epochs,
+            trainer.temperature,
+            trainer.alpha,
+        )
+        logger.info(
+            "\t\t├── Features: %s, shape %s, stored %s",
+            self.feature_dtype,
+            "x".join(map(str, self.feature_shape)),
+            "in memory" if self.store.directory is None else f"on disk ({self.store.directory})",
+        )
+        logger.info(
+            "\t\t├── Frozen edge extractor (features uploaded once): %s",
+            "yes" if self.freeze_extractor else "no",
+        )
+        logger.info(
+            "\t\t├── Max |feature|: %g | max |edge logit|: %g | global sample ids: %s",
+            self.max_feature_abs,
+            self.max_logit_abs,
+            "yes" if self.registry.global_sample_ids else "no",
+        )
+        logger.info(
+            "\t\t└── Max reply bytes: %s | max staleness: %s | checkpoints: %s",
+            self.max_reply_bytes or "unlimited",
+            "unlimited" if self.max_staleness is None else f"{self.max_staleness} rounds",
+            self.checkpoint_dir or "off",
+        )
+
+    # -- configure: sampling and what each node gets --------------------------------------
+    def sample(self, node_ids: Collection[int], size: int) -> list[int]:
+        """``size`` of the connected ``node_ids``, drawn from the engine's generator
+        (seeded by ``seed``): the same node ids give the same sample in every run."""
+        return sorted(self.sampler.sample(sorted(node_ids), size))
+
+    def begin_round(self, server_round: int) -> RoundLog:
+        """Open the log of round ``server_round`` (at the start of its training)."""
+        self.current = RoundLog(round=server_round)
+        return self.current
+
+    def round_config(self, server_round: int, send_features: bool = True) -> dict[str, Any]:
+        """The settings every instruction carries: the two each reply must echo back,
+        and whether the node must send its features (not when the server holds them
+        already)."""
+        return {
+            "server-round": server_round,
+            "feature-dtype": self.feature_dtype,
+            "send-features": send_features,
+        }
+
+    def instructions(
+        self, node_id: int, training: bool = True
+    ) -> tuple[bool, tuple[np.ndarray, np.ndarray] | None]:
+        """For ``node_id``: whether it must send its features, and (training) its own
+        ``(ids, logits)`` from the server, if the server has any for its key."""
+        key = self.registry.key_of(node_id)
+        send = self._cached_payload(key, training) is None
+        logits = self.server_logits.get(key) if training and key is not None else None
+        return send, logits
+
+    def _cached_payload(self, key: NodeKey | None, training: bool) -> FeaturePayload | None:
+        """The upload whose features the server keeps for node key ``key``, if any:
+        with a frozen edge extractor, a node's features never change, so it sends
+        them once (training features live in the store, test features in
+        ``test_cache``)."""
+        if not self.freeze_extractor or key is None:
+            return None
+        if training:
+            return self.store.payload(key) if key in self.store else None
+        return self.test_cache.get(key)
+
+    # -- replies ---------------------------------------------------------------------------
+    def record_failure(self, node_id: int | None, reason: str | None) -> None:
+        """A node whose ClientApp raised or that did not reply in time."""
+        logger.warning("node %s failed: %s", node_id, reason)
+        self.current.failed_nodes.append({"node_id": node_id, "reason": reason})
+
+    def record_missing(self, sampled: Collection[int], replied: Collection[int]) -> None:
+        """Report sampled nodes that sent nothing back before the round's timeout."""
+        for node_id in sorted(set(sampled) - set(replied)):
+            self.record_failure(node_id, "no reply within the round's timeout")
+
+    def reject(self, node_id: int, key: NodeKey | None, reason: str) -> None:
+        logger.warning("rejected reply from node %s: %s", node_id, reason)
+        self.current.rejected_replies.append(
+            {"node_id": node_id, "node_key": key, "reason": reason}
+        )
+
+    def accept(self, reply: ReplyReader, server_round: int, training: bool) -> AcceptedReply | None:
+        """Size check, decode, validate, check the node key and sample ownership,
+        then record who sent the reply. Every error is caught here: a reply that
+        fails is rejected with its reason (log and round log) and gives None.
+        Nothing a node sends raises out of here."""
+        node_id = reply.node_id
+        self.current.bytes_up += reply.nbytes
+        key: NodeKey | None = None
+        try:
+            if self.max_reply_bytes and reply.nbytes > self.max_reply_bytes:
+                raise PayloadError(
+                    f"reply of {reply.nbytes} bytes exceeds max-reply-bytes "
+                    f"({self.max_reply_bytes})"
+                )
+            try:
+                meta, arrays, metrics = reply.read()
+            except PayloadError:
+                raise
+            except Exception as err:  # a corrupt array cannot even be decoded
+                raise PayloadError(f"undecodable reply: {type(err).__name__}: {err}") from None
+            key = validate_node_key(meta.get(NODE_KEY))
+            accepted, digest = self._validate(
+                node_id, key, meta, arrays, metrics, server_round, training
+            )
+        except PayloadError as err:
+            self.reject(node_id, key, str(err))
+            return None
+        except Exception as err:  # a check that itself failed: still only this reply
+            logger.error("validating node %s's reply failed:\n%s", node_id, traceback.format_exc())
+            self.reject(node_id, key, f"could not be validated: {type(err).__name__}: {err}")
+            return None
+        split = "train" if training else "test"
+        moved = self.registry.commit(key, node_id, accepted.payload, split, digest)
+        if moved is not None:
+            logger.info("node key %r moved from node %d (gone) to node %d", key, moved, node_id)
+        return accepted
+
+    def _validate(
+        self,
+        node_id: int,
+        key: NodeKey,
+        meta: Mapping[str, Any],
+        arrays: Mapping[str, np.ndarray],
+        metrics: Mapping[str, Any],
+        server_round: int,
+        training: bool,
+    ) -> tuple[AcceptedReply, str | None]:
+        """Check a reply's round, dtype, key, arrays and metrics; raise PayloadError
+        naming what is wrong. Returns the reply and its features' digest (None when
+        it reuses features the server holds: ``freeze-extractor``)."""
+        reply_round = meta.get("server-round")
+        if reply_round != server_round:
+            raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
+        dtype = meta.get("feature-dtype")
+        if dtype != self.feature_dtype:
+            raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
+        connected = self.connected()
+        self.registry.check(key, node_id, connected)
+        digest = None
+        if "features" not in arrays:
+            cached = self._cached_payload(key, training)
+            if cached is None:
+                raise PayloadError("missing arrays: features (the server holds none of this node)")
+            payload = validate_update(
+                arrays, cached, self.trainer.num_classes, training, self.max_logit_abs
+            )
+        else:
+            payload = validate_payload(
+                arrays,
+                self.feature_dtype,
+                self.feature_shape,
+                self.trainer.num_classes,
+                require_logits=training,
+                max_feature_abs=self.max_feature_abs,
+                max_logit_abs=self.max_logit_abs,
+            )
+            digest = features_digest(payload)
+        checked = validate_metrics(metrics, payload.num_samples)
+        split = "train" if training else "test"
+        self.registry.check(key, node_id, connected, payload, split, digest)
+        return AcceptedReply(node_id, key, payload, checked), digest
+
+    # -- training and evaluation on the server ---------------------------------------------
+    def _drop(self, key: NodeKey, reason: str, accepted: list[AcceptedReply]) -> None:
+        """Take node key ``key`` out of the round after its reply was accepted: its
+        stored features and server logits go, and its reply counts as rejected (or,
+        for features stored in an earlier round, the drop is logged)."""
+        self.store.remove(key)
+        self.server_logits.pop(key, None)
+        for reply in accepted:
+            if reply.key == key:
+                self.reject(reply.node_id, key, reason)
+                break
+        else:
+            logger.warning("dropped the stored features of node key %r: %s", key, reason)
+
+    def train_round(self, server_round: int, accepted: list[AcceptedReply]) -> dict[str, float]:
+        """Store the accepted features, train the server model, refresh server logits.
+
+        A node whose features make the server's training or its server logits
+        non-finite is taken out of the round. Returns the round's training metrics
+        (the strategy's aggregated metrics).
+        """
+        # features kept from an earlier upload (freeze-extractor) are not stored again
+        cached = sum(self.store.put(r.key, r.payload, server_round) for r in accepted)
+        if self.max_staleness is not None:
+            for key in self.store.nodes():
+                if server_round - self.store.last_round(key) > self.max_staleness:
+                    logger.info("dropping node key %r's features: older than max-staleness", key)
+                    self.store.remove(key)
+
+        result = self.trainer.train(self.store, self.server_epochs)
+        for key, reason in result.excluded.items():
+            self._drop(key, reason, accepted)
+        kept = []
+        for reply in accepted:
+            if reply.key in result.excluded:
+                continue
+            try:
+                self.server_logits[reply.key] = self.trainer.logits_for(self.store, reply.key)
+            except NonFiniteOutput as err:
+                self._drop(reply.key, str(err), [reply])
+                continue
+            kept.append(reply)
+
+        num_examples = sum(r.payload.num_samples for r in kept)
+        metrics: dict[str, float] = {
+            "num-examples": num_examples,
+            "replies": len(kept),
+            "server-train-loss": result.loss,
+            "server-train-accuracy": result.accuracy,
+            "server-train-seconds": result.seconds,
+        }
+        for key in ("train-loss", "train-accuracy"):
+            mean = _per_sample_mean(kept, key)
+            if mean is not None:
+                metrics[f"edge-{key}"] = mean
+        log = self.current
+        log.skipped_server_steps += result.skipped_steps
+        log.server_train_seconds = result.seconds
+        log.server_train_loss = result.loss
+        log.server_train_accuracy = result.accuracy
+        log.train_nodes = len(kept)
+        log.train_samples = num_examples
+        log.cached_feature_nodes = cached
+        log.stored_nodes = len(self.store)
+        log.stored_samples = self.store.num_samples
+        log.stored_feature_bytes = self.store.nbytes
+        log.server_peak_rss_bytes = peak_rss_bytes()
+        return metrics
+
+    def close_round(
+        self, server_round: int, accepted: list[AcceptedReply]
+    ) -> dict[str, float] | None:
+        """Score the server model on the accepted test features, average the edge
+        model's own scores per sample, and close the round's log (log line, history,
+        ``on_round_end``, checkpoint). A node whose features give non-finite server
+        logits is rejected; the others are scored.
+
+        Returns the round's evaluation metrics, or None when no sample was scored.
+        """
+        correct, loss_sum, total = 0.0, 0.0, 0
+        scored = []
+        for reply in accepted:
+            payload = reply.payload
+            try:
+                scores = self.trainer.evaluate(
+                    decode_features(payload.features), torch.from_numpy(payload.labels)
+                )
+            except NonFiniteOutput as err:
+                self.reject(reply.node_id, reply.key, str(err))
+                continue
+            if self.freeze_extractor:
+                self.test_cache[reply.key] = payload
+            n = payload.num_samples
+            correct += scores["accuracy"] * n
+            loss_sum += scores["loss"] * n
+            total += n
+            scored.append(reply)
+
+        log = self.current
+        log.accuracy = correct / total if total else None
+        log.loss = loss_sum / total if total else None
+        log.edge_accuracy = _per_sample_mean(scored, "edge-accuracy")
+        log.edge_loss = _per_sample_mean(scored, "edge-loss")
+        log.eval_nodes = len(scored)
+        log.eval_samples = total
+        log.seconds = time.perf_counter() - log.started
+        record = log.to_dict()
+        self.history.append(record)
+        logger.info(
+            "round %d: accuracy %s | edge accuracy %s | up %.2f MB | down %.2f MB | "
+            "server train %.1fs | round %.1fs | rejected %d",
+            server_round,
+            _fmt(log.accuracy),
+            _fmt(log.edge_accuracy),
+            log.bytes_up / 1e6,
+            log.bytes_down / 1e6,
+            log.server_train_seconds,
+            log.seconds,
+            len(log.rejected_replies),
+        )
+        if self.on_round_end is not None:
+            self.on_round_end(record)
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, server_round, self.state_dict())
+        if log.accuracy is None or log.loss is None:
+            return None
+        metrics = {"num-examples": float(total), "accuracy": log.accuracy, "loss": log.loss}
+        if log.edge_accuracy is not None:
+            metrics["edge-accuracy"] = log.edge_accuracy
+        return metrics
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the server needs to continue after the last finished round."""
+        return {
+            "trainer": self.trainer.state_dict(),
+            "rng": rng_state(),
+            "sampler": self.sampler.getstate(),
+            "server_logits": self.server_logits,
+            "nodes": self.registry.state(),
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: the next round is ``state["round"] + 1``."""
+        self.trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        if state.get("sampler") is not None:
+            self.sampler.setstate(state["sampler"])
+        self.server_logits = {str(k): v for k, v in state["server_logits"].items()}
+        self.registry.restore(state.get("nodes", {}))
+        self.history = list(state["history"])
+        self.round_offset = int(state["round"])
+
+
+def _per_sample_mean(replies: list[AcceptedReply], metric: str) -> float | None:
+    """``metric`` averaged over the samples of the replies that report it (each
+    node weighted by its sample count); None when none does."""
+    pairs = [(r.metrics[metric], r.payload.num_samples) for r in replies if metric in r.metrics]
+    samples = sum(n for _, n in pairs)
+    return float(sum(v * n for v, n in pairs) / samples) if samples else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
