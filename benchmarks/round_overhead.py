@@ -20,11 +20,16 @@ from __future__ import annotations
 import argparse
 import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.local import run_local
-from flwr_fedgkt.processes import simulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from local_flower import simulate  # noqa: E402
 
 
 def parse_run_config(text: str) -> dict[str, object]:
@@ -57,7 +62,7 @@ def main() -> None:
 
     try:
         flower_rounds, flower_total = simulate(shared, args.nodes)
-    except RuntimeError as err:
+    except (RuntimeError, TimeoutError) as err:
         raise SystemExit(str(err)) from None
 
     config = RunConfig.from_mapping(parse_run_config(shared))

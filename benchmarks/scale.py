@@ -13,8 +13,12 @@ seconds, sampled/stored nodes, and the server's peak RSS (from ``results.json``)
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from flwr_fedgkt.processes import simulate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from local_flower import simulate  # noqa: E402
 
 MB = 2**20
 
@@ -35,7 +39,7 @@ def main() -> None:
     ).strip()
     try:
         rounds, wall = simulate(run_config, args.nodes)
-    except RuntimeError as err:
+    except (RuntimeError, TimeoutError) as err:
         raise SystemExit(str(err)) from None
     print(
         f"{args.nodes} simulated nodes, {args.sampled} sampled per round, run-config: {run_config}"

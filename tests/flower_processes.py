@@ -1,30 +1,31 @@
 """Start and stop real Flower processes for end-to-end tests.
 
-The helpers live in :mod:`flwr_fedgkt.processes` (the comparison command uses them
-too); this module keeps the names the tests import. Every process a test starts is
-stopped by its process id (and its process group), including processes started by
-those processes, which are found through a marker in their environment.
+The helpers live in ``tools/local_flower.py`` (the benchmarks and the comparison
+command use them too; they are not part of the package); this module puts that
+folder on ``sys.path`` and keeps the names the tests import. Every process a test
+starts through them runs in its own process group and is stopped by id, with its
+group, at the end, including the processes those processes started.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 from pathlib import Path
 
-from flwr_fedgkt.processes import (
-    MARKER,
+_TOOLS = str(Path(__file__).resolve().parents[1] / "tools")
+if _TOOLS not in sys.path:
+    sys.path.insert(0, _TOOLS)
+
+from local_flower import (  # noqa: E402
     REPO,
+    flower_environment,
     flwr_run,
     free_port,
-    marked_pids,
     start_local_superlink,
     stop,
 )
-from flwr_fedgkt.processes import flower_environment as _flower_environment
 
 __all__ = [
-    "MARKER",
     "REPO",
     "free_port",
     "flower_environment",
@@ -32,13 +33,3 @@ __all__ = [
     "start_local_superlink",
     "stop",
 ]
-
-_marked_pids = marked_pids
-
-
-@contextmanager
-def flower_environment(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A private FLWR_HOME (under ``tmp_path``), free local-SuperLink ports and a
-    process marker; on exit every process that carries the marker is stopped, by id."""
-    with _flower_environment(tmp_path) as env:
-        yield env

@@ -1,4 +1,4 @@
-"""The comparison command (python -m flwr_fedgkt.compare)."""
+"""The comparison command (python baselines/compare.py)."""
 
 import json
 import os
@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from flwr_fedgkt.accounting import model_profile
-from flwr_fedgkt.compare import (
+
+COMPARE = Path(__file__).resolve().parents[1] / "baselines" / "compare.py"
+if str(COMPARE.parent) not in sys.path:
+    sys.path.insert(0, str(COMPARE.parent))
+
+from compare import (  # noqa: E402
     Settings,
     algorithm_config,
     markdown_table,
@@ -179,7 +184,7 @@ def test_plots_are_written(tmp_path) -> None:
 def test_help_describes_the_command() -> None:
     # Prepare / Execute
     result = subprocess.run(
-        [sys.executable, "-m", "flwr_fedgkt.compare", "--help"],
+        [sys.executable, str(COMPARE), "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -213,8 +218,7 @@ def _compare_command(out: Path, scratch: Path, rounds: int, extra: list[str]) ->
     """The comparison on 2 synthetic IID nodes, its FLWR_HOME under ``scratch``."""
     return [
         sys.executable,
-        "-m",
-        "flwr_fedgkt.compare",
+        str(COMPARE),
         "--dataset",
         "synthetic",
         "--nodes",

@@ -1,14 +1,18 @@
 """FedGKT against FedAvg, side by side, from one command.
 
-``python -m flwr_fedgkt.compare`` runs FedGKT (the Flower App at the repository
-root) and the FedAvg baseline (``baselines/fedavg``) with one shared configuration
-(data set, partitioner, Dirichlet alpha, nodes, rounds, client epochs, seed) on
-Flower's simulation engine, each through ``flwr run``, and writes into one folder::
+Run from the repository root, after ``pip install -e .``::
+
+    python baselines/compare.py --output-dir baselines/_static/digits
+
+It runs FedGKT (the Flower App at the repository root) and the FedAvg baseline
+(``baselines/fedavg``) with one shared configuration (data set, partitioner,
+Dirichlet alpha, nodes, rounds, client epochs, seed) on Flower's simulation
+engine, each through ``flwr run``, and writes into one folder::
 
     <output-dir>/
         comparison.md            the table (all settings), definitions, plot links
         summary.json             the table's figures, machine-readable
-        superlink.log
+        superlink.log            the local SuperLink's and SuperExec's log
         <setting>/               "iid" or "dirichlet-<alpha>"
             fedgkt/results.json  fedgkt/flwr-run.log
             fedavg/results.json  fedavg/flwr-run.log
@@ -18,9 +22,11 @@ Flower's simulation engine, each through ``flwr run``, and writes into one folde
 
 The command starts its own local SuperLink with a private ``FLWR_HOME`` and free
 ports, and stops every process it started, by process id, when it is done or
-fails. ``--report-only`` rebuilds the table and plots from existing results.
+fails (``tools/local_flower.py``). ``--report-only`` rebuilds the table and plots
+from existing results.
 
-This module imports no Flower code: it drives Flower's command-line tools.
+This is development tooling, not part of the ``flwr_fedgkt`` package. It imports
+no Flower code: it drives Flower's command-line tools.
 """
 
 from __future__ import annotations
@@ -38,9 +44,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .accounting import edge_round_flops
-from .processes import REPO, flower_environment, flwr_run, start_local_superlink
-from .results import write_json_atomic
+from flwr_fedgkt.accounting import edge_round_flops
+from flwr_fedgkt.results import write_json_atomic
+
+_TOOLS = str(Path(__file__).resolve().parents[1] / "tools")
+if _TOOLS not in sys.path:
+    sys.path.insert(0, _TOOLS)
+
+from local_flower import REPO, flower_environment, flwr_run, start_local_superlink  # noqa: E402
 
 __all__ = [
     "Settings",
@@ -144,8 +155,7 @@ def app_dirs(repo: Path) -> dict[str, Path]:
     for algorithm, path in apps.items():
         if not (path / "pyproject.toml").is_file():
             raise FileNotFoundError(
-                f"no Flower App for {algorithm} at {path}: pass --repo <checkout of "
-                "flwr-fedgkt> (the package must be installed from a checkout, pip install -e .)"
+                f"no Flower App for {algorithm} at {path}: pass --repo <checkout of flwr-fedgkt>"
             )
     return apps
 
@@ -711,7 +721,7 @@ def previous_durations(output_dir: Path) -> dict[str, float]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m flwr_fedgkt.compare",
+        prog="python baselines/compare.py",
         description=(
             "Run FedGKT (flwr run <repo>) and the FedAvg baseline (flwr run "
             "<repo>/baselines/fedavg) with one shared configuration on Flower's "
@@ -819,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.quiet,
                 None if args.flower_home is None else args.flower_home.resolve(),
             )
-        except (RuntimeError, FileNotFoundError, AssertionError) as err:
+        except (RuntimeError, FileNotFoundError, TimeoutError) as err:
             print(f"comparison failed: {err}", file=sys.stderr)
             return 1
     code = None if args.report_only else code_version(args.repo.resolve())
