@@ -90,7 +90,7 @@ def main() -> None:
     def step(images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
         logits, _ = trainer.model(images)
         targets, _ = teacher.lookup(ids)
-        loss = ce_kd_loss(logits, labels, targets, 3.0, 1.0)
+        loss = ce_kd_loss(logits, labels, targets, 3.0, 1.0).loss
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()

@@ -81,7 +81,7 @@ def main() -> None:
         for i in range(0, args.samples, args.batch_size):
             idx = order[i : i + args.batch_size]
             x = feats[idx].to(memory_format=torch.channels_last)
-            loss = ce_kd_loss(plain.model(x), labels[idx], logits[idx])
+            loss = ce_kd_loss(plain.model(x), labels[idx], logits[idx]).loss
             plain.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             plain.optimizer.step()

@@ -25,6 +25,21 @@ class ConfigError(ValueError):
     """A run-config value is missing or invalid."""
 
 
+def _boolean(raw: Any) -> bool:
+    """A TOML boolean, or its spelling as text (``true``/``false``, ``1``/``0``,
+    ``yes``/``no``); ValueError for anything else (``bool("false")`` is True)."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """All run-config keys, with their defaults (the attribute names are the keys
@@ -85,7 +100,7 @@ class RunConfig:
             default = getattr(defaults, f.name)
             try:
                 if isinstance(default, bool):
-                    value: Any = bool(raw)
+                    value: Any = _boolean(raw)
                 elif isinstance(default, int):
                     if isinstance(raw, float) and not raw.is_integer():
                         raise ValueError

@@ -5,10 +5,21 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_loss", "ce_kd_loss"]
+__all__ = ["kd_loss", "ce_kd_loss", "DistillLoss"]
+
+
+class DistillLoss(NamedTuple):
+    """A KD training loss and its parts: ``loss = ce + alpha * kd``."""
+
+    loss: Tensor  # what to backpropagate
+    ce: Tensor  # cross-entropy against the labels
+    kd: Tensor  # the distillation term (T^2 * KL), before alpha; 0 without a teacher
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:
@@ -51,13 +62,14 @@ def ce_kd_loss(
     teacher_logits: Tensor | None,
     temperature: float = 3.0,
     alpha: float = 1.0,
-) -> Tensor:
-    """``CE(logits, labels) + alpha * KD(logits, teacher_logits)``.
+) -> DistillLoss:
+    """``CE(logits, labels) + alpha * KD(logits, teacher_logits)``, with its parts.
 
     Without a teacher (``teacher_logits=None``, e.g. a client's first round) this is
-    plain cross-entropy.
+    plain cross-entropy and ``kd`` is 0.
     """
-    loss = F.cross_entropy(logits, labels)
-    if teacher_logits is not None and alpha != 0:
-        loss = loss + alpha * kd_loss(logits, teacher_logits, temperature)
-    return loss
+    ce = F.cross_entropy(logits, labels)
+    if teacher_logits is None or alpha == 0:
+        return DistillLoss(ce, ce.detach(), torch.zeros((), device=ce.device))
+    kd = kd_loss(logits, teacher_logits, temperature)
+    return DistillLoss(ce + alpha * kd, ce.detach(), kd.detach())

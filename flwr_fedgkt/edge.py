@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .data import Augmentation, SampleSet
-from .distill import ce_kd_loss, kd_loss
+from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .models import seeded_model
 
 __all__ = [
@@ -202,25 +202,34 @@ class EdgeTrainer:
         ``data.augmentation`` (to train without, pass a set whose augmentation is
         ``None``), drawing from ``generator``; ids stay with their images, so KD
         targets stay aligned.
-        Returns the mean training loss and accuracy of the last epoch.
+        Returns the last epoch's mean training loss, its cross-entropy and KD parts
+        (``train_loss = train_ce + alpha * train_kd``) and accuracy.
         """
         self.model.train()
         if self.stem is not None:
             self.stem.eval()  # frozen: its BatchNorm statistics stay as they are
-        loss_sum, correct, seen = 0.0, 0, 0
+        sums = np.zeros(3)  # loss, ce, kd, each summed over samples
+        correct, seen = 0, 0
         for _ in range(max(epochs, 0)):
-            loss_sum, correct, seen = 0.0, 0, 0
+            sums[:] = 0.0
+            correct, seen = 0, 0
             for images, labels, ids in training_batches(data, batch_size, generator, augment):
                 images, labels = images.to(self.device), labels.to(self.device)
                 logits, _ = self.model(images)
-                loss = self._loss(logits, labels, ids, teacher, temperature, alpha)
+                parts = self._loss(logits, labels, ids, teacher, temperature, alpha)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                parts.loss.backward()
                 self.optimizer.step()
-                loss_sum += float(loss.detach()) * len(labels)
+                sums += [float(t.detach()) * len(labels) for t in parts]
                 correct += int((logits.argmax(1) == labels).sum())
                 seen += len(labels)
-        return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+        loss, ce, kd = (sums / max(seen, 1)).tolist()
+        return {
+            "train_loss": loss,
+            "train_ce": ce,
+            "train_kd": kd,
+            "train_accuracy": correct / max(seen, 1),
+        }
 
     def _loss(
         self,
@@ -230,19 +239,20 @@ class EdgeTrainer:
         teacher: LogitTable | None,
         temperature: float,
         alpha: float,
-    ) -> Tensor:
+    ) -> DistillLoss:
         if teacher is None or len(teacher) == 0 or alpha == 0:
             return ce_kd_loss(logits, labels, None)
         targets, found = teacher.lookup(ids)
         if bool(found.all()):
             return ce_kd_loss(logits, labels, targets.to(self.device), temperature, alpha)
-        loss = F.cross_entropy(logits, labels)
+        ce = F.cross_entropy(logits, labels)
+        kd = torch.zeros((), device=ce.device)
         if bool(found.any()):
             mask = found.to(self.device)
             # KD averaged over the samples that have a target, weighted by their share
-            kd = kd_loss(logits[mask], targets[found].to(self.device), temperature)
-            loss = loss + alpha * kd * (mask.sum() / len(mask))
-        return loss
+            share = mask.sum() / len(mask)
+            kd = kd_loss(logits[mask], targets[found].to(self.device), temperature) * share
+        return DistillLoss(ce + alpha * kd, ce.detach(), kd.detach())
 
     @torch.no_grad()
     def extract(self, data: SampleSet, batch_size: int = 256) -> Extracted:
@@ -275,10 +285,7 @@ class EdgeTrainer:
 
 def train_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """The edge's training metrics as a reply carries them (Flower's kebab-case)."""
-    return {
-        "train-loss": metrics["train_loss"],
-        "train-accuracy": metrics["train_accuracy"],
-    }
+    return {key.replace("_", "-"): value for key, value in metrics.items()}
 
 
 def evaluate_metrics(scores: Mapping[str, float]) -> dict[str, float]:

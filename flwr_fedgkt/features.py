@@ -356,6 +356,8 @@ def validate_update(
 _METRIC_RANGES: dict[str, tuple[float, float]] = {
     "num-examples": (0.0, float(_INT64_MAX)),
     "train-loss": (0.0, float("inf")),
+    "train-ce": (0.0, float("inf")),
+    "train-kd": (0.0, float("inf")),
     "train-accuracy": (0.0, 1.0),
     "edge-loss": (0.0, float("inf")),
     "edge-accuracy": (0.0, 1.0),
@@ -371,9 +373,9 @@ _METRIC_ALIASES = {
 def validate_metrics(metrics: Mapping[str, Any], num_samples: int) -> dict[str, float]:
     """The metrics the server uses, checked; raise PayloadError naming what is wrong.
 
-    Each known key (``num-examples``, ``train-loss``, ``train-accuracy``,
-    ``edge-loss``, ``edge-accuracy``; the last four also under their snake_case
-    names ``train_loss``, ...), when present, must be a single finite number in its
+    Each known key (``num-examples``, ``train-loss``, ``train-ce``, ``train-kd``,
+    ``train-accuracy``, ``edge-loss``, ``edge-accuracy``; the last four also under
+    their snake_case names ``train_loss``, ...), when present, must be a single finite number in its
     range: accuracies in [0, 1], losses non-negative, ``num-examples`` a
     non-negative integer equal to ``num_samples`` (the samples the reply carries).
     Lists, strings, bytes and booleans are rejected for these keys. Unknown keys

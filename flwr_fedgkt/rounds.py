@@ -108,7 +108,13 @@ class RoundLog:
     skipped_server_steps: int = 0
     server_train_seconds: float = 0.0
     server_train_loss: float | None = None
+    server_train_ce: float | None = None
+    server_train_kd: float | None = None
     server_train_accuracy: float | None = None
+    edge_train_loss: float | None = None
+    edge_train_ce: float | None = None
+    edge_train_kd: float | None = None
+    edge_train_accuracy: float | None = None
     train_nodes: int = 0
     train_samples: int = 0
     cached_feature_nodes: int = 0
@@ -444,17 +450,22 @@ class RoundEngine:
             "num-examples": num_examples,
             "replies": len(kept),
             "server-train-loss": result.loss,
+            "server-train-ce": result.ce,
+            "server-train-kd": result.kd,
             "server-train-accuracy": result.accuracy,
             "server-train-seconds": result.seconds,
         }
-        for key in ("train-loss", "train-accuracy"):
+        log = self.current
+        for key in ("train-loss", "train-ce", "train-kd", "train-accuracy"):
             mean = _per_sample_mean(kept, key)
+            setattr(log, f"edge_{key.replace('-', '_')}", mean)
             if mean is not None:
                 metrics[f"edge-{key}"] = mean
-        log = self.current
         log.skipped_server_steps += result.skipped_steps
         log.server_train_seconds = result.seconds
         log.server_train_loss = result.loss
+        log.server_train_ce = result.ce
+        log.server_train_kd = result.kd
         log.server_train_accuracy = result.accuracy
         log.train_nodes = len(kept)
         log.train_samples = num_examples

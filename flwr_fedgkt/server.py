@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import RunConfig
-from .distill import ce_kd_loss
+from .distill import DistillLoss, ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
 from .models import count_parameters, seeded_model
@@ -69,6 +69,8 @@ class ServerTrainResult:
     seconds: float
     excluded: dict[NodeKey, str] = field(default_factory=dict)
     skipped_steps: int = 0
+    ce: float = 0.0  # the loss's cross-entropy part
+    kd: float = 0.0  # its KD part against the edge logits (loss = ce + alpha * kd)
 
 
 class ServerTrainer:
@@ -96,7 +98,7 @@ class ServerTrainer:
         Server epochs of the whole run (rounds x server epochs). When given, the
         learning rate follows a cosine decay to 5% of ``lr`` over them, so the last
         rounds train with a small step; otherwise it is halved whenever the
-        training loss stalls for 3 rounds (as in the reference implementation).
+        training loss stalls for 3 rounds.
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     """
@@ -189,11 +191,13 @@ class ServerTrainer:
         gradient is excluded for the rest of the call (``result.excluded``).
         """
         start = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
+        sums = np.zeros(3)  # loss, ce, kd, each summed over samples
+        correct, seen = 0, 0
         excluded: dict[NodeKey, str] = {}
         skipped = 0
         for _ in range(max(epochs, 0)):
-            loss_sum, correct, seen = 0.0, 0, 0
+            sums[:] = 0.0
+            correct, seen = 0, 0
             for batch in store.batches(self.batch_size, self.generator, nodes):
                 if excluded:
                     batch = _without(batch, excluded)
@@ -204,24 +208,27 @@ class ServerTrainer:
                     skipped += 1
                     excluded.update(self._culprits(batch))
                     continue
-                loss, batch_correct = outcome
-                loss_sum += loss * len(batch.labels)
+                parts, batch_correct = outcome
+                sums += [value * len(batch.labels) for value in parts]
                 correct += batch_correct
                 seen += len(batch.labels)
             if seen and self.scheduler is not None:
                 self.scheduler.step()
+        loss, ce, kd = (sums / max(seen, 1)).tolist()
         if seen and self.plateau is not None:
-            self.plateau.step(loss_sum / seen)
+            self.plateau.step(loss)
         return ServerTrainResult(
-            loss=loss_sum / max(seen, 1),
+            loss=loss,
             accuracy=correct / max(seen, 1),
             samples=seen,
             seconds=time.perf_counter() - start,
             excluded=excluded,
             skipped_steps=skipped,
+            ce=ce,
+            kd=kd,
         )
 
-    def _forward_backward(self, batch: Batch) -> tuple[Tensor, Tensor] | None:
+    def _forward_backward(self, batch: Batch) -> tuple[DistillLoss, Tensor] | None:
         """Loss and logits of ``batch`` in train mode, gradients in ``.grad``; None
         (gradients cleared, BatchNorm statistics as before) when the loss or a
         gradient is not finite."""
@@ -231,12 +238,12 @@ class ServerTrainer:
         labels = batch.labels.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(feats)
-        loss = ce_kd_loss(
+        parts = ce_kd_loss(
             logits, labels, batch.edge_logits.to(self.device), self.temperature, self.alpha
         )
-        finite = bool(torch.isfinite(loss))
+        finite = bool(torch.isfinite(parts.loss))
         if finite:
-            loss.backward()
+            parts.loss.backward()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             finite = not grads or bool(torch.isfinite(torch.stack(_norms(grads))).all())
         if not finite:
@@ -245,18 +252,19 @@ class ServerTrainer:
                 for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
                     buffer.copy_(saved)
             return None
-        return loss.detach(), logits.detach()
+        return parts, logits.detach()
 
-    def _step(self, batch: Batch) -> tuple[float, int] | None:
-        """One optimizer step on ``batch``: ``(loss, correct)``, or None when the
-        step was skipped because its loss or gradients were not finite."""
+    def _step(self, batch: Batch) -> tuple[tuple[float, float, float], int] | None:
+        """One optimizer step on ``batch``: ``((loss, ce, kd), correct)``, or None when
+        the step was skipped because its loss or gradients were not finite."""
         out = self._forward_backward(batch)
         if out is None:
             return None
-        loss, logits = out
+        parts, logits = out
         self.optimizer.step()
         correct = int((logits.argmax(1) == batch.labels.to(self.device)).sum())
-        return float(loss), correct
+        loss, ce, kd = (float(t.detach()) for t in parts)
+        return (loss, ce, kd), correct
 
     def _culprits(self, batch: Batch) -> dict[NodeKey, str]:
         """The nodes of a batch whose samples alone give a non-finite loss or

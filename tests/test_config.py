@@ -24,3 +24,16 @@ def test_bad_values_are_named() -> None:
         RunConfig.from_mapping({"batch-size": "many"})
     with pytest.raises(ConfigError, match="unknown run-config keys: epochs"):
         RunConfig.from_mapping({"epochs": 3}, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(True, True), (False, False), ("true", True), ("false", False), ("0", False), (1, True)],
+)
+def test_booleans_parse_by_their_meaning_not_by_truthiness(raw, expected) -> None:
+    assert RunConfig.from_mapping({"freeze-extractor": raw}).freeze_extractor is expected
+
+
+def test_a_boolean_that_is_no_boolean_is_named() -> None:
+    with pytest.raises(ConfigError, match="freeze-extractor"):
+        RunConfig.from_mapping({"freeze-extractor": "sometimes"})

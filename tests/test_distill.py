@@ -43,13 +43,24 @@ def test_kd_loss_is_positive_for_different_logits_and_trains_the_student_only() 
     assert teacher.grad is None
 
 
-def test_ce_kd_loss_adds_alpha_times_kd_to_cross_entropy() -> None:
-    logits, teacher = torch.randn(6, 4), torch.randn(6, 4)
-    labels = torch.randint(0, 4, (6,))
-    ce = torch.nn.functional.cross_entropy(logits, labels)
-    assert ce_kd_loss(logits, labels, None).item() == pytest.approx(ce.item())
+def test_ce_kd_loss_adds_alpha_times_kd_to_cross_entropy_and_returns_its_parts() -> None:
+    # Prepare
+    gen = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    labels = torch.randint(0, 4, (6,), generator=gen)
+    # CE and KD by hand: -log softmax at the label; T^2 * KL(p_teacher || p_student)
+    ce = -torch.log_softmax(logits, 1)[torch.arange(6), labels].mean().item()
+    p_teacher = torch.softmax(teacher / 3.0, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits / 3.0, 1))).sum(1).mean()
+    kd = 9.0 * kl.item()
+    # Execute
+    plain = ce_kd_loss(logits, labels, None)
     combined = ce_kd_loss(logits, labels, teacher, temperature=3.0, alpha=0.5)
-    assert combined.item() == pytest.approx(ce.item() + 0.5 * kd_loss(logits, teacher, 3.0).item())
+    # Assert
+    assert plain.loss.item() == pytest.approx(ce) and plain.kd.item() == 0.0
+    assert combined.ce.item() == pytest.approx(ce)
+    assert combined.kd.item() == pytest.approx(kd, rel=1e-5)
+    assert combined.loss.item() == pytest.approx(ce + 0.5 * kd, rel=1e-5)
 
 
 def test_kd_loss_refuses_bad_input() -> None:
