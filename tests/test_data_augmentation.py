@@ -17,36 +17,70 @@ def _normalise(raw: torch.Tensor) -> torch.Tensor:
     return tvf.normalize(raw, list(MEAN), list(STD))
 
 
-def test_augmentation_equals_torchvision_crop_and_flip_on_the_raw_image() -> None:
+def _crop_and_flip(raw: torch.Tensor, augmented: torch.Tensor) -> tuple[int, int, bool] | None:
+    """The ``(top, left, flip)`` that turns ``raw`` (an un-normalised image) into
+    ``augmented`` (normalised): pad with 4 black pixels, crop 32 x 32 at (top, left),
+    flip if ``flip``, normalise. ``None`` when nothing does."""
+    padded = tvf.pad(raw, [4], fill=0.0)
+    for top in range(9):
+        for left in range(9):
+            crop = tvf.crop(padded, top, left, 32, 32)
+            for flip in (False, True):
+                candidate = _normalise(tvf.horizontal_flip(crop) if flip else crop)
+                if torch.allclose(candidate, augmented, atol=1e-5, rtol=0):
+                    return top, left, flip
+    return None
+
+
+def test_augmentation_is_a_crop_of_the_black_padded_raw_image_then_a_flip() -> None:
     # Prepare
     raw = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     augment = RandomCropFlip(MEAN, STD)
-    top, left, flip = augment.parameters(16, torch.Generator().manual_seed(1))
     # Execute
-    out = augment.apply(_normalise(raw), top, left, flip)
-    # Assert: pad with black, crop at (top, left), flip, then normalise
-    for i in range(16):
-        padded = tvf.pad(raw[i], [4], fill=0.0)
-        expected = tvf.crop(padded, int(top[i]), int(left[i]), 32, 32)
-        if flip[i]:
-            expected = tvf.horizontal_flip(expected)
-        torch.testing.assert_close(out[i], _normalise(expected), atol=1e-5, rtol=0)
+    out = augment(_normalise(raw), torch.Generator().manual_seed(1))
+    # Assert: every image is its own raw image, padded with black (in normalised
+    # values), cropped and maybe flipped, then normalised
+    found = [_crop_and_flip(raw[i], out[i]) for i in range(16)]
+    assert None not in found
+    assert out.shape == raw.shape and out.dtype == raw.dtype
 
 
 def test_every_image_of_a_batch_gets_its_own_crop_and_flip() -> None:
     # Prepare
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    batch = image.repeat(64, 1, 1, 1)
+    batch = _normalise(image.repeat(64, 1, 1, 1))
     augment = RandomCropFlip(MEAN, STD)
     # Execute
     out = augment(batch, torch.Generator().manual_seed(2))
-    top, left, flip = augment.parameters(64, torch.Generator().manual_seed(2))
     # Assert
-    distinct = {tuple(t.flatten()[:50].tolist()) for t in out}
-    assert len(distinct) > 10
-    assert len(set(top.tolist())) > 1 and len(set(left.tolist())) > 1
-    assert 0 < int(flip.sum()) < 64
-    assert torch.equal(out, augment(batch, torch.Generator().manual_seed(2)))
+    found = [_crop_and_flip(image[0], augmented) for augmented in out]
+    assert None not in found
+    tops, lefts, flips = zip(*found, strict=True)  # type: ignore[misc]
+    assert len(set(tops)) > 3 and len(set(lefts)) > 3
+    assert 0 < sum(flips) < 64
+    assert len({(t, left) for t, left, _ in found}) > 10
+
+
+def test_augmentation_repeats_with_its_generator_and_ignores_the_global_one() -> None:
+    # Prepare
+    batch = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    augment = RandomCropFlip(MEAN, STD)
+    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
+    # Execute
+    first = augment(batch, torch.Generator().manual_seed(5))
+    after_first = torch.get_rng_state()
+    torch.manual_seed(456)  # another global state: the same result
+    again = augment(batch, torch.Generator().manual_seed(5))
+    other_seed = augment(batch, torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(5)
+    consecutive = [augment(batch, generator), augment(batch, generator)]
+    # Assert
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed)
+    assert torch.equal(after_first, global_state)  # the global generator is untouched
+    assert torch.equal(consecutive[0], first)
+    assert not torch.equal(consecutive[0], consecutive[1])  # the generator moved on
 
 
 def test_batches_keep_each_image_with_its_id_and_label() -> None:

@@ -1,19 +1,46 @@
 """`flwr run` on a local CIFAR-10 copy, and on a data set that is not there."""
 
 import json
+import os
 
 import pytest
 from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
-from test_data_sources import write_cifar10
+from test_data_sources import fake_checksums, write_cifar10
 
 pytestmark = pytest.mark.e2e
+
+CHECKSUMS = "FLWR_FEDGKT_TEST_CIFAR10_CHECKSUMS"
+
+# Imported by every Python process of these runs (through PYTHONPATH): torchvision
+# checks a local CIFAR-10 copy against the published archive's MD5 checksums, which
+# the fake copy written here cannot match. The check stays on; the checksums it
+# expects become the fake copy's, once the test has written them.
+SITECUSTOMIZE = f'''
+import json
+import os
+
+_path = os.environ.get("{CHECKSUMS}", "")
+if _path and os.path.exists(_path):
+    from torchvision.datasets import CIFAR10
+
+    with open(_path) as _handle:
+        _sums = json.load(_handle)
+    CIFAR10.train_list = [[name, _sums[name]] for name, _ in CIFAR10.train_list]
+    CIFAR10.test_list = [[name, _sums[name]] for name, _ in CIFAR10.test_list]
+    CIFAR10.meta = {{**CIFAR10.meta, "md5": _sums[CIFAR10.meta["filename"]]}}
+'''
 
 
 @pytest.fixture(scope="module")
 def flower_env(tmp_path_factory):
     """One private SuperLink for this module's runs."""
     tmp_path = tmp_path_factory.mktemp("flower")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     with flower_environment(tmp_path) as env:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+        env[CHECKSUMS] = str(tmp_path / "cifar10-checksums.json")
         start_local_superlink(env, tmp_path / "superlink.log")
         yield env
 
@@ -21,6 +48,9 @@ def flower_env(tmp_path_factory):
 def test_flwr_run_trains_on_a_local_cifar10_folder(flower_env, tmp_path) -> None:
     # Prepare
     write_cifar10(tmp_path / "cifar", per_batch=20, num_test=20)
+    sums = fake_checksums(tmp_path / "cifar" / "cifar-10-batches-py")
+    with open(flower_env[CHECKSUMS], "w") as handle:
+        json.dump(sums, handle)
     out = tmp_path / "out"
     run_config = (
         f"dataset='cifar10' data-dir='{tmp_path / 'cifar'}' partitioner='dirichlet' "

@@ -22,6 +22,7 @@ from flwr_fedgkt.data import (
     load_partition,
     plot_label_distribution,
 )
+from flwr_fedgkt.data import hub as hub_source
 from flwr_fedgkt.edge import EdgeTrainer
 from flwr_fedgkt.models import build_model
 
@@ -132,7 +133,7 @@ def _decoded_ids(images: torch.Tensor, name: str) -> np.ndarray:
     return raw[:, 0, 0, 0] + 256 * raw[:, 1, 0, 0]
 
 
-@pytest.mark.parametrize("point_at", ["parent", "batches-folder"])
+@pytest.mark.parametrize("point_at", ["parent", "batches-folder", "renamed-batches-folder"])
 def test_cifar10_folder_loads_with_stable_ids_and_a_test_split(
     tmp_path, monkeypatch, point_at
 ) -> None:
@@ -140,6 +141,8 @@ def test_cifar10_folder_loads_with_stable_ids_and_a_test_split(
     labels = write_cifar10(tmp_path)
     accept_fake_copy(monkeypatch, tmp_path / "cifar-10-batches-py")
     data_dir = tmp_path if point_at == "parent" else tmp_path / "cifar-10-batches-py"
+    if point_at == "renamed-batches-folder":
+        data_dir = data_dir.rename(tmp_path / "cifar10")
     num_train = 60
     # Execute
     parts = [
@@ -260,7 +263,7 @@ def test_hub_copy_through_federated_dataset_matches_the_local_copy(tmp_path, mon
         Dataset.from_dict(table, features=features).to_parquet(str(hub / f"{split}-0.parquet"))
     spec = dataclasses.replace(IMAGE_DATASETS["cifar10"], hub_id=str(tmp_path / "hub"))
     monkeypatch.setitem(IMAGE_DATASETS, "cifar10", spec)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=0.0: None)
+    monkeypatch.setattr(hub_source, "reachable", lambda timeout=0.0: None)
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
+from test_data_sources import accept_fake_copy, write_cifar10, write_cifar100
 
 from flwr_fedgkt import data, server_app
 from flwr_fedgkt.config import ConfigError, RunConfig
-from flwr_fedgkt.data import DataUnavailableError, describe_dataset, load_partition
+from flwr_fedgkt.data import DataUnavailableError, describe_dataset, hub, load_partition
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +32,8 @@ def no_network(monkeypatch):
     def no_federated_dataset(*args, **kwargs):
         raise AssertionError("FederatedDataset built although the Hub is unreachable")
 
-    monkeypatch.setattr(data, "_hub_offline", lambda: False)
-    monkeypatch.setattr(data, "_hub_reachable", unreachable)
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(hub, "reachable", unreachable)
     monkeypatch.setattr(flwr_datasets, "FederatedDataset", no_federated_dataset)
 
 
@@ -72,6 +73,36 @@ def test_incomplete_local_copy_names_the_missing_files(tmp_path) -> None:
     assert "lacks test" in str(caught.value)
 
 
+def test_copy_that_fails_the_checksums_is_rejected(tmp_path) -> None:
+    # Prepare: a copy in the right format whose files are not the published ones
+    write_cifar10(tmp_path)
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        load_partition("cifar10", 0, 2, data_dir=str(tmp_path))
+    # Assert
+    message = str(caught.value)
+    _assert_clear(message, "cifar10", "CIFAR-10")
+    assert "the files data_batch_1, data_batch_2, data_batch_3" in message
+    assert "test_batch, batches.meta in" in message
+    assert "do not match the MD5 checksums of the published archive" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_one_damaged_file_is_named(tmp_path, monkeypatch) -> None:
+    # Prepare: an accepted copy, then one of its files changes
+    write_cifar100(tmp_path)
+    accept_fake_copy(monkeypatch, tmp_path / "cifar-100-python")
+    with open(tmp_path / "cifar-100-python" / "test", "ab") as handle:
+        handle.write(b"\0")
+    # Execute
+    with pytest.raises(DataUnavailableError) as caught:
+        describe_dataset("cifar100", str(tmp_path))
+    # Assert
+    _assert_clear(str(caught.value), "cifar100", "CIFAR-100")
+    assert "the file test in " in str(caught.value)
+    assert "does not match the MD5 checksums" in str(caught.value)
+
+
 def test_cinic10_without_its_class_folders_is_reported(tmp_path) -> None:
     # Prepare
     (tmp_path / "train" / "cat").mkdir(parents=True)
@@ -108,8 +139,8 @@ def test_failed_download_is_reported_as_unavailable(monkeypatch) -> None:
         def load_split(self, split: str):
             raise ConnectionError("Couldn't reach 'flwrlabs/cinic10' on the Hub\nmore detail")
 
-    monkeypatch.setattr(data, "_hub_offline", lambda: False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=0.0: None)
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=0.0: None)
     monkeypatch.setattr(flwr_datasets, "FederatedDataset", FailingDownload)
     # Execute
     with pytest.raises(DataUnavailableError) as caught:
