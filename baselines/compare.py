@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr_fedgkt.accounting import edge_round_flops
+from flwr_fedgkt.models import FULL_MODEL_OF
 from flwr_fedgkt.results import write_json_atomic
 
 _TOOLS = str(Path(__file__).resolve().parents[1] / "tools")
@@ -69,7 +70,7 @@ __all__ = [
 ALGORITHMS = ("fedgkt", "fedavg")
 LABELS = {"fedgkt": "FedGKT", "fedavg": "FedAvg"}
 COLOURS = {"fedgkt": "tab:blue", "fedavg": "tab:orange"}
-FULL_MODEL = {"resnet55": "resnet56", "resnet109": "resnet110"}
+FULL_MODEL = FULL_MODEL_OF
 MB = 1e6
 
 

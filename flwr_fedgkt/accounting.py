@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import FEATURE_CHANNELS, build_model, count_parameters
+from .models import FEATURE_CHANNELS, SERVER_MODELS, build_model, count_parameters
 
 __all__ = [
     "input_shape",
@@ -37,12 +37,10 @@ __all__ = [
     "edge_round_flops",
 ]
 
-_SERVER_MODELS = ("resnet55", "resnet109")
-
 
 def input_shape(name: str) -> tuple[int, int, int]:
     """Per-sample input shape: features for server models, images otherwise."""
-    return (FEATURE_CHANNELS, 32, 32) if name in _SERVER_MODELS else (3, 32, 32)
+    return (FEATURE_CHANNELS, 32, 32) if name in SERVER_MODELS else (3, 32, 32)
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...], batch: int = 2) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .data import DATASET_NAMES, PARTITIONERS
 from .features import FEATURE_DTYPES
+from .models import SERVER_MODELS
 
 __all__ = ["RunConfig", "ConfigError"]
 
@@ -152,8 +153,8 @@ class RunConfig:
             fail("alpha", "must not be negative")
         if self.feature_dtype not in FEATURE_DTYPES:
             fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
-        if self.server_model not in ("resnet55", "resnet109"):
-            fail("server-model", "expected resnet55 or resnet109")
+        if self.server_model not in SERVER_MODELS:
+            fail("server-model", f"expected one of {', '.join(SERVER_MODELS)}")
         if self.max_reply_bytes < 0:
             fail("max-reply-bytes", "must not be negative (0: no limit)")
         if not self.max_feature_abs > 0:

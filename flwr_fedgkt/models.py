@@ -26,6 +26,10 @@ __all__ = [
     "build_model",
     "count_parameters",
     "seeded_model",
+    "EDGE_MODEL",
+    "SERVER_MODELS",
+    "FULL_MODEL_OF",
+    "FULL_MODELS",
 ]
 
 FEATURE_CHANNELS = 16
@@ -152,6 +156,12 @@ _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
 }
 
 MODEL_NAMES = tuple(_FACTORIES)
+EDGE_MODEL = "resnet8"
+SERVER_MODELS = ("resnet55", "resnet109")
+"""Server models: the rest of a ResNet-56 / ResNet-110 after the edge's stem."""
+FULL_MODEL_OF = {"resnet55": "resnet56", "resnet109": "resnet110"}
+"""The whole model (for FedAvg) that each server model completes."""
+FULL_MODELS = tuple(FULL_MODEL_OF.values())
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:

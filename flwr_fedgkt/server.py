@@ -23,7 +23,7 @@ from .config import RunConfig
 from .distill import DistillLoss, ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
-from .models import count_parameters, seeded_model
+from .models import SERVER_MODELS, count_parameters, seeded_model
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput"]
 
@@ -116,8 +116,10 @@ class ServerTrainer:
         device: str = "auto",
         total_epochs: int | None = None,
     ) -> None:
-        if model_name not in ("resnet55", "resnet109"):
-            raise ValueError(f"server model must be resnet55 or resnet109, got {model_name!r}")
+        if model_name not in SERVER_MODELS:
+            raise ValueError(
+                f"server model must be one of {', '.join(SERVER_MODELS)}, got {model_name!r}"
+            )
         self.device = resolve_device(device)
         # channels-last convolutions run ~1.5x faster on the CPU and suit CUDA too
         self.model = seeded_model(model_name, num_classes, seed).to(self.device)

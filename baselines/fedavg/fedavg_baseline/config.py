@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr_fedgkt.config import ConfigError, RunConfig
+from flwr_fedgkt.models import FULL_MODELS
 
 __all__ = ["FedAvgConfig", "FULL_MODELS", "OPTIMIZERS", "LR_SCHEDULES"]
 
-FULL_MODELS = ("resnet56", "resnet110")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 
