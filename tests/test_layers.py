@@ -38,3 +38,13 @@ def test_the_flower_layer_does_import_flower() -> None:
     # the check above looks at the right thing: the Flower layer's imports are seen
     for name in FLOWER_LAYER:
         assert "flwr" in _imported_packages(PACKAGE / name), name
+
+
+def test_the_public_api_is_exported_and_typed() -> None:
+    import flwr_fedgkt
+
+    # every name in __all__ resolves, and the package says it is typed
+    for name in flwr_fedgkt.__all__:
+        assert getattr(flwr_fedgkt, name) is not None, name
+    assert {"FedGKT", "LegacyFedGKT", "RoundEngine", "ServerTrainer"} <= set(flwr_fedgkt.__all__)
+    assert (PACKAGE / "py.typed").exists()
