@@ -6,6 +6,7 @@ import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
@@ -47,6 +48,16 @@ def plot_partitions(grid: Grid, config: RunConfig, output_dir: Path) -> None:
         log(WARNING, "No label-distribution plot: %s", err)
         return
     log(INFO, "Label distribution of %d partitions: %s", len(node_ids), path)
+
+
+def save_final_model(arrays: ArrayRecord, path: Path) -> None:
+    """Save the trained server model's ``state_dict`` (``torch.load`` it into a server
+    model of the same name and classes). It maps edge *features* to logits: for
+    inference, put a node's edge extractor (the ResNet-8 stem) in front of it."""
+    if not arrays:  # no round trained
+        return
+    torch.save(arrays.to_torch_state_dict(), path)
+    log(INFO, "Final server model: %s", path)
 
 
 @app.main()
@@ -98,7 +109,7 @@ def main(grid: Grid, context: Context) -> None:
         }
     )
     try:
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
             num_rounds=config.num_server_rounds - engine.round_offset,
@@ -110,4 +121,5 @@ def main(grid: Grid, context: Context) -> None:
         # results.json says how the run ended; Flower reports the error's exit code
         writer.finish("failed", f"{type(err).__name__}: {err}")
         raise
+    save_final_model(result.arrays, output_dir / "final_model.pt")
     writer.finish("completed")

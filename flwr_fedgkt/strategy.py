@@ -316,11 +316,23 @@ class FedGKT(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and store the features, train the server model, refresh logits."""
+        """Validate and store the features, train the server model, refresh logits.
+
+        Returns the trained server model's weights (so ``start()``'s ``Result.arrays``
+        holds the final server model; nothing is sent to the nodes) and the round's
+        training metrics.
+        """
         server_round += self.engine.round_offset
         accepted = self._accept(replies, server_round, training=True)
         metrics = self.engine.train_round(server_round, accepted)
-        return None, MetricRecord(dict(metrics))
+        return self.server_arrays(), MetricRecord(dict(metrics))
+
+    def server_arrays(self) -> ArrayRecord:
+        """The server model's ``state_dict`` as an ArrayRecord (contiguous copies)."""
+        state = {
+            k: v.detach().cpu().contiguous() for k, v in self.trainer.model.state_dict().items()
+        }
+        return ArrayRecord(state)
 
     # -- evaluation ----------------------------------------------------------------
     def configure_evaluate(
