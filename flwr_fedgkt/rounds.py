@@ -54,7 +54,7 @@ from .features import (
 )
 from .models import FEATURE_CHANNELS
 from .registry import NodeRegistry, features_digest
-from .server import NonFiniteOutput, ServerTrainer
+from .server import NonFiniteOutput, ServerTrainer, output_classes
 
 __all__ = [
     "AcceptedReply",
@@ -177,6 +177,12 @@ class RoundEngine:
         seed: int = 0,
     ) -> None:
         check_dtype_name(feature_dtype)
+        classes = output_classes(trainer.model, tuple(feature_shape))
+        if classes != trainer.num_classes:
+            raise ValueError(
+                f"the server model gives {classes} logits for features of shape "
+                f"{tuple(feature_shape)}, but its trainer expects {trainer.num_classes} classes"
+            )
         self.trainer = trainer
         self.server_epochs = server_epochs
         self.feature_dtype = feature_dtype

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import RunConfig
 from .distill import DistillLoss, ce_kd_loss
@@ -25,7 +25,7 @@ from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
 from .models import SERVER_MODELS, count_parameters, seeded_model
 
-__all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput"]
+__all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -37,6 +37,34 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
 
 class NonFiniteOutput(ArithmeticError):
     """The server model's output on a node's features is not finite."""
+
+
+def _to_device(features: Tensor, device: torch.device) -> Tensor:
+    """Features on ``device``; image-like (4-D) ones channels-last."""
+    if features.dim() == 4:
+        return features.to(device, memory_format=torch.channels_last)
+    return features.to(device)
+
+
+@torch.no_grad()
+def output_classes(model: nn.Module, feature_shape: tuple[int, ...]) -> int:
+    """How many logits ``model`` gives for one sample of features ``feature_shape``
+    (a forward pass on zeros in eval mode; the model's mode is restored)."""
+    training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        out = model(torch.zeros(2, *feature_shape, device=device))
+    except Exception as err:
+        raise ValueError(
+            f"the server model does not take features of shape {tuple(feature_shape)}: {err}"
+        ) from err
+    finally:
+        model.train(training)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the server model must map a batch of features to logits, gave {shape}")
+    return int(out.shape[1])
 
 
 def _without(batch: Batch, excluded: Mapping[NodeKey, str]) -> Batch:
@@ -78,10 +106,17 @@ class ServerTrainer:
 
     Parameters
     ----------
-    num_classes : int
-        Size of the classification head.
+    num_classes : int | None
+        Size of the classification head (for your own ``model``, may be left out
+        when ``feature_shape`` is given).
     model_name : str (default: "resnet55")
-        ``resnet55`` or ``resnet109``.
+        A built-in server model: ``resnet55`` or ``resnet109``.
+    model : nn.Module | None (default: None)
+        Your own server model instead: any module that maps a batch of features to
+        logits (its name is then its class name).
+    feature_shape : tuple[int, ...] | None (default: None)
+        One sample's feature shape; with ``model`` and no ``num_classes``, the class
+        count is read off the model's output on features of this shape.
     lr : float (default: 0.001)
         Adam learning rate.
     weight_decay : float (default: 5e-4)
@@ -105,7 +140,7 @@ class ServerTrainer:
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None = None,
         model_name: str = "resnet55",
         lr: float = 0.001,
         weight_decay: float = 5e-4,
@@ -115,14 +150,26 @@ class ServerTrainer:
         seed: int = 0,
         device: str = "auto",
         total_epochs: int | None = None,
+        model: nn.Module | None = None,
+        feature_shape: tuple[int, ...] | None = None,
     ) -> None:
-        if model_name not in SERVER_MODELS:
-            raise ValueError(
-                f"server model must be one of {', '.join(SERVER_MODELS)}, got {model_name!r}"
-            )
         self.device = resolve_device(device)
+        if model is None:
+            if model_name not in SERVER_MODELS:
+                raise ValueError(
+                    f"server model must be one of {', '.join(SERVER_MODELS)}, got {model_name!r}"
+                )
+            if num_classes is None:
+                raise ValueError("num_classes is required for a built-in server model")
+            model = seeded_model(model_name, num_classes, seed)
+        else:
+            model_name = type(model).__name__
+            if num_classes is None:
+                if feature_shape is None:
+                    raise ValueError("give num_classes or feature_shape for your own server model")
+                num_classes = output_classes(model, feature_shape)
+        self.model = model.to(self.device)
         # channels-last convolutions run ~1.5x faster on the CPU and suit CUDA too
-        self.model = seeded_model(model_name, num_classes, seed).to(self.device)
         self.model.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
         self.model_name = model_name
@@ -236,7 +283,7 @@ class ServerTrainer:
         gradient is not finite."""
         self.model.train()
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        feats = batch.features.to(self.device, memory_format=torch.channels_last)
+        feats = _to_device(batch.features, self.device)
         labels = batch.labels.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(feats)
@@ -295,13 +342,7 @@ class ServerTrainer:
         """Logits of the server model on float features, in eval mode (CPU tensor)."""
         self.model.eval()
         out = [
-            self.model(
-                features[i : i + batch_size].to(
-                    self.device, torch.float32, memory_format=torch.channels_last
-                )
-            )
-            .float()
-            .cpu()
+            self.model(_to_device(features[i : i + batch_size].float(), self.device)).float().cpu()
             for i in range(0, len(features), batch_size)
         ]
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
