@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from .server import NonFiniteOutput, ServerTrainer, output_classes
 
 __all__ = [
     "AcceptedReply",
+    "HoldsEngine",
     "ReplyParts",
     "ReplyReader",
     "RoundEngine",
@@ -566,6 +567,50 @@ class RoundEngine:
         self.registry.restore(state.get("nodes", {}))
         self.history = list(state["history"])
         self.round_offset = int(state["round"])
+
+
+class HoldsEngine:
+    """What both Flower faces share: a :class:`RoundEngine` (``self.engine``), the
+    views users read off a strategy, and the constructor from a run's config."""
+
+    engine: RoundEngine
+
+    @classmethod
+    def from_run_config(
+        cls,
+        config: RunConfig,
+        num_classes: int,
+        output_dir: str | Path | None = None,
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Self:
+        """The strategy a run's config asks for: the paper's server model by name,
+        Flower's sampling knobs and the engine's settings
+        (:meth:`RoundEngine.settings`), the same for every face."""
+        return cls(  # type: ignore[call-arg]
+            ServerTrainer.from_run_config(config, num_classes),
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+            min_train_nodes=config.min_train_nodes,
+            min_evaluate_nodes=config.min_evaluate_nodes,
+            min_available_nodes=config.min_available_nodes,
+            on_round_end=on_round_end,
+            **RoundEngine.settings(config, output_dir),
+        )
+
+    @property
+    def trainer(self) -> ServerTrainer:
+        """The server model with its optimizer."""
+        return self.engine.trainer
+
+    @property
+    def store(self) -> FeatureStore:
+        """The features the server keeps, by node key."""
+        return self.engine.store
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One record per finished round (what ``results.json`` holds)."""
+        return self.engine.history
 
 
 def _per_sample_mean(replies: list[AcceptedReply], metric: str) -> float | None:

@@ -32,7 +32,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .config import RunConfig
 from .features import MAX_FEATURE_ABS, MAX_LOGIT_ABS, FeatureStore
 from .models import FEATURE_CHANNELS
 from .records import (
@@ -45,7 +44,7 @@ from .records import (
     logits_record,
     record_arrays,
 )
-from .rounds import AcceptedReply, ReplyParts, RoundEngine, sample_size
+from .rounds import AcceptedReply, HoldsEngine, ReplyParts, RoundEngine, sample_size
 from .server import ServerTrainer
 
 __all__ = ["FedGKT", "MessageReply"]
@@ -78,7 +77,7 @@ class MessageReply:
 
 
 # pylint: disable=too-many-instance-attributes
-class FedGKT(Strategy):
+class FedGKT(HoldsEngine, Strategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
 
     Implementation based on https://arxiv.org/abs/2007.14513
@@ -189,42 +188,6 @@ class FedGKT(Strategy):
         )
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
-
-    @classmethod
-    def from_run_config(
-        cls,
-        config: RunConfig,
-        num_classes: int,
-        output_dir: str | Path | None = None,
-        on_round_end: Callable[[dict[str, Any]], None] | None = None,
-    ) -> FedGKT:
-        """The strategy a run's config asks for (see
-        :meth:`flwr_fedgkt.rounds.RoundEngine.from_run_config`)."""
-        return cls(
-            ServerTrainer.from_run_config(config, num_classes),
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate,
-            min_train_nodes=config.min_train_nodes,
-            min_evaluate_nodes=config.min_evaluate_nodes,
-            min_available_nodes=config.min_available_nodes,
-            on_round_end=on_round_end,
-            **RoundEngine.settings(config, output_dir),
-        )
-
-    @property
-    def trainer(self) -> ServerTrainer:
-        """The server model with its optimizer."""
-        return self.engine.trainer
-
-    @property
-    def store(self) -> FeatureStore:
-        """The features the server keeps, by node key."""
-        return self.engine.store
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One record per finished round (what ``results.json`` holds)."""
-        return self.engine.history
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
