@@ -32,7 +32,9 @@ threads augmenting at once do not draw from each other's seed."""
 
 
 class RandomCropFlip:
-    """The reference code's training augmentation, drawn per image.
+    """The training augmentation: random crop with padding, then a horizontal flip,
+    drawn per image (the reference code also applies Cutout(16); this project does
+    not).
 
     Each image is padded by ``padding`` pixels of black and cropped back to its size
     at a random offset, then flipped horizontally with probability
