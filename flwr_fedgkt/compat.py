@@ -5,8 +5,8 @@ Deployments built on ``ClientApp(client_fn=...)`` with a
 :class:`flwr.server.strategy.Strategy` adopt FedGKT by returning
 :class:`FedGKTNumPyClient` from their ``client_fn`` and :class:`LegacyFedGKT` from
 their ``server_fn``. Both are faces over the same code as the Message-API apps: the
-client runs :func:`flwr_fedgkt.client_app.train_edge` /
-:func:`~flwr_fedgkt.client_app.extract_test` (edge state in ``context.state``), the
+client runs :func:`flwr_fedgkt.node.train_edge` / :func:`~flwr_fedgkt.node.extract_test`
+(edge state in ``context.state`` and ``client-state-dir``, as the ClientApp keeps it), the
 strategy inherits :class:`flwr_fedgkt.strategy.FedGKTBase` (reply validation,
 server training, server logits, scoring, round records).
 
@@ -71,11 +71,12 @@ from flwr.supercore import log
 from torch import Tensor
 
 from .accounting import model_profile
-from .client_app import extract_test, round_settings, train_edge
+from .client_app import node_state_store
 from .config import RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .features import FeatureStore, PayloadError
+from .node import EdgeStateStore, extract_test, round_settings, train_edge
 from .records import features_record, record_arrays
 from .results import ResultsWriter
 from .rounds import NODE_KEY, ReplyParts, RoundEngine, sample_size
@@ -193,6 +194,10 @@ class FedGKTNumPyClient(NumPyClient):
         self.num_classes = num_classes
         self.partition_id = partition_id
 
+    def _edge_state(self) -> EdgeStateStore:
+        """The edge state's store: ``context.state``, and ``client-state-dir``."""
+        return node_state_store(self.context, self.config, self.partition_id)
+
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -220,7 +225,7 @@ class FedGKTNumPyClient(NumPyClient):
             )
         teacher = LogitTable(parameters[0], parameters[1]) if parameters else None
         extracted, metrics = train_edge(
-            self.context,
+            self._edge_state(),
             self.config,
             self.partition_id,
             self.train_set,
@@ -255,7 +260,7 @@ class FedGKTNumPyClient(NumPyClient):
         """
         server_round, dtype = round_settings(config, self.config)
         extracted, scores = extract_test(
-            self.context, self.config, self.partition_id, self.test_set, self.num_classes
+            self._edge_state(), self.config, self.partition_id, self.test_set, self.num_classes
         )
         arrays = _upload_arrays(extracted, dtype, with_logits=False)
         reply: dict[str, Scalar] = {

@@ -11,7 +11,8 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from flwr_fedgkt.client_app import load_edge, save_edge, train_edge
+from flwr_fedgkt import node
+from flwr_fedgkt.client_app import ContextStateStore, load_edge, save_edge, train_edge
 from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.data import SampleSet
 
@@ -50,7 +51,10 @@ def _data(partition_id: int, n: int = 16) -> SampleSet:
 
 def _weights(context: Context, config: RunConfig, partition_id: int) -> dict[str, torch.Tensor]:
     """The edge weights a node with ``context`` would train from next."""
-    trainer = load_edge(context, config, NUM_CLASSES, partition_id)
+    return _trainer_weights(load_edge(context, config, NUM_CLASSES, partition_id))
+
+
+def _trainer_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
@@ -88,6 +92,8 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
     # ... and a restarted node (empty Context) restores its own from disk
     restored_a = _weights(_context(33, 0), config, 0)
     restored_b = _weights(_context(44, 1), config, 1)
+    files = sorted(p.name for p in (tmp_path / "clients").iterdir())
+    assert files == ["edge-partition-0.pt", "edge-partition-1.pt"]
     assert _same(restored_a, weights_a), "restarted node a did not restore its own edge state"
     assert _same(restored_b, weights_b), "restarted node b did not restore its own edge state"
     # a partition that never trained starts afresh, from nobody's state
@@ -125,3 +131,48 @@ def test_each_node_continues_from_its_own_state(tmp_path) -> None:
         "restarted node a did not continue from its own edge state"
     )
     assert not _same(after_restart, _weights(node_b, config, 1))
+
+
+def test_a_state_in_the_context_wins_over_the_file(tmp_path) -> None:
+    # Prepare: round 1 saved to the context and the file, round 2 to the context only
+    config = _config(tmp_path / "clients")
+    node_a = _context(11, 0)
+    _round(node_a, config, 0, 1)
+    state_file = tmp_path / "clients" / "edge-partition-0.pt"
+    round_1 = state_file.read_bytes()
+    assert ContextStateStore(node_a).load() == round_1
+    _round(node_a, _config(), 0, 2)
+    # Execute
+    restored = _weights(node_a, config, 0)
+    # Assert: the context's round-2 state is restored, not the file's round-1 state
+    assert _same(restored, _weights(node_a, _config(), 0))
+    assert not _same(restored, _weights(_context(33, 0), config, 0))
+    assert state_file.read_bytes() == round_1, "restoring a state wrote the file"
+
+
+class _MemoryStore:
+    def __init__(self) -> None:
+        self.blob: bytes | None = None
+
+    def load(self) -> bytes | None:
+        return self.blob
+
+    def save(self, blob: bytes) -> None:
+        self.blob = blob
+
+
+def test_the_core_node_trains_as_the_flower_node_does() -> None:
+    # Prepare
+    config = _config()
+    store, context = _MemoryStore(), _context(11, 1)
+    # Execute: two rounds through the core with its own store, two through Flower
+    for server_round in (1, 2):
+        core, _ = node.train_edge(
+            store, config, 1, _data(1), NUM_CLASSES, server_round, teacher=None
+        )
+        flower, _ = train_edge(context, config, 1, _data(1), NUM_CLASSES, server_round, None)
+        # Assert: the same features and logits, round by round
+        assert torch.equal(core.features, flower.features)
+        assert torch.equal(core.logits, flower.logits)
+    core_weights = _trainer_weights(node.load_edge(store, config, NUM_CLASSES, 1))
+    assert _same(core_weights, _weights(context, config, 1))

@@ -1,10 +1,11 @@
 """FedAvg ClientApp: each node trains the full model on its partition.
 
-The node's data comes from the same function FedGKT's ClientApp uses
-(:func:`flwr_fedgkt.client_app.node_partition`), so partitions and train/test
-splits are identical for the same run config; shuffling (and augmentation) is
-seeded per node and round exactly as FedGKT's edge training is. No state is kept
-between rounds: every round starts from the global model and a fresh optimizer.
+The node's data comes from the same functions FedGKT's ClientApp uses
+(:func:`flwr_fedgkt.node.partition_ids`, :func:`~flwr_fedgkt.node.load_node_partition`),
+so partitions and train/test splits are identical for the same run config;
+shuffling (and augmentation) is seeded per node and round exactly as FedGKT's edge
+training is. No state is kept between rounds: every round starts from the global
+model and a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from flwr_fedgkt.client_app import node_partition
+from flwr_fedgkt.data import Partition
 from flwr_fedgkt.edge import edge_generator, resolve_device
 from flwr_fedgkt.models import build_model
+from flwr_fedgkt.node import load_node_partition, partition_ids
 
 from .config import FedAvgConfig
 from .task import evaluate_model, make_optimizer, train_model
@@ -26,6 +28,13 @@ app = ClientApp()
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
+
+
+def node_partition(context: Context, config: FedAvgConfig) -> tuple[int, Partition]:
+    """This node's partition id and data, from ``partition-id`` / ``num-partitions``
+    in its node config."""
+    partition_id, num_partitions = partition_ids(context.node_config)
+    return partition_id, load_node_partition(partition_id, num_partitions, config.run)
 
 
 def global_model(msg: Message, config: FedAvgConfig, num_classes: int) -> nn.Module:
@@ -40,7 +49,7 @@ def global_model(msg: Message, config: FedAvgConfig, num_classes: int) -> nn.Mod
 def train(msg: Message, context: Context) -> Message:
     """Train the global model ``client-epochs`` epochs on this node's training split."""
     config = FedAvgConfig.from_mapping(context.run_config)
-    partition_id, partition = node_partition(context, config.run)
+    partition_id, partition = node_partition(context, config)
     round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     server_round = int(round_config.get("server-round", 0))  # type: ignore[arg-type]
     lr = float(round_config.get("client-lr", config.run.client_lr))  # type: ignore[arg-type]
@@ -71,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this node's test split."""
     config = FedAvgConfig.from_mapping(context.run_config)
-    _, partition = node_partition(context, config.run)
+    _, partition = node_partition(context, config)
     model = global_model(msg, config, partition.num_classes)
     scores = evaluate_model(model, partition.test, device=resolve_device(config.run.device))
     content = RecordDict(

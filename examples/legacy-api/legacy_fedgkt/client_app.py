@@ -10,15 +10,16 @@ Here the data are this node's partition of the run's data set, chosen by
 from flwr.app import Context
 from flwr.client import Client, ClientApp
 
-from flwr_fedgkt.client_app import node_partition
 from flwr_fedgkt.compat import FedGKTNumPyClient
 from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.node import load_node_partition, partition_ids
 
 
 def client_fn(context: Context) -> Client:
     """FedGKT's edge client on this node's train and test split."""
     config = RunConfig.from_mapping(context.run_config)
-    partition_id, partition = node_partition(context, config)
+    partition_id, num_partitions = partition_ids(context.node_config)
+    partition = load_node_partition(partition_id, num_partitions, config)
     return FedGKTNumPyClient(
         context,
         train=partition.train,
