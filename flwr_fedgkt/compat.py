@@ -41,7 +41,7 @@ feature store nor the server model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import partial
 from logging import INFO
 from pathlib import Path
@@ -75,11 +75,11 @@ from .client_app import node_state_store
 from .config import RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
-from .features import FeatureStore, PayloadError
+from .features import PayloadError
 from .node import EdgeStateStore, extract_test, round_settings, train_edge
 from .records import features_record, record_arrays
 from .results import ResultsWriter
-from .rounds import NODE_KEY, ReplyParts, RoundEngine, sample_size
+from .rounds import NODE_KEY, HoldsEngine, ReplyParts, RoundEngine, sample_size
 from .server import ServerTrainer
 from .server_app import default_output_dir
 
@@ -336,7 +336,7 @@ class EvaluateReply:
         return self.res.metrics, _evaluate_arrays(self.res.metrics), metrics
 
 
-class LegacyFedGKT(Strategy):
+class LegacyFedGKT(HoldsEngine, Strategy):
     """Group Knowledge Transfer as a legacy ``flwr.server.strategy.Strategy``.
 
     The drop-in for ``FedAvg`` in a ``ServerApp(server_fn=...)``: ``configure_fit``
@@ -391,39 +391,6 @@ class LegacyFedGKT(Strategy):
         self.min_available_nodes = min_available_nodes
         self.engine = RoundEngine(trainer, **engine_settings)
         self._client_manager: ClientManager | None = None
-
-    @classmethod
-    def from_run_config(
-        cls,
-        config: RunConfig,
-        num_classes: int,
-        output_dir: str | Path | None = None,
-        on_round_end: Callable[[dict[str, Any]], None] | None = None,
-    ) -> LegacyFedGKT:
-        """The strategy a run's config asks for, with the same engine settings as
-        :meth:`flwr_fedgkt.strategy.FedGKT.from_run_config`."""
-        return cls(
-            ServerTrainer.from_run_config(config, num_classes),
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate,
-            min_train_nodes=config.min_train_nodes,
-            min_evaluate_nodes=config.min_evaluate_nodes,
-            min_available_nodes=config.min_available_nodes,
-            on_round_end=on_round_end,
-            **RoundEngine.settings(config, output_dir),
-        )
-
-    @property
-    def trainer(self) -> ServerTrainer:
-        return self.engine.trainer
-
-    @property
-    def store(self) -> FeatureStore:
-        return self.engine.store
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        return self.engine.history
 
     def __repr__(self) -> str:
         return (
