@@ -23,7 +23,7 @@ from . import node
 from .config import RunConfig
 from .data import Partition, SampleSet
 from .edge import EdgeTrainer, Extracted, LogitTable, evaluate_metrics, train_metrics
-from .node import EdgeStateStore, edge_state_store, round_settings
+from .node import EdgeStateStore, edge_state_store, round_run_config, round_settings
 from .records import (
     CONFIG_KEY,
     FEATURES_KEY,
@@ -152,8 +152,13 @@ def _meta(server_round: int, dtype: str, partition_id: int) -> ConfigRecord:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of edge training, then upload features, logits, labels and ids."""
-    config = RunConfig.from_mapping(context.run_config)
+    """One round of edge training, then upload features, logits, labels and ids.
+
+    The round's training settings (client-epochs, client-lr, batch-size,
+    temperature, alpha) come from the server's round config, the run config
+    giving the ones it leaves out."""
+    round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+    config = round_run_config(RunConfig.from_mapping(context.run_config), round_config)
     partition_id, partition = node_partition(context, config)
     server_round, dtype = _round_settings(msg, config)
 

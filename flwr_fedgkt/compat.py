@@ -76,7 +76,7 @@ from .config import RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .features import PayloadError
-from .node import EdgeStateStore, extract_test, round_settings, train_edge
+from .node import EdgeStateStore, extract_test, round_run_config, round_settings, train_edge
 from .records import features_record, record_arrays
 from .results import ResultsWriter
 from .rounds import NODE_KEY, HoldsEngine, ReplyParts, RoundEngine, sample_size
@@ -226,7 +226,7 @@ class FedGKTNumPyClient(NumPyClient):
         teacher = LogitTable(parameters[0], parameters[1]) if parameters else None
         extracted, metrics = train_edge(
             self._edge_state(),
-            self.config,
+            round_run_config(self.config, config),
             self.partition_id,
             self.train_set,
             self.num_classes,

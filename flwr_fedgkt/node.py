@@ -77,6 +77,22 @@ def load_node_partition(partition_id: int, num_partitions: int, config: RunConfi
     )
 
 
+ROUND_KEYS = ("client-epochs", "client-lr", "batch-size", "temperature", "alpha")
+"""Training settings the server's round config may set for a round (run config
+keys); the run config gives the ones it leaves out."""
+
+
+def round_run_config(config: RunConfig, round_config: Mapping[str, Any]) -> RunConfig:
+    """``config`` with the round's training settings (:data:`ROUND_KEYS`) from the
+    server's round config, so that a strategy can change the edge's epochs,
+    learning rate, batch size, T or alpha by round; each value is checked as a
+    run-config value would be (ConfigError names a bad one)."""
+    overrides = {key: round_config[key] for key in ROUND_KEYS if key in round_config}
+    if not overrides:
+        return config
+    return RunConfig.from_mapping({**config.to_dict(), **overrides})
+
+
 def round_settings(round_config: Mapping[str, Any], config: RunConfig) -> tuple[int, str]:
     """``(server round, feature dtype)`` of a round's config from the server."""
     server_round = int(round_config.get("server-round", 0))
@@ -176,6 +192,7 @@ def load_edge(
     blob = store.load()
     if blob is not None:
         trainer.load_state_bytes(blob)
+        trainer.set_lr(config.client_lr)  # this round's rate, not the saved one
     return trainer
 
 

@@ -2,11 +2,13 @@ import io
 import math
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_message
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 from flwr_fedgkt.client_app import STATE_KEY, evaluate, train
+from flwr_fedgkt.config import ConfigError
 from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, record_arrays
 
 RUN_CONFIG = {"dataset": "synthetic", "batch-size": 16, "client-epochs": 1, "seed": 3}
@@ -101,3 +103,37 @@ def test_float16_and_int8_features_are_2x_and_4x_smaller_on_the_wire() -> None:
     # per-channel scale and offset of int8 (2 x 16 float32) and record overhead aside
     assert 1.99 <= sizes["float32"] / sizes["float16"] <= 2.0
     assert 3.98 <= sizes["float32"] / sizes["int8"] <= 4.0
+
+
+def _round_message(node_id: int, server_round: int, **settings) -> object:
+    values = {"server-round": server_round, "feature-dtype": "float16", **settings}
+    content = RecordDict({"config": ConfigRecord(values)})
+    return make_message(content, src_node_id=0, dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+
+def test_the_rounds_config_sets_the_edges_training_for_that_round() -> None:
+    # Prepare: three nodes of one partition share round 1, then differ in round 2
+    contexts = [_context(11, 0) for _ in range(3)]
+    for ctx in contexts:
+        train(_round_message(11, 1), ctx)
+    after_round_1 = _edge_weights(contexts[0])
+    # Execute: round 2 with the run config's settings, with no epochs, with 10x the lr
+    train(_round_message(11, 2), contexts[0])
+    train(_round_message(11, 2, **{"client-epochs": 0}), contexts[1])
+    train(_round_message(11, 2, **{"client-lr": 0.01}), contexts[2])
+    default, no_epochs, fast = (_edge_weights(ctx) for ctx in contexts)
+    # Assert: no epochs leaves the model as round 1 left it; a larger rate moves it
+    # further than the run config's rate (0.001) does, from the same start
+    key = "fc.weight"
+    assert torch.equal(no_epochs[key], after_round_1[key])
+    assert not torch.equal(default[key], after_round_1[key])
+    step_default = (default[key] - after_round_1[key]).norm()
+    step_fast = (fast[key] - after_round_1[key]).norm()
+    assert step_fast > 3 * step_default
+    optimizer = torch.load(io.BytesIO(_state(contexts[2])), weights_only=True)["optimizer"]
+    assert optimizer["param_groups"][0]["lr"] == 0.01
+
+
+def test_a_bad_training_setting_in_the_rounds_config_is_named() -> None:
+    with pytest.raises(ConfigError, match="client-lr"):
+        train(_round_message(11, 1, **{"client-lr": -1.0}), _context(11, 0))
