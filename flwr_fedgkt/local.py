@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .data import load_partition
 from .edge import (
     EdgeTrainer,
     Extracted,
@@ -25,6 +24,7 @@ from .edge import (
     evaluate_metrics,
 )
 from .features import encode_features
+from .node import load_node_partition, new_edge_trainer
 from .rounds import NODE_KEY, ReplyParts, RoundEngine
 from .server import ServerTrainer
 
@@ -64,31 +64,9 @@ def run_local(
 ) -> list[dict[str, Any]]:
     """Run ``config.num_server_rounds`` FedGKT rounds over ``num_partitions`` nodes
     with full participation; return one record per round (as in ``results.json``)."""
-    partitions = [
-        load_partition(
-            config.dataset,
-            i,
-            num_partitions,
-            config.partitioner,
-            config.dirichlet_alpha,
-            config.seed,
-            classes_per_partition=config.classes_per_partition,
-            min_partition_size=config.min_partition_size,
-            data_dir=config.data_dir,
-        )
-        for i in range(num_partitions)
-    ]
+    partitions = [load_node_partition(i, num_partitions, config) for i in range(num_partitions)]
     num_classes = partitions[0].num_classes
-    edges = [
-        EdgeTrainer(
-            num_classes,
-            lr=config.client_lr,
-            device=config.device,
-            seed=config.seed + i,
-            freeze_extractor=config.freeze_extractor,
-        )
-        for i in range(num_partitions)
-    ]
+    edges = [new_edge_trainer(config, num_classes, i) for i in range(num_partitions)]
     on_round_end = (lambda record: print(record, flush=True)) if verbose else None
     trainer = ServerTrainer.from_run_config(config, num_classes)
     engine = RoundEngine(trainer, on_round_end=on_round_end, **RoundEngine.settings(config))

@@ -15,7 +15,8 @@ registry decides whether a reply may speak for the key it names:
   key cannot be claimed under another;
 * a payload whose features are a byte-for-byte copy of another key's is rejected.
 
-Checks (:meth:`NodeRegistry.check`) change nothing; :meth:`NodeRegistry.commit`
+Checks (:meth:`NodeRegistry.check_binding`, :meth:`NodeRegistry.check_claims`)
+change nothing; :meth:`NodeRegistry.commit`
 records an accepted reply. This module imports no Flower code.
 """
 
@@ -128,24 +129,20 @@ class NodeRegistry:
                 raise PayloadError(f"its features are a copy of node key {other!r}'s")
 
     # -- the two calls the server makes ---------------------------------------------------
-    def check(
-        self,
-        key: NodeKey,
-        node_id: int,
-        connected: Collection[int],
-        payload: FeaturePayload | None = None,
-        split: str = "train",
-        digest: str | None = None,
-    ) -> None:
+    def check_binding(self, key: NodeKey, node_id: int, connected: Collection[int]) -> None:
         """Raise PayloadError when ``node_id`` may not speak for ``key`` (see the
-        module docstring) or ``payload`` claims another key's samples or copies its
-        features. Changes nothing."""
+        module docstring). Changes nothing."""
         self._check_binding(key, node_id, connected)
-        if payload is not None:
-            if self.global_sample_ids:
-                self._check_ids(key, payload.ids)
-            if digest is not None:
-                self._check_copy(key, split, digest)
+
+    def check_claims(
+        self, key: NodeKey, payload: FeaturePayload, split: str, digest: str | None
+    ) -> None:
+        """Raise PayloadError when ``payload`` claims another key's samples (global
+        ids only) or copies its features (``digest``). Changes nothing."""
+        if self.global_sample_ids:
+            self._check_ids(key, payload.ids)
+        if digest is not None:
+            self._check_copy(key, split, digest)
 
     def commit(
         self,

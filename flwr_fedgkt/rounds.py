@@ -383,8 +383,7 @@ class RoundEngine:
         dtype = meta.get("feature-dtype")
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
-        connected = self.connected()
-        self.registry.check(key, node_id, connected)
+        self.registry.check_binding(key, node_id, self.connected())
         digest = None
         if "features" not in arrays:
             cached = self._cached_payload(key, training)
@@ -405,8 +404,7 @@ class RoundEngine:
             )
             digest = features_digest(payload)
         checked = validate_metrics(metrics, payload.num_samples)
-        split = "train" if training else "test"
-        self.registry.check(key, node_id, connected, payload, split, digest)
+        self.registry.check_claims(key, payload, "train" if training else "test", digest)
         return AcceptedReply(node_id, key, payload, checked), digest
 
     # -- training and evaluation on the server ---------------------------------------------

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from .features import MAX_FEATURE_ABS, MAX_LOGIT_ABS, FeatureStore
+from .features import MAX_FEATURE_ABS, MAX_LOGIT_ABS, FeatureStore, PayloadError
 from .models import FEATURE_CHANNELS
 from .records import (
     CONFIG_KEY,
@@ -60,7 +60,7 @@ class MessageReply:
 
     def read(self) -> ReplyParts:
         """The meta values, arrays (the uploaded features as views of the message's
-        bytes) and metrics; a missing record raises.
+        bytes) and metrics; a missing record raises PayloadError.
 
         Records and arrays other than those in :mod:`flwr_fedgkt.records` are ignored.
         """
@@ -71,7 +71,7 @@ class MessageReply:
             (METRICS_KEY, content.metric_records, "MetricRecord"),
         ):
             if key not in records:
-                raise ValueError(f"missing {kind} {key!r}")
+                raise PayloadError(f"missing {kind} {key!r}")
         arrays = record_arrays(content.array_records[FEATURES_KEY], views=("features",))
         return content.config_records[META_KEY], arrays, content.metric_records[METRICS_KEY]
 
