@@ -2,8 +2,11 @@
 
 The public API, importable from ``flwr_fedgkt``:
 
-- :class:`FedGKT`: the strategy on Flower's Message API (``strategy.start(...)``);
-  :class:`LegacyFedGKT` and :class:`FedGKTNumPyClient` on the legacy API;
+- :class:`FedGKT`: the strategy on Flower's Message API (``strategy.start(...)``),
+  and :class:`FedGKTClient`, the ``train``/``evaluate`` handlers of a ClientApp
+  with the node's own edge model and data; :class:`LegacyFedGKT` and
+  :class:`FedGKTNumPyClient` on the legacy API;
+- :class:`EdgeNode` (with :class:`EdgeSettings`): a node's rounds without Flower;
 - :class:`RoundEngine`: the server's round without Flower, which both hold;
 - :class:`ServerTrainer` and :class:`EdgeTrainer`: the two sides' training;
 - the paper's models (:func:`build_model`, :data:`SERVER_MODELS`), the KD loss
@@ -28,6 +31,9 @@ _EXPORTS = {
     "FedGKT": "strategy",
     "LegacyFedGKT": "compat",
     "FedGKTNumPyClient": "compat",
+    "FedGKTClient": "client",
+    "EdgeNode": "node",
+    "EdgeSettings": "node",
     "RoundEngine": "rounds",
     "RoundLog": "rounds",
     "ServerTrainer": "server",
@@ -50,11 +56,14 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "EdgeNode",
     "EdgeResNet",
+    "EdgeSettings",
     "EdgeTrainer",
     "FEATURE_DTYPES",
     "FeatureStore",
     "FedGKT",
+    "FedGKTClient",
     "FedGKTNumPyClient",
     "FullResNet",
     "LegacyFedGKT",
@@ -75,6 +84,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .client import FedGKTClient
     from .compat import FedGKTNumPyClient, LegacyFedGKT
     from .config import RunConfig
     from .data import SampleSet
@@ -88,6 +98,7 @@ if TYPE_CHECKING:
         encode_features,
     )
     from .models import SERVER_MODELS, EdgeResNet, FullResNet, ServerResNet, build_model
+    from .node import EdgeNode, EdgeSettings
     from .rounds import RoundEngine, RoundLog
     from .server import ServerTrainer
     from .strategy import FedGKT

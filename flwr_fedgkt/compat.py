@@ -5,10 +5,11 @@ Deployments built on ``ClientApp(client_fn=...)`` with a
 :class:`flwr.server.strategy.Strategy` adopt FedGKT by returning
 :class:`FedGKTNumPyClient` from their ``client_fn`` and :class:`LegacyFedGKT` from
 their ``server_fn``. Both are faces over the same code as the Message-API apps: the
-client runs :func:`flwr_fedgkt.node.train_edge` / :func:`~flwr_fedgkt.node.extract_test`
-(edge state in ``context.state`` and ``client-state-dir``, as the ClientApp keeps it), the
-strategy inherits :class:`flwr_fedgkt.strategy.FedGKTBase` (reply validation,
-server training, server logits, scoring, round records).
+client runs the built-in node's round (:class:`flwr_fedgkt.node.EdgeNode`, edge state
+in ``context.state`` and ``client-state-dir``, as the ClientApp keeps it), the
+strategy holds the same :class:`flwr_fedgkt.rounds.RoundEngine` as
+:class:`~flwr_fedgkt.strategy.FedGKT` (reply validation, server training, server
+logits, scoring, round records).
 
 What travels
 ------------
@@ -71,12 +72,12 @@ from flwr.supercore import log
 from torch import Tensor
 
 from .accounting import model_profile
-from .client_app import node_state_store
+from .client import ContextStateStore
 from .config import RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .features import PayloadError
-from .node import EdgeStateStore, extract_test, round_run_config, round_settings, train_edge
+from .node import EdgeNode, partition_node, round_settings
 from .records import features_record, record_arrays
 from .results import ResultsWriter
 from .rounds import NODE_KEY, HoldsEngine, ReplyParts, RoundEngine, sample_size
@@ -153,7 +154,8 @@ class FedGKTNumPyClient(NumPyClient):
     split's features and labels, and the edge model's own test loss and accuracy.
     Edge weights never leave the node. Training settings (``client-epochs``,
     ``batch-size``, ``client-lr``, ``temperature``, ``alpha``, ``seed``, ``device``)
-    come from the run config; the feature dtype and round from the server.
+    come from the run config, the ones in the server's ``config`` overriding it;
+    the feature dtype and round from the server.
 
     Parameters
     ----------
@@ -194,9 +196,11 @@ class FedGKTNumPyClient(NumPyClient):
         self.num_classes = num_classes
         self.partition_id = partition_id
 
-    def _edge_state(self) -> EdgeStateStore:
-        """The edge state's store: ``context.state``, and ``client-state-dir``."""
-        return node_state_store(self.context, self.config, self.partition_id)
+    def _node(self) -> EdgeNode:
+        """The node's round, its edge state in ``context.state`` (and
+        ``client-state-dir``)."""
+        store = ContextStateStore(self.context)
+        return partition_node(self.config, self.partition_id, self.num_classes, store)
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -218,20 +222,15 @@ class FedGKTNumPyClient(NumPyClient):
             the number of training samples, and ``server-round``, ``feature-dtype``,
             ``train-loss``, ``train-accuracy``.
         """
-        server_round, dtype = round_settings(config, self.config)
+        server_round, dtype = round_settings(config, self.config.feature_dtype)
         if len(parameters) not in (0, 2):
             raise ValueError(
                 f"expected [] or [ids, logits] as parameters, got {len(parameters)} arrays"
             )
         teacher = LogitTable(parameters[0], parameters[1]) if parameters else None
-        extracted, metrics = train_edge(
-            self._edge_state(),
-            round_run_config(self.config, config),
-            self.partition_id,
-            self.train_set,
-            self.num_classes,
-            server_round,
-            teacher,
+        node = self._node()
+        extracted, metrics = node.train(
+            self.train_set, server_round, teacher, node.settings.for_round(config)
         )
         arrays = _upload_arrays(extracted, dtype, with_logits=True)
         reply: dict[str, Scalar] = {
@@ -258,10 +257,8 @@ class FedGKTNumPyClient(NumPyClient):
             ``server-round``, ``feature-dtype``, ``edge-accuracy``, ``edge-loss`` and
             the arrays as ``.npy`` bytes under ``array.<name>``.
         """
-        server_round, dtype = round_settings(config, self.config)
-        extracted, scores = extract_test(
-            self._edge_state(), self.config, self.partition_id, self.test_set, self.num_classes
-        )
+        server_round, dtype = round_settings(config, self.config.feature_dtype)
+        extracted, scores = self._node().evaluate(self.test_set)
         arrays = _upload_arrays(extracted, dtype, with_logits=False)
         reply: dict[str, Scalar] = {
             "server-round": server_round,

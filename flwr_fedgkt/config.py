@@ -76,6 +76,7 @@ class RunConfig:
     max_staleness: int = -1
     feature_store: str = "memory"
     freeze_extractor: bool = False
+    shared_extractor_init: bool = False
     max_feature_abs: float = 1e4
     resume_from: str = ""
     client_state_dir: str = ""

@@ -5,11 +5,18 @@ the server logits the client holds, each sample's target looked up **by its samp
 id**, never by batch position), then extract features, logits, labels and sample ids
 over the training split with the model in eval mode.
 
+The edge model is any ``nn.Module`` whose ``forward`` returns ``(logits,
+features)`` (the paper's ResNet-8 by default). Data is a
+:class:`~flwr_fedgkt.data.SampleSet` (images held as one tensor, augmented per
+batch) or any ``torch.utils.data.Dataset`` / sequence of ``(x, y)`` or
+``(x, y, sample_id)`` items (the item's index is its sample id when it has none);
+such a data set augments in its own ``__getitem__``, as torchvision transforms do.
+
 Training may augment each batch per sample (the training split's own
 ``augmentation``, e.g. :class:`flwr_fedgkt.data.RandomCropFlip`, or one passed in);
 it changes pixels only, never the order of a batch, so every image keeps its sample
-id and its KD target. Extraction for upload never augments: it runs over the stored
-(un-augmented) images, in eval mode.
+id and its KD target. Extraction for upload never augments a ``SampleSet``: it runs
+over the stored (un-augmented) images, in eval mode.
 
 This module imports no Flower code.
 """
@@ -17,20 +24,24 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .data import Augmentation, SampleSet
 from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .models import seeded_model
 
 __all__ = [
+    "EdgeData",
+    "OptimizerFactory",
+    "IdentifiedSamples",
     "LogitTable",
     "Extracted",
     "EdgeTrainer",
@@ -39,6 +50,7 @@ __all__ = [
     "training_batches",
     "train_metrics",
     "evaluate_metrics",
+    "extractor_of",
 ]
 
 
@@ -55,25 +67,73 @@ def edge_generator(seed: int, partition_id: int, server_round: int) -> torch.Gen
     return torch.Generator().manual_seed(hash((seed, partition_id, server_round)) % 2**63)
 
 
+EdgeData = SampleSet | Dataset[Any] | Sequence[Any]
+"""A node's data: a :class:`~flwr_fedgkt.data.SampleSet`, or any data set or
+sequence of ``(x, y)`` / ``(x, y, sample_id)`` items."""
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+"""Builds the edge optimizer from the trainable parameters."""
+
+
+class IdentifiedSamples(Dataset[tuple[Any, Tensor, Tensor]]):
+    """Any data set of ``(x, y)`` or ``(x, y, sample_id)`` items as ``(x, y, id)``
+    items: the id is the item's own when it has one, else its index.
+
+    Labels and ids become ``int64`` scalars. Anything else is a ValueError that
+    names the item.
+    """
+
+    def __init__(self, data: Dataset[Any] | Sequence[Any]) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor, Tensor]:
+        item = self.data[index]
+        if not isinstance(item, tuple | list) or len(item) not in (2, 3):
+            raise ValueError(
+                f"item {index} of the data set is a {type(item).__name__}; expected "
+                "(x, y) or (x, y, sample_id)"
+            )
+        sample_id = item[2] if len(item) == 3 else index
+        return item[0], torch.as_tensor(item[1], dtype=torch.long), _as_id(sample_id)
+
+
+def _as_id(value: Any) -> Tensor:
+    tensor = torch.as_tensor(value)
+    if tensor.numel() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"a sample id must be one integer, got {value!r}")
+    return tensor.reshape(()).to(torch.long)
+
+
+def _loader(
+    data: EdgeData, batch_size: int, shuffle: bool, generator: torch.Generator | None
+) -> DataLoader[Any]:
+    dataset: Dataset[Any]
+    if isinstance(data, SampleSet):
+        dataset = TensorDataset(data.images, data.labels, data.ids)
+    else:
+        dataset = IdentifiedSamples(data)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
 def training_batches(
-    data: SampleSet,
+    data: EdgeData,
     batch_size: int,
     generator: torch.Generator | None = None,
     augment: Augmentation | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """One epoch of shuffled ``(images, labels, ids)`` batches, on the CPU.
+    """One epoch of shuffled ``(inputs, labels, ids)`` batches, on the CPU.
 
-    Every batch's images are augmented per sample with ``augment``, or else with
-    ``data.augmentation`` when it has one, drawing from ``generator``; labels and
-    ids are left as they are, aligned with their images.
+    Every batch's inputs are augmented per sample with ``augment``, or else with
+    ``data.augmentation`` when ``data`` is a :class:`SampleSet` that has one,
+    drawing from ``generator``; labels and ids are left as they are, aligned with
+    their inputs.
     """
-    loader = DataLoader(
-        TensorDataset(data.images, data.labels, data.ids),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=generator,
-    )
-    augment = augment if augment is not None else data.augmentation
+    loader = _loader(data, batch_size, True, generator)
+    if augment is None and isinstance(data, SampleSet):
+        augment = data.augmentation
     for images, labels, ids in loader:
         if augment is not None:
             images = augment(images, generator)
@@ -117,7 +177,7 @@ class LogitTable:
 class Extracted:
     """What a client uploads: features, edge logits, labels and sample ids."""
 
-    features: Tensor  # N x 16 x 32 x 32, float32, CPU
+    features: Tensor  # N x feature shape, float32, CPU
     logits: Tensor  # N x K, float32, CPU
     labels: Tensor  # N, int64
     ids: Tensor  # N, int64
@@ -128,43 +188,63 @@ class EdgeTrainer:
 
     Parameters
     ----------
-    num_classes : int
-        Size of the classification head.
+    num_classes : int | None (default: None)
+        Size of the classification head of the built-in model (``model_name``);
+        not used with ``model``.
     lr : float (default: 0.001)
-        Adam learning rate (weight decay 5e-4).
+        Learning rate of the optimizer (Adam with weight decay 5e-4 by default).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     model_name : str (default: "resnet8")
-        Edge architecture from :func:`flwr_fedgkt.models.build_model`.
+        Edge architecture from :func:`flwr_fedgkt.models.build_model`, when no
+        ``model`` is given.
     seed : int | None (default: None)
-        Seeds the model initialisation (without touching the global RNG).
+        Seeds the built-in model's initialisation (without touching the global RNG).
     freeze_extractor : bool (default: False)
-        Keep the stem (the feature extractor) fixed: its weights are not trained and
-        its BatchNorm statistics not updated, so the features it extracts never
-        change and a server may keep the first upload (``freeze-extractor``).
+        Keep the feature extractor (the model's ``extractor`` or ``stem`` module)
+        fixed: its weights are not trained and its BatchNorm statistics not
+        updated, so the features it extracts never change and a server may keep
+        the first upload (``freeze-extractor``).
+    model : nn.Module | None (default: None)
+        An edge model of the user's own: ``forward(x)`` returns ``(logits,
+        features)``.
+    optimizer : OptimizerFactory | None (default: None)
+        Builds the optimizer from the trainable parameters; its learning rate is
+        set to ``lr``. Adam with weight decay 5e-4 when None.
     """
 
+    # pylint: disable=too-many-arguments
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None = None,
         lr: float = 0.001,
         device: str = "auto",
         model_name: str = "resnet8",
         seed: int | None = None,
         freeze_extractor: bool = False,
+        *,
+        model: nn.Module | None = None,
+        optimizer: OptimizerFactory | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.model = seeded_model(model_name, num_classes, seed).to(self.device)
+        if model is None:
+            if num_classes is None:
+                raise ValueError("give the edge model, or num_classes for the built-in one")
+            model = seeded_model(model_name, num_classes, seed)
+        self.model = model.to(self.device)
         self.freeze_extractor = freeze_extractor
         self.stem: nn.Module | None = None
         if freeze_extractor:
-            stem = getattr(self.model, "stem", None)
-            if not isinstance(stem, nn.Module):
-                raise ValueError(f"{model_name} has no stem to freeze")
-            stem.requires_grad_(False)
-            self.stem = stem
+            self.stem = extractor_of(self.model)
+            self.stem.requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=5e-4)
+        if optimizer is None:
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                trainable, lr=lr, weight_decay=5e-4
+            )
+        else:
+            self.optimizer = optimizer(trainable)
+            self.set_lr(lr)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -187,7 +267,7 @@ class EdgeTrainer:
     # -- one round -----------------------------------------------------------------
     def train(
         self,
-        data: SampleSet,
+        data: EdgeData,
         epochs: int,
         batch_size: int,
         teacher: LogitTable | None = None,
@@ -255,22 +335,33 @@ class EdgeTrainer:
         return DistillLoss(ce + alpha * kd, ce.detach(), kd.detach())
 
     @torch.no_grad()
-    def extract(self, data: SampleSet, batch_size: int = 256) -> Extracted:
+    def extract(self, data: EdgeData, batch_size: int = 256) -> Extracted:
         """Features, logits, labels and ids over ``data``, in eval mode, in order
-        (never augmented)."""
+        (a ``SampleSet`` never augmented). ValueError when two samples share an id."""
         self.model.eval()
-        feats, logits = [], []
-        for start in range(0, len(data), batch_size):
-            out, f = self.model(data.images[start : start + batch_size].to(self.device))
-            feats.append(f.float().cpu())
-            logits.append(out.float().cpu())
-        num_classes = self.model.fc.out_features if isinstance(self.model.fc, nn.Linear) else 0
-        return Extracted(
-            features=torch.cat(feats) if feats else torch.zeros(0, 16, 32, 32),
-            logits=torch.cat(logits) if logits else torch.zeros(0, num_classes),
-            labels=data.labels.clone(),
-            ids=data.ids.clone(),
+        feats, logits, labels, ids = [], [], [], []
+        if isinstance(data, SampleSet):
+            labels, ids = [data.labels.clone()], [data.ids.clone()]
+            for start in range(0, len(data), batch_size):
+                out, f = self.model(data.images[start : start + batch_size].to(self.device))
+                feats.append(f.float().cpu())
+                logits.append(out.float().cpu())
+        else:
+            for x, y, i in _loader(data, batch_size, False, None):
+                out, f = self.model(x.to(self.device))
+                feats.append(f.float().cpu())
+                logits.append(out.float().cpu())
+                labels.append(y)
+                ids.append(i)
+        extracted = Extracted(
+            features=torch.cat(feats) if feats else torch.zeros(0),
+            logits=torch.cat(logits) if logits else torch.zeros(0, 0),
+            labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+            ids=torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long),
         )
+        if len(torch.unique(extracted.ids)) != len(extracted.ids):
+            raise ValueError("the data set gives two samples the same sample id")
+        return extracted
 
     @staticmethod
     def score(logits: Tensor, labels: Tensor) -> dict[str, float]:
@@ -281,6 +372,18 @@ class EdgeTrainer:
             "loss": float(F.cross_entropy(logits, labels)),
             "accuracy": float((logits.argmax(1) == labels).float().mean()),
         }
+
+
+def extractor_of(model: nn.Module) -> nn.Module:
+    """The edge model's feature extractor: its ``extractor`` or ``stem`` module."""
+    for name in ("extractor", "stem"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"{type(model).__name__} has no 'extractor' or 'stem' module to freeze; name the "
+        "part of the model that computes the features one of these"
+    )
 
 
 def train_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

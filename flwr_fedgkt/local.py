@@ -16,15 +16,9 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .edge import (
-    EdgeTrainer,
-    Extracted,
-    LogitTable,
-    edge_generator,
-    evaluate_metrics,
-)
+from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .features import encode_features
-from .node import load_node_partition, new_edge_trainer
+from .node import MemoryStateStore, load_node_partition, partition_node
 from .rounds import NODE_KEY, ReplyParts, RoundEngine
 from .server import ServerTrainer
 
@@ -66,7 +60,9 @@ def run_local(
     with full participation; return one record per round (as in ``results.json``)."""
     partitions = [load_node_partition(i, num_partitions, config) for i in range(num_partitions)]
     num_classes = partitions[0].num_classes
-    edges = [new_edge_trainer(config, num_classes, i) for i in range(num_partitions)]
+    nodes = [
+        partition_node(config, i, num_classes, MemoryStateStore()) for i in range(num_partitions)
+    ]
     on_round_end = (lambda record: print(record, flush=True)) if verbose else None
     trainer = ServerTrainer.from_run_config(config, num_classes)
     engine = RoundEngine(trainer, on_round_end=on_round_end, **RoundEngine.settings(config))
@@ -75,31 +71,21 @@ def run_local(
     for server_round in range(1, config.num_server_rounds + 1):
         engine.begin_round(server_round)
         accepted = []
-        for i, (edge, part) in enumerate(zip(edges, partitions, strict=True)):
+        for i, (node, part) in enumerate(zip(nodes, partitions, strict=True)):
             _, logits = engine.instructions(i, training=True)
-            metrics = edge.train(
-                part.train,
-                epochs=config.client_epochs,
-                batch_size=config.batch_size,
-                teacher=None if logits is None else LogitTable(*logits),
-                temperature=config.temperature,
-                alpha=config.alpha,
-                generator=edge_generator(config.seed, i, server_round),
-            )
-            edge_metrics = {"train-loss": metrics["train_loss"]}
-            edge_metrics["train-accuracy"] = metrics["train_accuracy"]
-            parts = _upload(
-                edge.extract(part.train), dtype, server_round, str(i), edge_metrics, True
-            )
+            teacher = None if logits is None else LogitTable(*logits)
+            extracted, metrics = node.train(part.train, server_round, teacher)
+            parts = _upload(extracted, dtype, server_round, str(i), train_metrics(metrics), True)
             reply = engine.accept(LocalReply(i, parts), server_round, training=True)
             if reply is not None:
                 accepted.append(reply)
         engine.train_round(server_round, accepted)
         scored = []
-        for i, (edge, part) in enumerate(zip(edges, partitions, strict=True)):
-            extracted = edge.extract(part.test)
-            scores = evaluate_metrics(EdgeTrainer.score(extracted.logits, extracted.labels))
-            parts = _upload(extracted, dtype, server_round, str(i), scores, training=False)
+        for i, (node, part) in enumerate(zip(nodes, partitions, strict=True)):
+            extracted, scores = node.evaluate(part.test)
+            parts = _upload(
+                extracted, dtype, server_round, str(i), evaluate_metrics(scores), training=False
+            )
             reply = engine.accept(LocalReply(i, parts), server_round, training=False)
             if reply is not None:
                 scored.append(reply)

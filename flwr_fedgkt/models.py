@@ -11,6 +11,7 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "seeded_model",
+    "extractor_and_server",
     "EDGE_MODEL",
     "SERVER_MODELS",
     "FULL_MODEL_OF",
@@ -191,3 +193,9 @@ def seeded_model(name: str, num_classes: int = 10, seed: int | None = None) -> n
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(name, num_classes)
+
+
+def extractor_and_server(extractor: nn.Module, server: nn.Module) -> nn.Sequential:
+    """One model for inference: the edge's feature extractor, then the server
+    model (state-dict keys ``extractor.*`` and ``server.*``)."""
+    return nn.Sequential(OrderedDict(extractor=extractor, server=server))

@@ -1,17 +1,18 @@
 """The node's side of a round: its data, its edge state, training and extraction.
 
-A node holds one partition of the run's data set and an edge model (with its
-optimizer) that persists between rounds and never leaves the node. Each round it
-restores the edge model, trains it on its training split (with KD against the
-server logits, looked up by sample id), extracts features, logits, labels and ids
-over that split and saves the edge state again; on evaluation it extracts over
-its test split and scores the edge model on it.
+A node (:class:`EdgeNode`) holds its data and an edge model (with its optimizer)
+that persists between rounds and never leaves the node. Each round it restores
+the edge model, trains it on its training data (with KD against the server
+logits, looked up by sample id), extracts features, logits, labels and ids over
+that data and saves the edge state again; on evaluation it extracts over its
+test data and scores the edge model on it. The built-in app's node holds one
+partition of the run's data set (:func:`partition_node`).
 
 Where the edge state lives is an :class:`EdgeStateStore`: anything that loads and
 saves one blob of bytes. :class:`DirectoryStateStore` keeps it in
-``client-state-dir`` (``edge-partition-<i>.pt``, written atomically), so that a
+``client-state-dir`` (``edge-<node key>.pt``, written atomically), so that a
 restarted node continues from it; the Flower layer keeps it in ``context.state``
-(:class:`flwr_fedgkt.client_app.ContextStateStore`). :func:`edge_state_store`
+(:class:`flwr_fedgkt.client.ContextStateStore`). :func:`edge_state_store`
 puts the two together: restore from the node's own store when it holds a state,
 else from the directory; save to both.
 
@@ -20,29 +21,39 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+from torch import nn
+
 from .config import RunConfig
-from .data import Partition, SampleSet, load_partition
-from .edge import EdgeTrainer, Extracted, LogitTable, edge_generator
+from .data import Partition, load_partition
+from .edge import EdgeData, EdgeTrainer, Extracted, LogitTable, OptimizerFactory, edge_generator
+from .models import EDGE_MODEL, seeded_model
 
 __all__ = [
     "EdgeStateStore",
     "DirectoryStateStore",
+    "MemoryStateStore",
     "LayeredStateStore",
     "edge_state_file",
     "edge_state_store",
     "partition_ids",
     "load_node_partition",
+    "ROUND_KEYS",
+    "EdgeSettings",
     "round_settings",
-    "new_edge_trainer",
-    "load_edge",
-    "save_edge",
-    "train_edge",
-    "extract_test",
+    "node_stream",
+    "EdgeNode",
+    "edge_model_factory",
+    "partition_node",
 ]
 
 
@@ -78,26 +89,67 @@ def load_node_partition(partition_id: int, num_partitions: int, config: RunConfi
 
 
 ROUND_KEYS = ("client-epochs", "client-lr", "batch-size", "temperature", "alpha")
-"""Training settings the server's round config may set for a round (run config
-keys); the run config gives the ones it leaves out."""
+"""Training settings the server's round config may set for a round (run-config
+keys); the node's own settings give the ones it leaves out."""
 
 
-def round_run_config(config: RunConfig, round_config: Mapping[str, Any]) -> RunConfig:
-    """``config`` with the round's training settings (:data:`ROUND_KEYS`) from the
-    server's round config, so that a strategy can change the edge's epochs,
-    learning rate, batch size, T or alpha by round; each value is checked as a
-    run-config value would be (ConfigError names a bad one)."""
-    overrides = {key: round_config[key] for key in ROUND_KEYS if key in round_config}
-    if not overrides:
-        return config
-    return RunConfig.from_mapping({**config.to_dict(), **overrides})
+@dataclass(frozen=True)
+class EdgeSettings:
+    """How a node trains its edge model in a round.
+
+    Parameters
+    ----------
+    epochs : int (default: 1)
+        Local epochs per round (``client-epochs``).
+    lr : float (default: 0.001)
+        Learning rate (``client-lr``).
+    batch_size : int (default: 32)
+        Training batch size (``batch-size``).
+    temperature : float (default: 3.0)
+        KD temperature T.
+    alpha : float (default: 1.0)
+        Weight of the KD term: ``loss = CE + alpha * KD``.
+    """
+
+    epochs: int = 1
+    lr: float = 0.001
+    batch_size: int = 32
+    temperature: float = 3.0
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        RunConfig.from_mapping(self._keys())  # the run config's checks name a bad value
+
+    def _keys(self) -> dict[str, Any]:
+        return dict(zip(ROUND_KEYS, dataclasses.astuple(self), strict=True))
+
+    @classmethod
+    def from_run_config(cls, config: RunConfig) -> EdgeSettings:
+        """The edge settings of a run config."""
+        return cls(
+            config.client_epochs,
+            config.client_lr,
+            config.batch_size,
+            config.temperature,
+            config.alpha,
+        )
+
+    def for_round(self, round_config: Mapping[str, Any]) -> EdgeSettings:
+        """These settings with the round's values (:data:`ROUND_KEYS`) from the
+        server's round config, so that a strategy can change the edge's epochs,
+        learning rate, batch size, T or alpha by round; each value is checked as a
+        run-config value is (ConfigError names a bad one)."""
+        overrides = {key: round_config[key] for key in ROUND_KEYS if key in round_config}
+        if not overrides:
+            return self
+        return self.from_run_config(RunConfig.from_mapping({**self._keys(), **overrides}))
 
 
-def round_settings(round_config: Mapping[str, Any], config: RunConfig) -> tuple[int, str]:
-    """``(server round, feature dtype)`` of a round's config from the server."""
+def round_settings(round_config: Mapping[str, Any], dtype: str = "int8") -> tuple[int, str]:
+    """``(server round, feature dtype)`` of a round's config from the server
+    (``dtype`` when it names none)."""
     server_round = int(round_config.get("server-round", 0))
-    dtype = str(round_config.get("feature-dtype", config.feature_dtype))
-    return server_round, dtype
+    return server_round, str(round_config.get("feature-dtype", dtype))
 
 
 # -- edge state ---------------------------------------------------------------------
@@ -111,17 +163,25 @@ class EdgeStateStore(Protocol):
         """Keep ``blob`` as the state."""
 
 
-def edge_state_file(directory: str | Path, partition_id: int) -> Path:
-    """The file a partition's edge state is kept in under ``directory``."""
-    return Path(directory) / f"edge-partition-{partition_id}.pt"
+def _file_label(key: str) -> str:
+    """A node key as a file-name part: itself when it is short and made of letters,
+    digits, ``_`` and ``-``, else ``key-`` and a digest of it (never colliding)."""
+    if 0 < len(key) <= 40 and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        return key
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def edge_state_file(directory: str | Path, node_key: str) -> Path:
+    """The file a node's edge state is kept in under ``directory``."""
+    return Path(directory) / f"edge-{_file_label(node_key)}.pt"
 
 
 class DirectoryStateStore:
-    """One partition's edge state in a directory (``client-state-dir``): the file
-    ``edge-partition-<partition_id>.pt``, replaced atomically on every save."""
+    """One node's edge state in a directory (``client-state-dir``): the file
+    ``edge-<node key>.pt``, replaced atomically on every save."""
 
-    def __init__(self, directory: str | Path, partition_id: int) -> None:
-        self.path = edge_state_file(directory, partition_id)
+    def __init__(self, directory: str | Path, node_key: str) -> None:
+        self.path = edge_state_file(directory, node_key)
 
     def __repr__(self) -> str:
         return f"DirectoryStateStore({str(self.path)!r})"
@@ -134,6 +194,19 @@ class DirectoryStateStore:
         tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_bytes(blob)
         os.replace(tmp, self.path)
+
+
+class MemoryStateStore:
+    """The edge state in this object (a node simulated in one process)."""
+
+    def __init__(self) -> None:
+        self.blob: bytes | None = None
+
+    def load(self) -> bytes | None:
+        return self.blob
+
+    def save(self, blob: bytes) -> None:
+        self.blob = blob
 
 
 class LayeredStateStore:
@@ -159,86 +232,153 @@ class LayeredStateStore:
 
 
 def edge_state_store(
-    primary: EdgeStateStore, config: RunConfig, partition_id: int
+    primary: EdgeStateStore, state_dir: str | None, node_key: str
 ) -> EdgeStateStore:
     """The store a node's round uses: ``primary`` (the node's own, e.g. Flower's
-    ``context.state``) and, with ``client-state-dir`` set, this partition's file
-    there. A state in ``primary`` wins; the file is read only when ``primary`` has
-    none (a restarted node); both are saved to."""
-    if not config.client_state_dir:
+    ``context.state``) and, with a ``state_dir`` (``client-state-dir``), this
+    node's file there. A state in ``primary`` wins; the file is read only when
+    ``primary`` has none (a restarted node); both are saved to."""
+    if not state_dir:
         return primary
-    return LayeredStateStore(primary, DirectoryStateStore(config.client_state_dir, partition_id))
+    return LayeredStateStore(primary, DirectoryStateStore(state_dir, node_key))
 
 
 # -- edge rounds --------------------------------------------------------------------
-def new_edge_trainer(config: RunConfig, num_classes: int, partition_id: int) -> EdgeTrainer:
-    """A fresh edge trainer for a partition, its model seeded with
-    ``seed + partition_id``."""
-    return EdgeTrainer(
-        num_classes,
-        lr=config.client_lr,
+def node_stream(node_key: str) -> int:
+    """A number for a node key that seeds the node's shuffling: the key itself when
+    it is a partition id (a small decimal integer), else a CRC-32 of it; the same in
+    every process (unlike ``hash`` of a string)."""
+    if node_key.isdecimal() and len(node_key) <= 18:
+        return int(node_key)
+    return zlib.crc32(node_key.encode())
+
+
+class EdgeNode:
+    """A node's side of FedGKT rounds, without Flower.
+
+    Each round restores the edge model and its optimizer from ``store`` (a fresh
+    model from ``edge_model`` the first time), trains it on the node's data with
+    CE + alpha * KD against the server logits (by sample id), extracts features,
+    logits, labels and ids over the training data and saves the state again;
+    :meth:`evaluate` extracts over the test data and scores the edge model.
+
+    Parameters
+    ----------
+    edge_model : Callable[[], nn.Module]
+        Builds the node's edge model (``forward(x)`` returns ``(logits,
+        features)``); called every round, then the saved state is loaded into it.
+    store : EdgeStateStore
+        Where the edge state lives between rounds.
+    settings : EdgeSettings (default: EdgeSettings())
+        Training settings; a round's config may override them.
+    seed : int (default: 0)
+        With ``stream`` and the round, seeds the training's shuffling and
+        augmentation, so runs repeat.
+    stream : int (default: 0)
+        This node's own stream of that seed (:func:`node_stream` of its key), so
+        nodes shuffle differently.
+    device : str (default: "auto")
+        ``auto`` uses CUDA when available.
+    freeze_extractor : bool (default: False)
+        Train without changing the extractor (see :class:`EdgeTrainer`).
+    optimizer : OptimizerFactory | None (default: None)
+        Builds the optimizer (Adam, weight decay 5e-4, when None).
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        edge_model: Callable[[], nn.Module],
+        store: EdgeStateStore,
+        settings: EdgeSettings | None = None,
+        *,
+        seed: int = 0,
+        stream: int = 0,
+        device: str = "auto",
+        freeze_extractor: bool = False,
+        optimizer: OptimizerFactory | None = None,
+    ) -> None:
+        self.edge_model = edge_model
+        self.store = store
+        self.settings = settings if settings is not None else EdgeSettings()
+        self.seed = seed
+        self.stream = stream
+        self.device = device
+        self.freeze_extractor = freeze_extractor
+        self.optimizer = optimizer
+
+    def trainer(self, settings: EdgeSettings | None = None) -> EdgeTrainer:
+        """The edge trainer, restored from the store when it holds a state, with
+        the learning rate of ``settings`` (the node's own when None)."""
+        lr = (settings or self.settings).lr
+        trainer = EdgeTrainer(
+            lr=lr,
+            device=self.device,
+            freeze_extractor=self.freeze_extractor,
+            model=self.edge_model(),
+            optimizer=self.optimizer,
+        )
+        blob = self.store.load()
+        if blob is not None:
+            trainer.load_state_bytes(blob)
+            trainer.set_lr(lr)  # this round's rate, not the saved one
+        return trainer
+
+    def train(
+        self,
+        data: EdgeData,
+        server_round: int,
+        teacher: LogitTable | None,
+        settings: EdgeSettings | None = None,
+    ) -> tuple[Extracted, dict[str, float]]:
+        """One round: restore, train on ``data`` (KD against ``teacher`` by sample
+        id; shuffling seeded by ``edge_generator(seed, stream, server_round)``),
+        extract over ``data``, save. Returns the extraction and the training
+        metrics (``train_loss``, ``train_ce``, ``train_kd``, ``train_accuracy``)."""
+        settings = settings or self.settings
+        trainer = self.trainer(settings)
+        metrics = trainer.train(
+            data,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            teacher=teacher,
+            temperature=settings.temperature,
+            alpha=settings.alpha,
+            generator=edge_generator(self.seed, self.stream, server_round),
+        )
+        extracted = trainer.extract(data)
+        self.store.save(trainer.state_bytes())
+        return extracted, metrics
+
+    def evaluate(self, data: EdgeData) -> tuple[Extracted, dict[str, float]]:
+        """The edge model's features over ``data`` (a test split) and its own
+        ``{"loss", "accuracy"}`` on them; nothing is saved."""
+        extracted = self.trainer().extract(data)
+        return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)
+
+
+def edge_model_factory(
+    config: RunConfig, num_classes: int, partition_id: int
+) -> Callable[[], nn.Module]:
+    """The built-in edge model (ResNet-8) of a partition, its initialisation drawn
+    from ``seed + partition_id``, or from ``seed`` alone with
+    ``shared-extractor-init`` (every node starts from the same model)."""
+    seed = config.seed if config.shared_extractor_init else config.seed + partition_id
+    return partial(seeded_model, EDGE_MODEL, num_classes, seed)
+
+
+def partition_node(
+    config: RunConfig, partition_id: int, num_classes: int, store: EdgeStateStore
+) -> EdgeNode:
+    """The built-in app's node for a partition: ResNet-8 (:func:`edge_model_factory`),
+    the run config's edge settings, device and ``freeze-extractor``, its state in
+    ``store`` (and in ``client-state-dir`` when set)."""
+    return EdgeNode(
+        edge_model_factory(config, num_classes, partition_id),
+        edge_state_store(store, config.client_state_dir, str(partition_id)),
+        EdgeSettings.from_run_config(config),
+        seed=config.seed,
+        stream=partition_id,
         device=config.device,
-        seed=config.seed + partition_id,
         freeze_extractor=config.freeze_extractor,
     )
-
-
-def load_edge(
-    store: EdgeStateStore, config: RunConfig, num_classes: int, partition_id: int
-) -> EdgeTrainer:
-    """The node's edge trainer, restored from ``store`` when it holds a state, else
-    fresh."""
-    trainer = new_edge_trainer(config, num_classes, partition_id)
-    blob = store.load()
-    if blob is not None:
-        trainer.load_state_bytes(blob)
-        trainer.set_lr(config.client_lr)  # this round's rate, not the saved one
-    return trainer
-
-
-def save_edge(store: EdgeStateStore, trainer: EdgeTrainer) -> None:
-    """Keep the edge model's and optimizer's state in ``store``."""
-    store.save(trainer.state_bytes())
-
-
-def train_edge(
-    store: EdgeStateStore,
-    config: RunConfig,
-    partition_id: int,
-    data: SampleSet,
-    num_classes: int,
-    server_round: int,
-    teacher: LogitTable | None,
-) -> tuple[Extracted, dict[str, float]]:
-    """One edge round on this node: restore the edge model from ``store``, train it
-    on ``data`` (KD against ``teacher`` by sample id; shuffling seeded by
-    ``edge_generator(seed, partition_id, server_round)``), extract features, logits,
-    labels and ids over ``data``, and save the edge state to ``store`` again."""
-    trainer = load_edge(store, config, num_classes, partition_id)
-    generator = edge_generator(config.seed, partition_id, server_round)
-    metrics = trainer.train(
-        data,
-        epochs=config.client_epochs,
-        batch_size=config.batch_size,
-        teacher=teacher,
-        temperature=config.temperature,
-        alpha=config.alpha,
-        generator=generator,
-    )
-    extracted = trainer.extract(data)
-    save_edge(store, trainer)
-    return extracted, metrics
-
-
-def extract_test(
-    store: EdgeStateStore,
-    config: RunConfig,
-    partition_id: int,
-    data: SampleSet,
-    num_classes: int,
-) -> tuple[Extracted, dict[str, float]]:
-    """The edge model's features over ``data`` (a test split) and its own
-    ``{"loss", "accuracy"}`` on them; nothing is saved."""
-    trainer = load_edge(store, config, num_classes, partition_id)
-    extracted = trainer.extract(data)
-    return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)

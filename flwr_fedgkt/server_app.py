@@ -15,6 +15,7 @@ from .accounting import model_profile
 from .checkpoint import CheckpointError, load_latest_checkpoint
 from .config import RunConfig
 from .data import DataUnavailableError, describe_dataset, plot_label_distribution
+from .models import EDGE_MODEL, build_model, extractor_and_server, seeded_model
 from .results import ResultsWriter
 from .strategy import FedGKT
 
@@ -60,6 +61,22 @@ def save_final_model(arrays: ArrayRecord, path: Path) -> None:
     log(INFO, "Final server model: %s", path)
 
 
+def save_deployable_model(
+    arrays: ArrayRecord, config: RunConfig, num_classes: int, path: Path
+) -> None:
+    """With ``shared-extractor-init`` and ``freeze-extractor`` every node's
+    extractor is the ResNet-8 stem initialised from ``seed`` and never trained, so
+    the server knows it: save it with the trained server model as one model for
+    inference on images (:func:`~flwr_fedgkt.models.extractor_and_server`)."""
+    if not arrays or not (config.shared_extractor_init and config.freeze_extractor):
+        return
+    server = build_model(config.server_model, num_classes)
+    server.load_state_dict(arrays.to_torch_state_dict())
+    stem = seeded_model(EDGE_MODEL, num_classes, config.seed).stem
+    torch.save(extractor_and_server(stem, server).state_dict(), path)
+    log(INFO, "Extractor + server model, for inference on images: %s", path)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run FedGKT for ``num-server-rounds`` rounds and write ``results.json``."""
@@ -77,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     header = {
         "algorithm": "fedgkt",
         "config": config.to_dict(),
-        "edge_model": model_profile("resnet8", num_classes),
+        "edge_model": model_profile(EDGE_MODEL, num_classes),
         "server_model": model_profile(config.server_model, num_classes),
     }
     writer = ResultsWriter(output_dir, header)
@@ -122,4 +139,5 @@ def main(grid: Grid, context: Context) -> None:
         writer.finish("failed", f"{type(err).__name__}: {err}")
         raise
     save_final_model(result.arrays, output_dir / "final_model.pt")
+    save_deployable_model(result.arrays, config, num_classes, output_dir / "deployable_model.pt")
     writer.finish("completed")

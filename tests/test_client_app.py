@@ -7,7 +7,8 @@ import torch
 from conftest import make_message
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
-from flwr_fedgkt.client_app import STATE_KEY, evaluate, train
+from flwr_fedgkt.client import STATE_KEY
+from flwr_fedgkt.client_app import evaluate, train
 from flwr_fedgkt.config import ConfigError
 from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, record_arrays
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from flwr_fedgkt import node
-from flwr_fedgkt.client_app import ContextStateStore, load_edge, save_edge, train_edge
+from flwr_fedgkt.client import ContextStateStore
 from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.node import EdgeNode, MemoryStateStore, partition_node
 from flwr_fedgkt.data import SampleSet
 
 NUM_CLASSES = 10
@@ -49,9 +49,14 @@ def _data(partition_id: int, n: int = 16) -> SampleSet:
     )
 
 
+def _node(context: Context, config: RunConfig, partition_id: int) -> EdgeNode:
+    """The built-in node of a partition, its state in ``context`` (and on disk)."""
+    return partition_node(config, partition_id, NUM_CLASSES, ContextStateStore(context))
+
+
 def _weights(context: Context, config: RunConfig, partition_id: int) -> dict[str, torch.Tensor]:
     """The edge weights a node with ``context`` would train from next."""
-    return _trainer_weights(load_edge(context, config, NUM_CLASSES, partition_id))
+    return _trainer_weights(_node(context, config, partition_id).trainer())
 
 
 def _trainer_weights(trainer) -> dict[str, torch.Tensor]:
@@ -63,7 +68,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def _round(context: Context, config: RunConfig, partition_id: int, server_round: int) -> None:
-    train_edge(context, config, partition_id, _data(partition_id), NUM_CLASSES, server_round, None)
+    _node(context, config, partition_id).train(_data(partition_id), server_round, None)
 
 
 def test_fresh_nodes_start_from_their_own_seeded_edge_models() -> None:
@@ -93,7 +98,7 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
     restored_a = _weights(_context(33, 0), config, 0)
     restored_b = _weights(_context(44, 1), config, 1)
     files = sorted(p.name for p in (tmp_path / "clients").iterdir())
-    assert files == ["edge-partition-0.pt", "edge-partition-1.pt"]
+    assert files == ["edge-0.pt", "edge-1.pt"]
     assert _same(restored_a, weights_a), "restarted node a did not restore its own edge state"
     assert _same(restored_b, weights_b), "restarted node b did not restore its own edge state"
     # a partition that never trained starts afresh, from nobody's state
@@ -110,7 +115,7 @@ def test_each_node_continues_from_its_own_state(tmp_path) -> None:
     _round(node_a, config, 0, 1)
     _round(node_b, config, 1, 1)
     reference = _context(99, 0)
-    save_edge(reference, load_edge(node_a, config, NUM_CLASSES, 0))
+    ContextStateStore(reference).save(_node(node_a, config, 0).trainer().state_bytes())
     # Execute: round 2 on node a after node b, and on the copy (no state dir)
     _round(node_b, config, 1, 2)
     _round(node_a, config, 0, 2)
@@ -138,7 +143,7 @@ def test_a_state_in_the_context_wins_over_the_file(tmp_path) -> None:
     config = _config(tmp_path / "clients")
     node_a = _context(11, 0)
     _round(node_a, config, 0, 1)
-    state_file = tmp_path / "clients" / "edge-partition-0.pt"
+    state_file = tmp_path / "clients" / "edge-0.pt"
     round_1 = state_file.read_bytes()
     assert ContextStateStore(node_a).load() == round_1
     _round(node_a, _config(), 0, 2)
@@ -150,29 +155,18 @@ def test_a_state_in_the_context_wins_over_the_file(tmp_path) -> None:
     assert state_file.read_bytes() == round_1, "restoring a state wrote the file"
 
 
-class _MemoryStore:
-    def __init__(self) -> None:
-        self.blob: bytes | None = None
-
-    def load(self) -> bytes | None:
-        return self.blob
-
-    def save(self, blob: bytes) -> None:
-        self.blob = blob
-
-
 def test_the_core_node_trains_as_the_flower_node_does() -> None:
     # Prepare
     config = _config()
-    store, context = _MemoryStore(), _context(11, 1)
+    store, context = MemoryStateStore(), _context(11, 1)
     # Execute: two rounds through the core with its own store, two through Flower
     for server_round in (1, 2):
-        core, _ = node.train_edge(
-            store, config, 1, _data(1), NUM_CLASSES, server_round, teacher=None
+        core, _ = partition_node(config, 1, NUM_CLASSES, store).train(
+            _data(1), server_round, teacher=None
         )
-        flower, _ = train_edge(context, config, 1, _data(1), NUM_CLASSES, server_round, None)
+        flower, _ = _node(context, config, 1).train(_data(1), server_round, None)
         # Assert: the same features and logits, round by round
         assert torch.equal(core.features, flower.features)
         assert torch.equal(core.logits, flower.logits)
-    core_weights = _trainer_weights(node.load_edge(store, config, NUM_CLASSES, 1))
+    core_weights = _trainer_weights(partition_node(config, 1, NUM_CLASSES, store).trainer())
     assert _same(core_weights, _weights(context, config, 1))

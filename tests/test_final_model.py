@@ -1,12 +1,16 @@
 """A run hands back the trained server model: ``Result.arrays`` after ``start()``,
 and ``final_model.pt`` from the built-in ServerApp."""
 
+import io
+
 import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import build_model, server_app
+from flwr_fedgkt.client import ContextStateStore
 from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.models import extractor_and_server
 from flwr_fedgkt.strategy import FedGKT
 
 RUN_CONFIG = {
@@ -60,3 +64,56 @@ def test_the_server_app_saves_a_final_model_that_loads_and_predicts_alike(
     with torch.no_grad():
         assert torch.equal(fresh(features), reference(features))
     assert not torch.equal(saved["fc.weight"], build_model("resnet55", 10).fc.weight)
+
+
+def test_with_one_frozen_extractor_the_run_exports_extractor_and_server_as_one_model(
+    task_identity, tmp_path
+) -> None:
+    # Prepare: every node starts from the seed's edge model and never trains its stem
+    run_config = {
+        **RUN_CONFIG,
+        "num-server-rounds": 2,
+        "output-dir": str(tmp_path),
+        "shared-extractor-init": True,
+        "freeze-extractor": True,
+    }
+    grid = _grid(run_config)
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    # Execute
+    server_app.main(grid, context)
+    # Assert: the exported extractor is every node's extractor after training ...
+    saved = torch.load(tmp_path / "deployable_model.pt", weights_only=True)
+    model = extractor_and_server(build_model("resnet8", 10).stem, build_model("resnet55", 10))
+    model.load_state_dict(saved)
+    model.eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    server = build_model("resnet55", 10)
+    server.load_state_dict(torch.load(tmp_path / "final_model.pt", weights_only=True))
+    server.eval()
+    for ctx in grid.contexts.values():
+        edge = build_model("resnet8", 10)
+        edge.load_state_dict(_edge_state(ctx)["model"])
+        edge.eval()
+        for key, value in edge.stem.state_dict().items():
+            assert torch.equal(model.extractor.state_dict()[key], value), key
+        # ... and the pair predicts as the server model on that node's features
+        with torch.no_grad():
+            assert torch.equal(model(images), server(edge(images)[1]))
+
+
+def test_without_a_shared_frozen_extractor_no_pair_is_exported(task_identity, tmp_path) -> None:
+    run_config = {**RUN_CONFIG, "output-dir": str(tmp_path), "freeze-extractor": True}
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    server_app.main(_grid(run_config), context)
+    assert (tmp_path / "final_model.pt").exists()
+    assert not (tmp_path / "deployable_model.pt").exists()
+
+
+def _edge_state(context: Context) -> dict:
+    blob = ContextStateStore(context).load()
+    assert blob is not None
+    return torch.load(io.BytesIO(blob), weights_only=True)

@@ -6,7 +6,14 @@ import ast
 from flower_processes import REPO
 
 PACKAGE = REPO / "flwr_fedgkt"
-FLOWER_LAYER = {"strategy.py", "compat.py", "records.py", "client_app.py", "server_app.py"}
+FLOWER_LAYER = {
+    "strategy.py",
+    "compat.py",
+    "records.py",
+    "client.py",
+    "client_app.py",
+    "server_app.py",
+}
 
 
 def _imported_packages(path) -> set[str]:

@@ -1,0 +1,252 @@
+"""FedGKTClient: the edge side of FedGKT for any Flower ClientApp.
+
+A node brings its own edge model and data; :class:`FedGKTClient` provides the
+``train`` and ``evaluate`` handlers of a Message-API ClientApp::
+
+    app = ClientApp()
+
+    def fedgkt_client(context: Context) -> FedGKTClient:
+        train_data, test_data = load_data(context.node_config["partition-id"])
+        return FedGKTClient(EdgeNet, train_data, test_data, lr=0.001)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return fedgkt_client(context).train(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return fedgkt_client(context).evaluate(msg, context)
+
+The handlers only translate Messages; the round itself is
+:class:`flwr_fedgkt.node.EdgeNode`. The edge model and its optimizer live in
+``context.state`` between rounds (:class:`ContextStateStore`) and, with
+``state_dir``, also on disk; edge weights never leave the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from .edge import EdgeData, LogitTable, OptimizerFactory, evaluate_metrics, train_metrics
+from .node import EdgeNode, EdgeSettings, edge_state_store, node_stream, round_settings
+from .records import (
+    CONFIG_KEY,
+    FEATURES_KEY,
+    LOGITS_KEY,
+    META_KEY,
+    METRICS_KEY,
+    NODE_KEY,
+    features_record,
+    record_arrays,
+)
+
+__all__ = ["FedGKTClient", "ContextStateStore", "STATE_KEY", "default_node_key"]
+
+STATE_KEY = "edge_state"
+"""The key of the edge state's ArrayRecord in ``context.state``."""
+
+
+class ContextStateStore:
+    """The edge state in a node's ``context.state``: one ``uint8`` array ``blob``
+    in the ArrayRecord under ``key``."""
+
+    def __init__(self, context: Context, key: str = STATE_KEY) -> None:
+        self.context = context
+        self.key = key
+
+    def load(self) -> bytes | None:
+        if self.key not in self.context.state.array_records:
+            return None
+        blob = self.context.state.array_records[self.key]["blob"].numpy()
+        return blob.tobytes()
+
+    def save(self, blob: bytes) -> None:
+        array = np.frombuffer(blob, dtype=np.uint8)
+        self.context.state[self.key] = ArrayRecord(array_dict={"blob": Array(array.copy())})
+
+
+def default_node_key(node_config: Mapping[str, Any]) -> str:
+    """A node's key when none is given: its ``partition-id``, as text."""
+    if "partition-id" not in node_config:
+        raise ValueError(
+            "the node config has no 'partition-id' to key this node's state by; pass "
+            "node_key=... to FedGKTClient, or start the SuperNode with "
+            '--node-config "partition-id=<i>"'
+        )
+    return str(node_config["partition-id"])
+
+
+class FedGKTClient:
+    """The edge side of FedGKT: ``train`` and ``evaluate`` handlers for a ClientApp.
+
+    ``train`` restores the edge model from ``context.state``, trains it on
+    ``train_data`` with CE + alpha * KD against the server logits that came with
+    the message (each sample's target looked up by its sample id), and replies with
+    the features, edge logits, labels and sample ids of ``train_data`` in the wire
+    dtype the server asked for. ``evaluate`` replies with the features and labels
+    of ``test_data`` and the edge model's own accuracy and loss on it.
+
+    Parameters
+    ----------
+    edge_model : Callable[[], nn.Module]
+        Builds the edge model, e.g. the model's class. Its ``forward(x)`` returns
+        ``(logits, features)``; the features' shape is the one the strategy was
+        given. Seed its initialisation yourself when runs must repeat.
+    train_data : EdgeData
+        The node's training data: a ``torch.utils.data.Dataset`` or sequence of
+        ``(x, y)`` items (the index is the sample id) or ``(x, y, sample_id)``
+        items, or a :class:`~flwr_fedgkt.data.SampleSet`. Random augmentation in
+        ``__getitem__`` is fine: KD targets follow the sample id. Ids only need to
+        be unique within the node.
+    test_data : EdgeData | None (default: None)
+        The node's test data, in the same form; needed by ``evaluate``.
+    node_key : str | None (default: None)
+        The stable key the server keeps this node's state under (its server
+        logits, stored features, sample ids); the node config's ``partition-id``
+        when None. Keep it the same across restarts.
+    epochs : int (default: 1)
+        Local epochs per round.
+    lr : float (default: 0.001)
+        Learning rate.
+    batch_size : int (default: 32)
+        Training batch size.
+    temperature : float (default: 3.0)
+        KD temperature.
+    alpha : float (default: 1.0)
+        Weight of the KD term.
+    optimizer : OptimizerFactory | None (default: None)
+        Builds the optimizer from the trainable parameters (its learning rate is
+        set to ``lr``); Adam with weight decay 5e-4 when None.
+    freeze_extractor : bool (default: False)
+        Never train the model's ``extractor`` (or ``stem``) module, so that the
+        server may keep the node's first upload of features.
+    device : str (default: "auto")
+        ``auto`` uses CUDA when available.
+    seed : int (default: 0)
+        Seeds the shuffling (with the node key and the round), so runs repeat.
+    state_dir : str | None (default: None)
+        Also keep the edge state in this directory (``edge-<node key>.pt``), so
+        that a restarted node continues from it.
+
+    Notes
+    -----
+    ``epochs``, ``lr``, ``batch_size``, ``temperature`` and ``alpha`` are
+    defaults: the round's config from the strategy (``client-epochs``,
+    ``client-lr``, ``batch-size``, ``temperature``, ``alpha``) overrides them.
+    """
+
+    # pylint: disable=too-many-arguments,too-many-instance-attributes
+    def __init__(
+        self,
+        edge_model: Callable[[], nn.Module],
+        train_data: EdgeData,
+        test_data: EdgeData | None = None,
+        *,
+        node_key: str | None = None,
+        epochs: int = 1,
+        lr: float = 0.001,
+        batch_size: int = 32,
+        temperature: float = 3.0,
+        alpha: float = 1.0,
+        optimizer: OptimizerFactory | None = None,
+        freeze_extractor: bool = False,
+        device: str = "auto",
+        seed: int = 0,
+        state_dir: str | None = None,
+    ) -> None:
+        self.edge_model = edge_model
+        self.train_data = train_data
+        self.test_data = test_data
+        self.node_key = node_key
+        self.settings = EdgeSettings(epochs, lr, batch_size, temperature, alpha)
+        self.optimizer = optimizer
+        self.freeze_extractor = freeze_extractor
+        self.device = device
+        self.seed = seed
+        self.state_dir = state_dir
+
+    def node(self, context: Context) -> EdgeNode:
+        """This node's round engine, its edge state in ``context.state`` (and
+        ``state_dir``)."""
+        key = self.key(context)
+        return EdgeNode(
+            self.edge_model,
+            edge_state_store(ContextStateStore(context), self.state_dir, key),
+            self.settings,
+            seed=self.seed,
+            stream=node_stream(key),
+            device=self.device,
+            freeze_extractor=self.freeze_extractor,
+            optimizer=self.optimizer,
+        )
+
+    def key(self, context: Context) -> str:
+        """The node key: ``node_key``, else the node config's ``partition-id``."""
+        return self.node_key if self.node_key is not None else default_node_key(context.node_config)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """One round of edge training, then the upload of the training data's
+        features, logits, labels and ids."""
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        server_round, dtype = round_settings(round_config)
+        teacher = None
+        if LOGITS_KEY in msg.content.array_records:
+            arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
+            teacher = LogitTable(arrays["ids"], arrays["logits"])
+        extracted, metrics = self.node(context).train(
+            self.train_data, server_round, teacher, self.settings.for_round(round_config)
+        )
+        record = features_record(
+            extracted, dtype, with_features=bool(round_config.get("send-features", True))
+        )
+        return self._reply(
+            msg,
+            context,
+            record,
+            {"num-examples": len(extracted.ids), **train_metrics(metrics)},
+        )
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """The upload of the test data's features and labels, with the edge model's
+        own accuracy and loss on them."""
+        if self.test_data is None:
+            raise ValueError("FedGKTClient needs test_data to evaluate")
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        _, dtype = round_settings(round_config)
+        extracted, scores = self.node(context).evaluate(self.test_data)
+        record = features_record(
+            extracted,
+            dtype,
+            with_logits=False,
+            with_features=bool(round_config.get("send-features", True)),
+        )
+        return self._reply(
+            msg,
+            context,
+            record,
+            {"num-examples": len(extracted.ids), **evaluate_metrics(scores)},
+        )
+
+    def _reply(
+        self,
+        msg: Message,
+        context: Context,
+        record: ArrayRecord,
+        metrics: dict[str, int | float | list[int] | list[float]],
+    ) -> Message:
+        """The reply: the arrays, the metrics, and what every reply echoes back (its
+        round and feature dtype) with the node's key."""
+        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        server_round, dtype = round_settings(round_config)
+        meta = ConfigRecord(
+            {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: self.key(context)}
+        )
+        content = RecordDict(
+            {FEATURES_KEY: record, METRICS_KEY: MetricRecord(metrics), META_KEY: meta}
+        )
+        return Message(content=content, reply_to=msg)
