@@ -9,6 +9,8 @@ The public API, importable from ``flwr_fedgkt``:
 - :class:`EdgeNode` (with :class:`EdgeSettings`): a node's rounds without Flower;
 - :class:`RoundEngine`: the server's round without Flower, which both hold;
 - :class:`ServerTrainer` and :class:`EdgeTrainer`: the two sides' training;
+- :func:`cut_model`: an edge/server pair cut from any model at a named child
+  (:class:`ModelPair`, :class:`EdgeModel`);
 - the paper's models (:func:`build_model`, :data:`SERVER_MODELS`), the KD loss
   (:func:`ce_kd_loss`), the wire codec (:func:`encode_features`,
   :func:`decode_features`, :data:`FEATURE_DTYPES`) and the typed run config
@@ -40,6 +42,9 @@ _EXPORTS = {
     "EdgeTrainer": "edge",
     "LogitTable": "edge",
     "build_model": "models",
+    "cut_model": "cut",
+    "ModelPair": "cut",
+    "EdgeModel": "cut",
     "SERVER_MODELS": "models",
     "EdgeResNet": "models",
     "ServerResNet": "models",
@@ -56,6 +61,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "EdgeModel",
     "EdgeNode",
     "EdgeResNet",
     "EdgeSettings",
@@ -68,6 +74,7 @@ __all__ = [
     "FullResNet",
     "LegacyFedGKT",
     "LogitTable",
+    "ModelPair",
     "PayloadError",
     "RoundEngine",
     "RoundLog",
@@ -78,6 +85,7 @@ __all__ = [
     "ServerTrainer",
     "build_model",
     "ce_kd_loss",
+    "cut_model",
     "decode_features",
     "encode_features",
     "kd_loss",
@@ -87,6 +95,7 @@ if TYPE_CHECKING:
     from .client import FedGKTClient
     from .compat import FedGKTNumPyClient, LegacyFedGKT
     from .config import RunConfig
+    from .cut import EdgeModel, ModelPair, cut_model
     from .data import SampleSet
     from .distill import ce_kd_loss, kd_loss
     from .edge import EdgeTrainer, LogitTable

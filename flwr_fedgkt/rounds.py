@@ -35,6 +35,7 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
+from torch import nn
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
@@ -52,7 +53,6 @@ from .features import (
     validate_payload,
     validate_update,
 )
-from .models import FEATURE_CHANNELS
 from .registry import NodeRegistry, features_digest
 from .server import NonFiniteOutput, ServerTrainer, output_classes
 
@@ -161,11 +161,11 @@ class RoundEngine:
     # pylint: disable=too-many-arguments
     def __init__(
         self,
-        trainer: ServerTrainer,
+        trainer: ServerTrainer | nn.Module,
         *,
         server_epochs: int = 1,
         feature_dtype: str = "float32",
-        feature_shape: tuple[int, ...] = (FEATURE_CHANNELS, 32, 32),
+        feature_shape: tuple[int, ...] | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
         max_reply_bytes: int = 0,
         max_staleness: int | None = None,
@@ -178,6 +178,13 @@ class RoundEngine:
         seed: int = 0,
     ) -> None:
         check_dtype_name(feature_dtype)
+        if not isinstance(trainer, ServerTrainer):  # a server model: default training
+            if feature_shape is None:
+                raise ValueError("give the feature_shape that your server model takes")
+            trainer = ServerTrainer(model=trainer, feature_shape=feature_shape)
+        feature_shape = trainer.feature_shape if feature_shape is None else feature_shape
+        if feature_shape is None:
+            raise ValueError("give the feature_shape that the server model takes")
         classes = output_classes(trainer.model, tuple(feature_shape))
         if classes != trainer.num_classes:
             raise ValueError(

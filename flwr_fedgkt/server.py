@@ -11,7 +11,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from .config import RunConfig
 from .distill import DistillLoss, ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
-from .models import SERVER_MODELS, count_parameters, seeded_model
+from .models import FEATURE_CHANNELS, SERVER_MODELS, count_parameters, seeded_model
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
 
@@ -115,8 +115,9 @@ class ServerTrainer:
         Your own server model instead: any module that maps a batch of features to
         logits (its name is then its class name).
     feature_shape : tuple[int, ...] | None (default: None)
-        One sample's feature shape; with ``model`` and no ``num_classes``, the class
-        count is read off the model's output on features of this shape.
+        One sample's feature shape (the built-in models': 16 x 32 x 32); with
+        ``model`` and no ``num_classes``, the class count is read off the model's
+        output on features of this shape. The strategy validates replies against it.
     lr : float (default: 0.001)
         Adam learning rate.
     weight_decay : float (default: 5e-4)
@@ -136,6 +137,11 @@ class ServerTrainer:
         training loss stalls for 3 rounds.
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
+    optimizer : Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None
+        (default: None)
+        Builds the optimizer from the model's parameters (its learning rate is set
+        to ``lr``; ``weight_decay`` is then the factory's business); Adam with
+        ``weight_decay`` when None.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class ServerTrainer:
         total_epochs: int | None = None,
         model: nn.Module | None = None,
         feature_shape: tuple[int, ...] | None = None,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if model is None:
@@ -162,6 +169,7 @@ class ServerTrainer:
             if num_classes is None:
                 raise ValueError("num_classes is required for a built-in server model")
             model = seeded_model(model_name, num_classes, seed)
+            feature_shape = feature_shape or (FEATURE_CHANNELS, 32, 32)
         else:
             model_name = type(model).__name__
             if num_classes is None:
@@ -172,11 +180,22 @@ class ServerTrainer:
         # channels-last convolutions run ~1.5x faster on the CPU and suit CUDA too
         self.model.to(memory_format=torch.channels_last)
         self.num_classes = num_classes
+        self.feature_shape: tuple[int, ...] | None = (
+            None if feature_shape is None else tuple(feature_shape)
+        )
         self.model_name = model_name
         self.temperature = temperature
         self.alpha = alpha
         self.batch_size = batch_size
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        if optimizer is None:
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+                self.model.parameters(), lr=lr, weight_decay=weight_decay
+            )
+        else:
+            self.optimizer = optimizer(self.model.parameters())
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+                group["initial_lr"] = lr
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
         if total_epochs:

@@ -15,6 +15,7 @@ from .accounting import model_profile
 from .checkpoint import CheckpointError, load_latest_checkpoint
 from .config import RunConfig
 from .data import DataUnavailableError, describe_dataset, plot_label_distribution
+from .edge import extractor_of
 from .models import EDGE_MODEL, build_model, extractor_and_server, seeded_model
 from .results import ResultsWriter
 from .strategy import FedGKT
@@ -72,8 +73,8 @@ def save_deployable_model(
         return
     server = build_model(config.server_model, num_classes)
     server.load_state_dict(arrays.to_torch_state_dict())
-    stem = seeded_model(EDGE_MODEL, num_classes, config.seed).stem
-    torch.save(extractor_and_server(stem, server).state_dict(), path)
+    edge = seeded_model(EDGE_MODEL, num_classes, config.seed)
+    torch.save(extractor_and_server(extractor_of(edge), server).state_dict(), path)
     log(INFO, "Extractor + server model, for inference on images: %s", path)
 
 

@@ -31,9 +31,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
+from torch import nn
 
 from .features import MAX_FEATURE_ABS, MAX_LOGIT_ABS, FeatureStore, PayloadError
-from .models import FEATURE_CHANNELS
 from .records import (
     CONFIG_KEY,
     FEATURES_KEY,
@@ -84,15 +84,19 @@ class FedGKT(HoldsEngine, Strategy):
 
     Parameters
     ----------
-    trainer : ServerTrainer
-        The server-side large model with its optimizer; trained inside
-        ``aggregate_train``.
+    trainer : ServerTrainer | nn.Module
+        The server-side large model with its optimizer and training settings
+        (a :class:`~flwr_fedgkt.server.ServerTrainer`), trained inside
+        ``aggregate_train``; or just the server model (any module that maps a
+        batch of features to logits), trained with ``ServerTrainer``'s defaults.
     server_epochs : int (default: 1)
         Epochs of server training per round over all stored features.
     feature_dtype : str (default: "float32")
         Wire dtype the clients encode features in: float32, float16, bfloat16, int8.
-    feature_shape : tuple[int, int, int] (default: (16, 32, 32))
+    feature_shape : tuple[int, ...] | None (default: None)
         Shape of one sample's features; replies with another shape are rejected.
+        The trainer's ``feature_shape`` when None (16 x 32 x 32 for the built-in
+        models); required with a bare server model.
     fraction_train : float (default: 1.0)
         Fraction of nodes sampled for training.
     fraction_evaluate : float (default: 1.0)
@@ -145,10 +149,10 @@ class FedGKT(HoldsEngine, Strategy):
     # pylint: disable=too-many-arguments,too-many-locals
     def __init__(
         self,
-        trainer: ServerTrainer,
+        trainer: ServerTrainer | nn.Module,
         server_epochs: int = 1,
         feature_dtype: str = "float32",
-        feature_shape: tuple[int, ...] = (FEATURE_CHANNELS, 32, 32),
+        feature_shape: tuple[int, ...] | None = None,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
