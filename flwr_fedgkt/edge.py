@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .data import Augmentation, SampleSet
 from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .models import seeded_model
+from .training import StepOutcome, optimizer_step, train_epochs
 
 __all__ = [
     "EdgeData",
@@ -288,28 +289,19 @@ class EdgeTrainer:
         self.model.train()
         if self.stem is not None:
             self.stem.eval()  # frozen: its BatchNorm statistics stay as they are
-        sums = np.zeros(3)  # loss, ce, kd, each summed over samples
-        correct, seen = 0, 0
-        for _ in range(max(epochs, 0)):
-            sums[:] = 0.0
-            correct, seen = 0, 0
-            for images, labels, ids in training_batches(data, batch_size, generator, augment):
-                images, labels = images.to(self.device), labels.to(self.device)
-                logits, _ = self.model(images)
-                parts = self._loss(logits, labels, ids, teacher, temperature, alpha)
-                self.optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                self.optimizer.step()
-                sums += [float(t.detach()) * len(labels) for t in parts]
-                correct += int((logits.argmax(1) == labels).sum())
-                seen += len(labels)
-        loss, ce, kd = (sums / max(seen, 1)).tolist()
-        return {
-            "train_loss": loss,
-            "train_ce": ce,
-            "train_kd": kd,
-            "train_accuracy": correct / max(seen, 1),
-        }
+
+        def step(batch: tuple[Tensor, Tensor, Tensor]) -> StepOutcome:
+            images, labels, ids = batch
+            images, labels = images.to(self.device), labels.to(self.device)
+            logits, _ = self.model(images)
+            parts = self._loss(logits, labels, ids, teacher, temperature, alpha)
+            optimizer_step(self.optimizer, parts.loss)
+            return parts, logits, labels
+
+        totals = train_epochs(
+            epochs, lambda: training_batches(data, batch_size, generator, augment), step
+        )
+        return {f"train_{key}": value for key, value in totals.means().items()}
 
     def _loss(
         self,

@@ -11,7 +11,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import RunConfig
-from .distill import DistillLoss, ce_kd_loss
+from .distill import ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
 from .models import FEATURE_CHANNELS, SERVER_MODELS, count_parameters, seeded_model
+from .training import EpochTotals, StepOutcome, train_epochs
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
 
@@ -259,47 +260,49 @@ class ServerTrainer:
         gradient is excluded for the rest of the call (``result.excluded``).
         """
         start = time.perf_counter()
-        sums = np.zeros(3)  # loss, ce, kd, each summed over samples
-        correct, seen = 0, 0
         excluded: dict[NodeKey, str] = {}
         skipped = 0
-        for _ in range(max(epochs, 0)):
-            sums[:] = 0.0
-            correct, seen = 0, 0
+
+        def batches() -> Iterator[Batch]:
             for batch in store.batches(self.batch_size, self.generator, nodes):
                 if excluded:
                     batch = _without(batch, excluded)
-                if len(batch.labels) < 2:  # BatchNorm needs more than one sample
-                    continue
-                outcome = self._step(batch)
-                if outcome is None:
-                    skipped += 1
-                    excluded.update(self._culprits(batch))
-                    continue
-                parts, batch_correct = outcome
-                sums += [value * len(batch.labels) for value in parts]
-                correct += batch_correct
-                seen += len(batch.labels)
-            if seen and self.scheduler is not None:
+                if len(batch.labels) >= 2:  # BatchNorm needs more than one sample
+                    yield batch
+
+        def step(batch: Batch) -> StepOutcome | None:
+            nonlocal skipped
+            outcome = self._forward_backward(batch)
+            if outcome is None:
+                skipped += 1
+                excluded.update(self._culprits(batch))
+                return None
+            self.optimizer.step()
+            return outcome
+
+        def epoch_end(totals: EpochTotals) -> None:
+            if totals.seen and self.scheduler is not None:
                 self.scheduler.step()
-        loss, ce, kd = (sums / max(seen, 1)).tolist()
-        if seen and self.plateau is not None:
-            self.plateau.step(loss)
+
+        totals = train_epochs(epochs, batches, step, epoch_end)
+        means = totals.means()
+        if totals.seen and self.plateau is not None:
+            self.plateau.step(means["loss"])
         return ServerTrainResult(
-            loss=loss,
-            accuracy=correct / max(seen, 1),
-            samples=seen,
+            loss=means["loss"],
+            accuracy=means["accuracy"],
+            samples=totals.seen,
             seconds=time.perf_counter() - start,
             excluded=excluded,
             skipped_steps=skipped,
-            ce=ce,
-            kd=kd,
+            ce=means["ce"],
+            kd=means["kd"],
         )
 
-    def _forward_backward(self, batch: Batch) -> tuple[DistillLoss, Tensor] | None:
-        """Loss and logits of ``batch`` in train mode, gradients in ``.grad``; None
-        (gradients cleared, BatchNorm statistics as before) when the loss or a
-        gradient is not finite."""
+    def _forward_backward(self, batch: Batch) -> StepOutcome | None:
+        """Loss, logits and labels of ``batch`` in train mode, gradients in
+        ``.grad``; None (gradients cleared, BatchNorm statistics as before) when the
+        loss or a gradient is not finite."""
         self.model.train()
         buffers = [b.detach().clone() for b in self.model.buffers()]
         feats = _to_device(batch.features, self.device)
@@ -320,19 +323,7 @@ class ServerTrainer:
                 for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
                     buffer.copy_(saved)
             return None
-        return parts, logits.detach()
-
-    def _step(self, batch: Batch) -> tuple[tuple[float, float, float], int] | None:
-        """One optimizer step on ``batch``: ``((loss, ce, kd), correct)``, or None when
-        the step was skipped because its loss or gradients were not finite."""
-        out = self._forward_backward(batch)
-        if out is None:
-            return None
-        parts, logits = out
-        self.optimizer.step()
-        correct = int((logits.argmax(1) == batch.labels.to(self.device)).sum())
-        loss, ce, kd = (float(t.detach()) for t in parts)
-        return (loss, ce, kd), correct
+        return parts, logits.detach(), labels
 
     def _culprits(self, batch: Batch) -> dict[NodeKey, str]:
         """The nodes of a batch whose samples alone give a non-finite loss or

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from flwr_fedgkt.data import SampleSet
+from flwr_fedgkt.distill import ce_kd_loss
 from flwr_fedgkt.edge import training_batches
+from flwr_fedgkt.training import StepOutcome, optimizer_step, train_epochs
 
 __all__ = ["make_optimizer", "train_model", "evaluate_model"]
 
@@ -46,21 +48,19 @@ def train_model(
         ``train_loss`` and ``train_accuracy`` of the last epoch.
     """
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for _ in range(max(epochs, 0)):
-        loss_sum, correct, seen = 0.0, 0, 0
-        for images, labels, _ in training_batches(data, batch_size, generator):
-            images = images.to(device, memory_format=torch.channels_last)
-            labels = labels.to(device)
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+    def step(batch: tuple[Tensor, Tensor, Tensor]) -> StepOutcome:
+        images, labels, _ = batch
+        images = images.to(device, memory_format=torch.channels_last)
+        labels = labels.to(device)
+        logits = model(images)
+        parts = ce_kd_loss(logits, labels, None)  # cross-entropy only
+        optimizer_step(optimizer, parts.loss)
+        return parts, logits, labels
+
+    totals = train_epochs(epochs, lambda: training_batches(data, batch_size, generator), step)
+    means = totals.means()
+    return {"train_loss": means["loss"], "train_accuracy": means["accuracy"]}
 
 
 @torch.no_grad()
