@@ -60,6 +60,7 @@ def accuracy_figure(rounds: Sequence[dict[str, Any]], title: str = "") -> Figure
     without a finite value are left out of that line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(figure)
@@ -73,11 +74,12 @@ def accuracy_figure(rounds: Sequence[dict[str, Any]], title: str = "") -> Figure
         if points:
             xs, ys = zip(*points, strict=True)
             axes.plot(xs, ys, marker="o", label=label)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("round")
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="best")
     if title:
         axes.set_title(title)
     figure.tight_layout()
