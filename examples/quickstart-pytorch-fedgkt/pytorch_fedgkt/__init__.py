@@ -1,0 +1,1 @@
+"""pytorch_fedgkt: the PyTorch quickstart, trained with FedGKT instead of FedAvg."""
