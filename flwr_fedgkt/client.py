@@ -17,6 +17,15 @@ A node brings its own edge model and data; :class:`FedGKTClient` provides the
     def evaluate(msg: Message, context: Context) -> Message:
         return fedgkt_client(context).evaluate(msg, context)
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return key_reply(msg, default_node_key(context.node_config))
+
+``query`` tells the server the node's key before its first round (no data is
+loaded for it), so that the server samples nodes by key and a resumed run sends
+every node its server logits from its first round on; an app without it still
+works, and its nodes are sampled by node id.
+
 The handlers only translate Messages; the round itself is
 :class:`flwr_fedgkt.node.EdgeNode`. The edge model and its optimizer live in
 ``context.state`` between rounds (:class:`ContextStateStore`) and, with
@@ -33,7 +42,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import nn
 
 from .edge import EdgeData, LogitTable, OptimizerFactory, evaluate_metrics, train_metrics
-from .node import EdgeNode, EdgeSettings, edge_state_store, node_stream, round_settings
+from .node import (
+    EdgeNode,
+    EdgeSettings,
+    edge_state_store,
+    node_stream,
+    pick_round,
+    round_settings,
+    stale_rounds,
+)
 from .records import (
     CONFIG_KEY,
     FEATURES_KEY,
@@ -45,29 +62,43 @@ from .records import (
     record_arrays,
 )
 
-__all__ = ["FedGKTClient", "ContextStateStore", "STATE_KEY", "default_node_key"]
+__all__ = ["FedGKTClient", "ContextStateStore", "STATE_KEY", "default_node_key", "key_reply"]
 
 STATE_KEY = "edge_state"
 """The key of the edge state's ArrayRecord in ``context.state``."""
 
+ROUND_PREFIX = "round-"
+
 
 class ContextStateStore:
-    """The edge state in a node's ``context.state``: one ``uint8`` array ``blob``
-    in the ArrayRecord under ``key``."""
+    """The edge states in a node's ``context.state``: in the ArrayRecord under
+    ``key``, one ``uint8`` array ``round-<r>`` per round (the newest
+    :data:`~flwr_fedgkt.node.KEEP_ROUNDS`)."""
 
     def __init__(self, context: Context, key: str = STATE_KEY) -> None:
         self.context = context
         self.key = key
 
-    def load(self) -> bytes | None:
-        if self.key not in self.context.state.array_records:
-            return None
-        blob = self.context.state.array_records[self.key]["blob"].numpy()
-        return blob.tobytes()
+    def _record(self) -> ArrayRecord:
+        return self.context.state.array_records.get(self.key, ArrayRecord())
 
-    def save(self, blob: bytes) -> None:
-        array = np.frombuffer(blob, dtype=np.uint8)
-        self.context.state[self.key] = ArrayRecord(array_dict={"blob": Array(array.copy())})
+    def rounds(self) -> list[int]:
+        """The rounds whose states are kept."""
+        return sorted(int(name[len(ROUND_PREFIX) :]) for name in self._record())
+
+    def load(self, before_round: int | None = None) -> bytes | None:
+        chosen = pick_round(self.rounds(), before_round)
+        if chosen is None:
+            return None
+        return self._record()[f"{ROUND_PREFIX}{chosen}"].numpy().tobytes()
+
+    def save(self, blob: bytes, server_round: int = 0) -> None:
+        record = self._record()
+        arrays = {name: record[name] for name in record}
+        arrays[f"{ROUND_PREFIX}{server_round}"] = Array(np.frombuffer(blob, np.uint8).copy())
+        for old in stale_rounds(int(name[len(ROUND_PREFIX) :]) for name in arrays):
+            del arrays[f"{ROUND_PREFIX}{old}"]
+        self.context.state[self.key] = ArrayRecord(array_dict=arrays)
 
 
 def default_node_key(node_config: Mapping[str, Any]) -> str:
@@ -79,6 +110,11 @@ def default_node_key(node_config: Mapping[str, Any]) -> str:
             '--node-config "partition-id=<i>"'
         )
     return str(node_config["partition-id"])
+
+
+def key_reply(msg: Message, node_key: str) -> Message:
+    """The answer to the server's key query: ``node_key`` in the ``meta`` record."""
+    return Message(content=RecordDict({META_KEY: ConfigRecord({NODE_KEY: node_key})}), reply_to=msg)
 
 
 class FedGKTClient:
@@ -189,6 +225,10 @@ class FedGKTClient:
         """The node key: ``node_key``, else the node config's ``partition-id``."""
         return self.node_key if self.node_key is not None else default_node_key(context.node_config)
 
+    def query(self, msg: Message, context: Context) -> Message:
+        """Tell the server this node's key (:func:`key_reply`)."""
+        return key_reply(msg, self.key(context))
+
     def train(self, msg: Message, context: Context) -> Message:
         """One round of edge training, then the upload of the training data's
         features, logits, labels and ids."""
@@ -217,8 +257,8 @@ class FedGKTClient:
         if self.test_data is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-        _, dtype = round_settings(round_config)
-        extracted, scores = self.node(context).evaluate(self.test_data)
+        server_round, dtype = round_settings(round_config)
+        extracted, scores = self.node(context).evaluate(self.test_data, server_round)
         record = features_record(
             extracted,
             dtype,

@@ -14,13 +14,13 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from .client import FedGKTClient
+from .client import FedGKTClient, key_reply
 from .config import RunConfig
 from .node import edge_model_factory, load_node_partition, partition_ids
 
 app = ClientApp()
 
-__all__ = ["app", "fedgkt_client", "train", "evaluate"]
+__all__ = ["app", "fedgkt_client", "train", "evaluate", "query"]
 
 
 def fedgkt_client(context: Context) -> FedGKTClient:
@@ -56,3 +56,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Upload the test split's features and labels; score the edge model locally."""
     return fedgkt_client(context).evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's key, its partition id (no data is loaded)."""
+    partition_id, _ = partition_ids(context.node_config)
+    return key_reply(msg, str(partition_id))

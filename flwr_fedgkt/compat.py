@@ -53,10 +53,12 @@ import torch
 from flwr.app import Context
 from flwr.client import NumPyClient
 from flwr.common import (
+    Code,
     EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     NDArrays,
     Parameters,
     Scalar,
@@ -78,7 +80,7 @@ from .data import SampleSet, describe_dataset
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .features import PayloadError
 from .node import EdgeNode, partition_node, round_settings
-from .records import features_record, record_arrays
+from .records import QUERY_KEY, features_record, record_arrays
 from .results import ResultsWriter
 from .rounds import NODE_KEY, HoldsEngine, ReplyParts, RoundEngine, sample_size
 from .server import ServerTrainer
@@ -202,6 +204,11 @@ class FedGKTNumPyClient(NumPyClient):
         store = ContextStateStore(self.context)
         return partition_node(self.config, self.partition_id, self.num_classes, store)
 
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """This node's key (``node-key``), which the server asks for before the
+        node's first round."""
+        return {NODE_KEY: self.node_key}
+
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -258,7 +265,7 @@ class FedGKTNumPyClient(NumPyClient):
             the arrays as ``.npy`` bytes under ``array.<name>``.
         """
         server_round, dtype = round_settings(config, self.config.feature_dtype)
-        extracted, scores = self._node().evaluate(self.test_set)
+        extracted, scores = self._node().evaluate(self.test_set, server_round)
         arrays = _upload_arrays(extracted, dtype, with_logits=False)
         reply: dict[str, Scalar] = {
             "server-round": server_round,
@@ -363,6 +370,8 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         Minimum number of clients sampled for evaluation.
     min_available_nodes : int (default: 2)
         Minimum number of connected clients before a round starts.
+    query_timeout : float (default: 300.0)
+        Seconds to wait for a new client's key (``get_properties``).
     **engine_settings
         The round engine's settings, as documented on
         :class:`~flwr_fedgkt.strategy.FedGKT` (``server_epochs``, ``feature_dtype``,
@@ -379,6 +388,7 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
+        query_timeout: float = 300.0,
         **engine_settings: Any,
     ) -> None:
         self.fraction_train = fraction_train
@@ -386,8 +396,10 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
+        self.query_timeout = query_timeout
         self.engine = RoundEngine(trainer, **engine_settings)
         self._client_manager: ClientManager | None = None
+        self._keyless: set[int] = set()  # clients that could not say their key
 
     def __repr__(self) -> str:
         return (
@@ -418,7 +430,28 @@ class LegacyFedGKT(HoldsEngine, Strategy):
             return []
         client_manager.wait_for(max(self.min_available_nodes, size), timeout=86400)
         proxies = {_node_id(proxy): proxy for proxy in client_manager.all().values()}
+        self._learn_keys(proxies)
         return [proxies[node_id] for node_id in self.engine.sample(proxies, size)]
+
+    def _learn_keys(self, proxies: Mapping[int, ClientProxy]) -> None:
+        """Ask the clients whose key the server does not know for it
+        (``get_properties``; :meth:`FedGKTNumPyClient.get_properties` answers), so
+        that clients are sampled by key and a resumed run's first round sends every
+        client its server logits. A client that cannot answer is not asked again."""
+        for node_id in self.engine.unkeyed(proxies):
+            if node_id in self._keyless:
+                continue
+            ins = GetPropertiesIns(config={QUERY_KEY: NODE_KEY})
+            try:
+                res = proxies[node_id].get_properties(ins, timeout=self.query_timeout, group_id=0)
+            except Exception as err:  # a client that cannot answer: sampled by node id
+                log(INFO, "node %d did not say its key: %s", node_id, err)
+                self._keyless.add(node_id)
+                continue
+            if res.status.code != Code.OK or NODE_KEY not in res.properties:
+                self._keyless.add(node_id)
+                continue
+            self.engine.learn_key(node_id, res.properties[NODE_KEY])
 
     # -- training ------------------------------------------------------------------
     def configure_fit(

@@ -82,7 +82,7 @@ def run_local(
         engine.train_round(server_round, accepted)
         scored = []
         for i, (node, part) in enumerate(zip(nodes, partitions, strict=True)):
-            extracted, scores = node.evaluate(part.test)
+            extracted, scores = node.evaluate(part.test, server_round)
             parts = _upload(
                 extracted, dtype, server_round, str(i), evaluate_metrics(scores), training=False
             )

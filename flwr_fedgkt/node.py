@@ -24,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,6 +41,10 @@ from .models import EDGE_MODEL, seeded_model
 
 __all__ = [
     "EdgeStateStore",
+    "KEEP_ROUNDS",
+    "StateAheadError",
+    "pick_round",
+    "stale_rounds",
     "DirectoryStateStore",
     "MemoryStateStore",
     "LayeredStateStore",
@@ -153,14 +158,51 @@ def round_settings(round_config: Mapping[str, Any], dtype: str = "int8") -> tupl
 
 
 # -- edge state ---------------------------------------------------------------------
+KEEP_ROUNDS = 2
+"""How many rounds' edge states a store keeps (the newest ones)."""
+
+
 class EdgeStateStore(Protocol):
-    """Where a node keeps its serialised edge state between rounds."""
+    """Where a node keeps its serialised edge state between rounds, one state per
+    round (the newest :data:`KEEP_ROUNDS`), so that a node that trained a round
+    the server never finished (the server crashed and resumed from an older
+    checkpoint) continues from the state the server's checkpoint matches."""
 
-    def load(self) -> bytes | None:
-        """The saved state, or None when there is none."""
+    def load(self, before_round: int | None = None) -> bytes | None:
+        """The newest state of a round before ``before_round`` (of any round when
+        None); None when there is no state at all. StateAheadError when every state
+        is of ``before_round`` or later."""
 
-    def save(self, blob: bytes) -> None:
-        """Keep ``blob`` as the state."""
+    def save(self, blob: bytes, server_round: int = 0) -> None:
+        """Keep ``blob`` as the state after ``server_round``."""
+
+
+class StateAheadError(RuntimeError):
+    """A node holds edge states only of rounds the server has not reached."""
+
+
+def pick_round(rounds: Iterable[int], before_round: int | None) -> int | None:
+    """The newest of ``rounds`` before ``before_round`` (the newest when None);
+    None when ``rounds`` is empty. StateAheadError when all are at or after it."""
+    rounds = sorted(rounds)
+    if not rounds:
+        return None
+    if before_round is None or before_round <= 0:
+        return rounds[-1]
+    earlier = [r for r in rounds if r < before_round]
+    if not earlier:
+        raise StateAheadError(
+            f"the node keeps edge states of rounds {rounds} only, none before round "
+            f"{before_round} that the server asks for (did the server resume from an older "
+            f"checkpoint than the newest {KEEP_ROUNDS} rounds this node trained?)"
+        )
+    return earlier[-1]
+
+
+def stale_rounds(rounds: Iterable[int]) -> list[int]:
+    """The rounds of ``rounds`` a store no longer keeps (all but the newest
+    :data:`KEEP_ROUNDS`)."""
+    return sorted(rounds)[:-KEEP_ROUNDS]
 
 
 def _file_label(key: str) -> str:
@@ -171,46 +213,66 @@ def _file_label(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def edge_state_file(directory: str | Path, node_key: str) -> Path:
-    """The file a node's edge state is kept in under ``directory``."""
-    return Path(directory) / f"edge-{_file_label(node_key)}.pt"
+def edge_state_file(directory: str | Path, node_key: str, server_round: int) -> Path:
+    """The file a node's edge state after ``server_round`` is kept in."""
+    return Path(directory) / f"edge-{_file_label(node_key)}-round-{server_round}.pt"
 
 
 class DirectoryStateStore:
-    """One node's edge state in a directory (``client-state-dir``): the file
-    ``edge-<node key>.pt``, replaced atomically on every save."""
+    """One node's edge states in a directory (``client-state-dir``): a file
+    ``edge-<node key>-round-<r>.pt`` per round, each written atomically, the
+    newest :data:`KEEP_ROUNDS` kept."""
 
     def __init__(self, directory: str | Path, node_key: str) -> None:
-        self.path = edge_state_file(directory, node_key)
+        self.directory = Path(directory)
+        self.node_key = node_key
+        self._pattern = re.compile(re.escape(f"edge-{_file_label(node_key)}-round-") + r"(\d+)\.pt")
 
     def __repr__(self) -> str:
-        return f"DirectoryStateStore({str(self.path)!r})"
+        return f"DirectoryStateStore({str(self.directory)!r}, {self.node_key!r})"
 
-    def load(self) -> bytes | None:
-        return self.path.read_bytes() if self.path.exists() else None
+    def rounds(self) -> list[int]:
+        """The rounds whose states are kept."""
+        if not self.directory.is_dir():
+            return []
+        found = (self._pattern.fullmatch(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
 
-    def save(self, blob: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+    def load(self, before_round: int | None = None) -> bytes | None:
+        chosen = pick_round(self.rounds(), before_round)
+        if chosen is None:
+            return None
+        return edge_state_file(self.directory, self.node_key, chosen).read_bytes()
+
+    def save(self, blob: bytes, server_round: int = 0) -> None:
+        path = edge_state_file(self.directory, self.node_key, server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_bytes(blob)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
+        for old in stale_rounds(self.rounds()):
+            edge_state_file(self.directory, self.node_key, old).unlink(missing_ok=True)
 
 
 class MemoryStateStore:
-    """The edge state in this object (a node simulated in one process)."""
+    """The edge states in this object (a node simulated in one process)."""
 
     def __init__(self) -> None:
-        self.blob: bytes | None = None
+        self.blobs: dict[int, bytes] = {}
 
-    def load(self) -> bytes | None:
-        return self.blob
+    def load(self, before_round: int | None = None) -> bytes | None:
+        chosen = pick_round(self.blobs, before_round)
+        return None if chosen is None else self.blobs[chosen]
 
-    def save(self, blob: bytes) -> None:
-        self.blob = blob
+    def save(self, blob: bytes, server_round: int = 0) -> None:
+        self.blobs[server_round] = blob
+        for old in stale_rounds(self.blobs):
+            del self.blobs[old]
 
 
 class LayeredStateStore:
-    """Several stores as one: ``load`` returns the first state found, in order;
+    """Several stores as one: ``load`` returns the first state found, in order (a
+    store that holds only newer states gives way to the next one);
     ``save`` writes to every store, in order."""
 
     def __init__(self, *stores: EdgeStateStore) -> None:
@@ -219,16 +281,23 @@ class LayeredStateStore:
     def __repr__(self) -> str:
         return f"LayeredStateStore{self.stores!r}"
 
-    def load(self) -> bytes | None:
+    def load(self, before_round: int | None = None) -> bytes | None:
+        ahead: StateAheadError | None = None
         for store in self.stores:
-            blob = store.load()
+            try:
+                blob = store.load(before_round)
+            except StateAheadError as err:
+                ahead = err
+                continue
             if blob is not None:
                 return blob
+        if ahead is not None:
+            raise ahead
         return None
 
-    def save(self, blob: bytes) -> None:
+    def save(self, blob: bytes, server_round: int = 0) -> None:
         for store in self.stores:
-            store.save(blob)
+            store.save(blob, server_round)
 
 
 def edge_state_store(
@@ -307,9 +376,12 @@ class EdgeNode:
         self.freeze_extractor = freeze_extractor
         self.optimizer = optimizer
 
-    def trainer(self, settings: EdgeSettings | None = None) -> EdgeTrainer:
-        """The edge trainer, restored from the store when it holds a state, with
-        the learning rate of ``settings`` (the node's own when None)."""
+    def trainer(
+        self, settings: EdgeSettings | None = None, before_round: int | None = None
+    ) -> EdgeTrainer:
+        """The edge trainer, restored from the newest state of a round before
+        ``before_round`` (the newest state when None) when the store holds one,
+        with the learning rate of ``settings`` (the node's own when None)."""
         lr = (settings or self.settings).lr
         trainer = EdgeTrainer(
             lr=lr,
@@ -318,7 +390,7 @@ class EdgeNode:
             model=self.edge_model(),
             optimizer=self.optimizer,
         )
-        blob = self.store.load()
+        blob = self.store.load(before_round)
         if blob is not None:
             trainer.load_state_bytes(blob)
             trainer.set_lr(lr)  # this round's rate, not the saved one
@@ -331,12 +403,15 @@ class EdgeNode:
         teacher: LogitTable | None,
         settings: EdgeSettings | None = None,
     ) -> tuple[Extracted, dict[str, float]]:
-        """One round: restore, train on ``data`` (KD against ``teacher`` by sample
+        """One round: restore the state of the round before (a node that trained
+        ``server_round`` already, for a server that then crashed, trains it again
+        from the same state), train on ``data`` (KD against ``teacher`` by sample
         id; shuffling seeded by ``edge_generator(seed, stream, server_round)``),
-        extract over ``data``, save. Returns the extraction and the training
-        metrics (``train_loss``, ``train_ce``, ``train_kd``, ``train_accuracy``)."""
+        extract over ``data``, save as ``server_round``'s state. Returns the
+        extraction and the training metrics (``train_loss``, ``train_ce``,
+        ``train_kd``, ``train_accuracy``)."""
         settings = settings or self.settings
-        trainer = self.trainer(settings)
+        trainer = self.trainer(settings, before_round=server_round)
         metrics = trainer.train(
             data,
             epochs=settings.epochs,
@@ -347,13 +422,17 @@ class EdgeNode:
             generator=edge_generator(self.seed, self.stream, server_round),
         )
         extracted = trainer.extract(data)
-        self.store.save(trainer.state_bytes())
+        self.store.save(trainer.state_bytes(), server_round)
         return extracted, metrics
 
-    def evaluate(self, data: EdgeData) -> tuple[Extracted, dict[str, float]]:
+    def evaluate(
+        self, data: EdgeData, server_round: int | None = None
+    ) -> tuple[Extracted, dict[str, float]]:
         """The edge model's features over ``data`` (a test split) and its own
-        ``{"loss", "accuracy"}`` on them; nothing is saved."""
-        extracted = self.trainer().extract(data)
+        ``{"loss", "accuracy"}`` on them, with the state after ``server_round``'s
+        training (the newest when None); nothing is saved."""
+        before = None if not server_round else server_round + 1
+        extracted = self.trainer(before_round=before).extract(data)
         return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)
 
 

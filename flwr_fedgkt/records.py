@@ -9,6 +9,9 @@ Upload (client -> server), in the reply's ``RecordDict``:
     With ``freeze-extractor``, a node whose features the server already holds is
     told ``send-features = false`` and its ``"features"`` record carries only
     ``ids`` (and ``logits`` for training).
+Key query (server -> client, a ``query`` Message, before a node's first round):
+    ``"config"``: ConfigRecord ``{"fedgkt-query": "node-key"}``; the reply carries
+    ``"meta"``: ConfigRecord ``{"node-key": ...}``.
 Download (server -> client):
     ``"server_logits"``: ArrayRecord with ``ids`` and ``logits`` (absent in round 1).
     ``"config"``: ConfigRecord with the round's settings.
@@ -33,6 +36,7 @@ __all__ = [
     "METRICS_KEY",
     "META_KEY",
     "CONFIG_KEY",
+    "QUERY_KEY",
     "NODE_KEY",
     "features_record",
     "logits_record",
@@ -47,6 +51,9 @@ LOGITS_KEY = "server_logits"
 METRICS_KEY = "metrics"
 META_KEY = "meta"
 CONFIG_KEY = "config"
+QUERY_KEY = "fedgkt-query"
+"""In a ``query`` Message's config: what the server asks (``node-key``: the node's
+key, answered in a ``meta`` ConfigRecord)."""
 
 
 def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

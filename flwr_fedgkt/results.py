@@ -79,7 +79,8 @@ def accuracy_figure(rounds: Sequence[dict[str, Any]], title: str = "") -> Figure
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
-    axes.legend(loc="best")
+    if axes.get_lines():
+        axes.legend(loc="best")
     if title:
         axes.set_title(title)
     figure.tight_layout()

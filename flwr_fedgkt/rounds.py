@@ -278,8 +278,35 @@ class RoundEngine:
     # -- configure: sampling and what each node gets --------------------------------------
     def sample(self, node_ids: Collection[int], size: int) -> list[int]:
         """``size`` of the connected ``node_ids``, drawn from the engine's generator
-        (seeded by ``seed``): the same node ids give the same sample in every run."""
-        return sorted(self.sampler.sample(sorted(node_ids), size))
+        (seeded by ``seed``). Nodes whose key the server knows are drawn by key
+        (node ids change when a federation restarts, keys do not), the others by
+        node id after them: the same keys (or node ids) give the same sample in
+        every run, and a resumed run samples as the uninterrupted one."""
+        keyed = sorted((k, n) for n in node_ids if (k := self.registry.key_of(n)) is not None)
+        unkeyed = sorted(n for n in node_ids if self.registry.key_of(n) is None)
+        candidates = [n for _, n in keyed] + unkeyed
+        return sorted(self.sampler.sample(candidates, size))
+
+    def unkeyed(self, node_ids: Collection[int]) -> list[int]:
+        """The ``node_ids`` whose node key the server does not know yet."""
+        return sorted(n for n in node_ids if self.registry.key_of(n) is None)
+
+    def learn_key(self, node_id: int, key: Any) -> NodeKey | None:
+        """Bind ``node_id`` to the node key it answered a key query with, so that it
+        is sampled by key and gets its own server logits from its first round on
+        (also the first round of a resumed run, whose node ids are new). A key that
+        is not valid, or that another connected node holds, is logged and not
+        bound (None)."""
+        try:
+            key = validate_node_key(key)
+            self.registry.check_binding(key, node_id, self.connected())
+        except PayloadError as err:
+            logger.warning("node %s's key is not taken: %s", node_id, err)
+            return None
+        moved = self.registry.commit(key, node_id)
+        if moved is not None:
+            logger.info("node key %r moved from node %d (gone) to node %d", key, moved, node_id)
+        return key
 
     def begin_round(self, server_round: int) -> RoundLog:
         """Open the log of round ``server_round`` (at the start of its training)."""

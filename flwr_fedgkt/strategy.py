@@ -40,6 +40,8 @@ from .records import (
     LOGITS_KEY,
     META_KEY,
     METRICS_KEY,
+    NODE_KEY,
+    QUERY_KEY,
     arrays_bytes,
     logits_record,
     record_arrays,
@@ -108,8 +110,11 @@ class FedGKT(HoldsEngine, Strategy):
     min_available_nodes : int (default: 2)
         Minimum number of connected nodes before a round starts.
     seed : int (default: 0)
-        Seeds node sampling: with the same node ids, every run samples the same
-        nodes in every round.
+        Seeds node sampling: with the same node keys (or node ids, for nodes that
+        do not say their key), every run samples the same nodes in every round.
+    query_timeout : float (default: 300.0)
+        Seconds to wait for the nodes' answers when the strategy asks new nodes
+        for their keys (before the first round in which they are sampled).
     on_round_end : Callable[[dict], None] | None (default: None)
         Called with each round's record once the round's evaluation is done (the
         ServerApp writes ``results.json`` there).
@@ -168,6 +173,7 @@ class FedGKT(HoldsEngine, Strategy):
         max_logit_abs: float = MAX_LOGIT_ABS,
         global_sample_ids: bool = False,
         seed: int = 0,
+        query_timeout: float = 300.0,
     ) -> None:
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
@@ -190,8 +196,10 @@ class FedGKT(HoldsEngine, Strategy):
             global_sample_ids=global_sample_ids,
             seed=seed,
         )
+        self.query_timeout = query_timeout
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
+        self._keyless: set[int] = set()  # nodes that could not say their key
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -231,7 +239,36 @@ class FedGKT(HoldsEngine, Strategy):
                 required,
             )
             time.sleep(1)
+        self._learn_keys(grid, node_ids)
         return self.engine.sample(node_ids, size)
+
+    def _learn_keys(self, grid: Grid, node_ids: Collection[int]) -> None:
+        """Ask the nodes whose key the server does not know for it (a ``query``
+        Message; :meth:`FedGKTClient.query <flwr_fedgkt.client.FedGKTClient.query>`
+        answers it), so that nodes are sampled by key and a resumed run's first
+        round sends every node its server logits. A node that cannot answer (a
+        ClientApp without a query handler) is not asked again; it gets its key
+        bound by its first training reply, as before."""
+        unknown = [n for n in self.engine.unkeyed(node_ids) if n not in self._keyless]
+        if not unknown:
+            return
+        messages = [
+            Message(
+                content=RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: NODE_KEY})}),
+                message_type=MessageType.QUERY,
+                dst_node_id=node_id,
+            )
+            for node_id in unknown
+        ]
+        answered = set()
+        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
+            node_id = reply.metadata.src_node_id
+            if reply.has_error() or META_KEY not in reply.content.config_records:
+                continue
+            answered.add(node_id)
+            self.engine.learn_key(node_id, reply.content.config_records[META_KEY].get(NODE_KEY))
+        self._keyless.update(set(unknown) - answered)
+        log(INFO, "node keys: %d asked, %d answered", len(unknown), len(answered))
 
     def _replies(self, replies: Iterable[Message], phase: str) -> list[Message]:
         """The replies that carry content; failed and missing nodes are recorded."""

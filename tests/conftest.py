@@ -19,13 +19,17 @@ E2E_NODES = 2
 
 
 class FakeGrid:
-    """Node discovery only: the strategy samples nodes through the Grid."""
+    """Node discovery only: the strategy samples nodes through the Grid; its nodes
+    do not answer the strategy's key query (as ClientApps without a query handler)."""
 
     def __init__(self, node_ids) -> None:
         self.node_ids = list(node_ids)
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+    def send_and_receive(self, messages, timeout=None) -> list:
+        return []
 
 
 def make_message(

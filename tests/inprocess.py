@@ -53,7 +53,11 @@ class InProcessGrid:
             if node in self.silent:
                 continue
             kind = msg.metadata.message_type
-            default = client_app.train if kind == MessageType.TRAIN else client_app.evaluate
+            default = {
+                MessageType.TRAIN: client_app.train,
+                MessageType.EVALUATE: client_app.evaluate,
+                MessageType.QUERY: client_app.query,
+            }[kind]
             handler = self.handlers.get((node, kind), default)
             try:
                 replies.append(handler(msg, self.contexts[node]))

@@ -33,7 +33,10 @@ def _train_message(node_id: int, server_round: int, kind: str = MessageType.TRAI
 
 
 def _state(ctx: Context) -> bytes:
-    return ctx.state.array_records[STATE_KEY]["blob"].numpy().tobytes()
+    """The newest edge state in the node's context."""
+    record = ctx.state.array_records[STATE_KEY]
+    newest = max(record, key=lambda name: int(name.removeprefix("round-")))
+    return record[newest].numpy().tobytes()
 
 
 def _edge_weights(ctx: Context) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from conftest import make_message
+from conftest import FakeGrid, make_message
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import (
     Code,
@@ -358,13 +358,9 @@ def test_both_strategies_train_and_score_alike_on_the_same_replies(task_identity
     }
     manager = _manager([101, 202])
 
-    class Grid:
-        def get_node_ids(self) -> list[int]:
-            return [101, 202]
-
     # Execute: two rounds on each face
     for server_round in (1, 2):
-        message.configure_train(server_round, None, ConfigRecord(), Grid())
+        message.configure_train(server_round, None, ConfigRecord(), FakeGrid([101, 202]))
         message.aggregate_train(
             server_round, [_train_reply(n, a, server_round) for n, a in train_data.items()]
         )

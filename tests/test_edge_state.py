@@ -13,8 +13,14 @@ from flwr.app import Context, RecordDict
 
 from flwr_fedgkt.client import ContextStateStore
 from flwr_fedgkt.config import RunConfig
-from flwr_fedgkt.node import EdgeNode, MemoryStateStore, partition_node
 from flwr_fedgkt.data import SampleSet
+from flwr_fedgkt.node import (
+    DirectoryStateStore,
+    EdgeNode,
+    MemoryStateStore,
+    StateAheadError,
+    partition_node,
+)
 
 NUM_CLASSES = 10
 
@@ -98,7 +104,12 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
     restored_a = _weights(_context(33, 0), config, 0)
     restored_b = _weights(_context(44, 1), config, 1)
     files = sorted(p.name for p in (tmp_path / "clients").iterdir())
-    assert files == ["edge-0.pt", "edge-1.pt"]
+    assert files == [
+        "edge-0-round-1.pt",
+        "edge-0-round-2.pt",
+        "edge-1-round-1.pt",
+        "edge-1-round-2.pt",
+    ]
     assert _same(restored_a, weights_a), "restarted node a did not restore its own edge state"
     assert _same(restored_b, weights_b), "restarted node b did not restore its own edge state"
     # a partition that never trained starts afresh, from nobody's state
@@ -115,7 +126,7 @@ def test_each_node_continues_from_its_own_state(tmp_path) -> None:
     _round(node_a, config, 0, 1)
     _round(node_b, config, 1, 1)
     reference = _context(99, 0)
-    ContextStateStore(reference).save(_node(node_a, config, 0).trainer().state_bytes())
+    ContextStateStore(reference).save(_node(node_a, config, 0).trainer().state_bytes(), 1)
     # Execute: round 2 on node a after node b, and on the copy (no state dir)
     _round(node_b, config, 1, 2)
     _round(node_a, config, 0, 2)
@@ -143,7 +154,7 @@ def test_a_state_in_the_context_wins_over_the_file(tmp_path) -> None:
     config = _config(tmp_path / "clients")
     node_a = _context(11, 0)
     _round(node_a, config, 0, 1)
-    state_file = tmp_path / "clients" / "edge-0.pt"
+    state_file = tmp_path / "clients" / "edge-0-round-1.pt"
     round_1 = state_file.read_bytes()
     assert ContextStateStore(node_a).load() == round_1
     _round(node_a, _config(), 0, 2)
@@ -170,3 +181,51 @@ def test_the_core_node_trains_as_the_flower_node_does() -> None:
         assert torch.equal(core.logits, flower.logits)
     core_weights = _trainer_weights(partition_node(config, 1, NUM_CLASSES, store).trainer())
     assert _same(core_weights, _weights(context, config, 1))
+
+
+@pytest.mark.parametrize("kind", ["directory", "memory", "context"])
+def test_a_store_keeps_the_newest_two_rounds_and_gives_the_one_before_a_round(
+    tmp_path, kind
+) -> None:
+    # Prepare
+    store = {
+        "directory": lambda: DirectoryStateStore(tmp_path, "node/a"),
+        "memory": MemoryStateStore,
+        "context": lambda: ContextStateStore(_context(1, 0)),
+    }[kind]()
+    assert store.load(3) is None  # nothing saved: a fresh model
+    # Execute
+    for server_round in (1, 2, 3):
+        store.save(f"state {server_round}".encode(), server_round)
+    # Assert: rounds 2 and 3 are kept; the state before round r is r - 1's
+    assert store.load() == b"state 3"
+    assert store.load(4) == b"state 3"
+    assert store.load(3) == b"state 2"
+    with pytest.raises(StateAheadError, match=r"rounds \[2, 3\].*before round 2"):
+        store.load(2)
+    if kind == "directory":
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert len(names) == 2 and all(n.endswith(("round-2.pt", "round-3.pt")) for n in names)
+        assert all("/" not in n and "node" not in n for n in names)
+
+
+def test_a_node_asked_again_for_a_round_it_trained_trains_it_from_the_round_before(
+    tmp_path,
+) -> None:
+    # Prepare: rounds 1-3 on a node; its round-3 features
+    config = _config(tmp_path / "clients")
+    node_a = _context(11, 0)
+    for server_round in (1, 2):
+        _round(node_a, config, 0, server_round)
+    first, _ = _node(node_a, config, 0).train(_data(0), 3, None)
+    # Execute: the server resumed from round 2 asks for round 3 again, of the node
+    # as it is, and of the node restarted (its state on disk only)
+    again, _ = _node(node_a, config, 0).train(_data(0), 3, None)
+    restarted, _ = _node(_context(12, 0), config, 0).train(_data(0), 3, None)
+    # Assert: the same round 3, not a fourth step from round 3's state
+    assert torch.equal(again.features, first.features)
+    assert torch.equal(restarted.features, first.features)
+    # ... and evaluation of round 2 uses round 2's state, not round 3's
+    round_2 = _node(node_a, config, 0).trainer(before_round=3)
+    evaluated, _ = _node(node_a, config, 0).evaluate(_data(0), 2)
+    assert torch.equal(evaluated.logits, round_2.extract(_data(0)).logits)

@@ -473,7 +473,7 @@ def test_a_server_app_that_fails_leaves_status_failed(task_identity, tmp_path) -
         "output-dir": str(out),
     }
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
-    grid = _FailingGrid(contexts, fail_at=3)
+    grid = _FailingGrid(contexts, fail_at=4)  # 1: key query, 2-3: round 1, 4: round 2
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from flower_processes import REPO
-from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,8 +47,7 @@ class HandlerGrid:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            training = msg.metadata.message_type == MessageType.TRAIN
-            handler = self.client["train" if training else "evaluate"]
+            handler = self.client[msg.metadata.message_type]  # train, evaluate, query
             try:
                 replies.append(handler(msg, self.contexts[node]))
             except Exception as err:  # as Flower reports a ClientApp exception

@@ -42,9 +42,9 @@ def _strategy(run_config: dict, checkpoint_dir: Path | None = None) -> FedGKT:
     )
 
 
-def _grid(run_config: dict, **kwargs) -> InProcessGrid:
+def _grid(run_config: dict, first_id: int = 101, **kwargs) -> InProcessGrid:
     # two of four partitions, with fixed node ids
-    contexts = {101 + i: node_context(101 + i, i, 4, run_config) for i in range(2)}
+    contexts = {first_id + i: node_context(first_id + i, i, 4, run_config) for i in range(2)}
     return InProcessGrid(contexts, **kwargs)
 
 
@@ -79,6 +79,41 @@ def test_a_resumed_run_reaches_the_same_round_4_as_an_uninterrupted_one(
         "checkpoint-round-3.pt",
         "checkpoint-round-4.pt",
     ]
+
+
+RESUMED_FIELDS = ("accuracy", "loss", "edge_accuracy", "edge_train_kd", "server_train_loss")
+
+
+@pytest.mark.parametrize("node_ahead", [False, True], ids=["in-step", "node-ahead"])
+def test_a_restarted_federation_with_new_node_ids_resumes_exactly(
+    task_identity, tmp_path, node_ahead
+) -> None:
+    # Prepare / Execute: the uninterrupted run
+    whole_config = _run_config(tmp_path / "whole-clients")
+    whole = _strategy(whole_config)
+    _start(whole, _grid(whole_config), ROUNDS)
+    # ... and a run whose server stops after round 2's checkpoint; with node_ahead
+    # the nodes have trained round 3 already (the server died before its end)
+    split_config = _run_config(tmp_path / "split-clients")
+    first = _strategy(split_config, tmp_path / "ckpt")
+    _start(first, _grid(split_config), 3 if node_ahead else 2)
+    (tmp_path / "ckpt" / "checkpoint-round-3.pt").unlink(missing_ok=True)
+    # the whole federation restarts: new server, new node ids, empty contexts
+    resumed = _strategy(split_config, tmp_path / "ckpt")
+    resumed.engine.load_state_dict(load_latest_checkpoint(tmp_path / "ckpt")[0])
+    _start(resumed, _grid(split_config, first_id=501), ROUNDS - resumed.engine.round_offset)
+    # Assert: rounds 3 and 4 equal the uninterrupted run's ...
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+    for expected, got in zip(whole.history[2:], resumed.history[2:], strict=True):
+        for key in RESUMED_FIELDS:
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (
+                got["round"],
+                key,
+            )
+    # ... and in round 3 every node got its server logits (KD targets) back
+    round_3 = resumed.history[2]
+    assert round_3["bytes_down"] == whole.history[2]["bytes_down"] > 0
+    assert round_3["edge_train_kd"] > 0
 
 
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path) -> None:
