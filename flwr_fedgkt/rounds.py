@@ -200,6 +200,8 @@ class RoundEngine:
         self.max_staleness = max_staleness
         self.store = FeatureStore() if store is None else store
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        # a replaced upload's files stay while a kept checkpoint may name them
+        self.store.keep_retired = self.checkpoint_dir is not None
         self.freeze_extractor = freeze_extractor
         self.max_feature_abs = max_feature_abs
         self.max_logit_abs = max_logit_abs
@@ -570,6 +572,7 @@ class RoundEngine:
             self.on_round_end(record)
         if self.checkpoint_dir is not None:
             save_checkpoint(self.checkpoint_dir, server_round, self.state_dict())
+            self.store.checkpointed()
         if log.accuracy is None or log.loss is None:
             return None
         metrics = {"num-examples": float(total), "accuracy": log.accuracy, "loss": log.loss}
@@ -586,6 +589,7 @@ class RoundEngine:
             "sampler": self.sampler.getstate(),
             "server_logits": self.server_logits,
             "nodes": self.registry.state(),
+            "store": self.store.state_dict(),
             "history": self.history,
         }
 
@@ -597,6 +601,7 @@ class RoundEngine:
             self.sampler.setstate(state["sampler"])
         self.server_logits = {str(k): v for k, v in state["server_logits"].items()}
         self.registry.restore(state.get("nodes", {}))
+        self.store.load_state_dict(state.get("store"))
         self.history = list(state["history"])
         self.round_offset = int(state["round"])
 

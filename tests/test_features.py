@@ -123,7 +123,9 @@ def test_disk_store_trains_exactly_like_the_memory_store(tmp_path) -> None:
     # Assert
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
         "node-1-2-round-1.npy",
+        "node-1-2-round-1.npz",
         "node-3-1-round-1.npy",
+        "node-3-1-round-1.npz",
     ]
     assert isinstance(_buffer(disk.payload(1).features.data), mmap.mmap)
     assert results[0].loss == results[1].loss
@@ -141,11 +143,16 @@ def test_disk_store_replaces_a_nodes_file_on_a_new_upload(tmp_path) -> None:
     store.put(3, validate_payload(arrays, "int8", SHAPE, 10), server_round=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "node-1-2-round-1.npy",
+        "node-1-2-round-1.npz",
         "node-3-3-round-2.npy",
+        "node-3-3-round-2.npz",
     ]
     assert store.node_features(3).shape == (4, *SHAPE)
     store.remove(1)
-    assert [p.name for p in tmp_path.iterdir()] == ["node-3-3-round-2.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "node-3-3-round-2.npy",
+        "node-3-3-round-2.npz",
+    ]
 
 
 def _buffer(array: np.ndarray) -> object:

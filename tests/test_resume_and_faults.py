@@ -13,6 +13,7 @@ from inprocess import InProcessGrid, node_context
 from flwr_fedgkt import client_app
 from flwr_fedgkt.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
 from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.features import FeatureStore
 from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.strategy import FedGKT
 
@@ -114,6 +115,54 @@ def test_a_restarted_federation_with_new_node_ids_resumes_exactly(
     round_3 = resumed.history[2]
     assert round_3["bytes_down"] == whole.history[2]["bytes_down"] > 0
     assert round_3["edge_train_kd"] > 0
+
+
+def test_partial_participation_with_the_disk_store_resumes_exactly(task_identity, tmp_path) -> None:
+    """Half of four nodes train each round, sampled by key; the server keeps the
+    uploads on disk, and the round it died in had written some already."""
+
+    def strategy(run_config: dict, name: str, checkpoints: bool) -> FedGKT:
+        config = RunConfig.from_mapping({**run_config, "device": "cpu"})
+        return FedGKT(
+            ServerTrainer.from_run_config(config, num_classes=10),
+            feature_dtype="int8",
+            fraction_train=0.5,
+            min_train_nodes=1,
+            store=FeatureStore(tmp_path / name),
+            checkpoint_dir=tmp_path / "ckpt" if checkpoints else None,
+            seed=config.seed,
+        )
+
+    def grid(run_config: dict, node_ids: list[int]) -> InProcessGrid:
+        # node_ids[i] holds partition i
+        contexts = {n: node_context(n, i, 4, run_config) for i, n in enumerate(node_ids)}
+        return InProcessGrid(contexts)
+
+    # Prepare / Execute: the uninterrupted run
+    whole_config = _run_config(tmp_path / "whole-clients")
+    whole = strategy(whole_config, "whole-store", checkpoints=False)
+    _start(whole, grid(whole_config, [101, 102, 103, 104]), ROUNDS)
+    # ... and one whose server died in round 3 (after its uploads were stored)
+    split_config = _run_config(tmp_path / "split-clients")
+    first = strategy(split_config, "split-store", checkpoints=True)
+    _start(first, grid(split_config, [101, 102, 103, 104]), 3)
+    (tmp_path / "ckpt" / "checkpoint-round-3.pt").unlink()
+    # the federation restarts: new server (same store folder), new node ids in
+    # another order than the partitions' (sampling must go by key)
+    resumed = strategy(split_config, "split-store", checkpoints=True)
+    resumed.engine.load_state_dict(load_latest_checkpoint(tmp_path / "ckpt")[0])
+    _start(resumed, grid(split_config, [704, 702, 701, 703]), ROUNDS - resumed.engine.round_offset)
+    # Assert: two nodes trained per round, and rounds 3-4 are the uninterrupted ones
+    assert [r["train_nodes"] for r in resumed.history] == [2, 2, 2, 2]
+    for expected, got in zip(whole.history[2:], resumed.history[2:], strict=True):
+        for key in (*RESUMED_FIELDS, "stored_nodes", "stored_samples"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (
+                got["round"],
+                key,
+            )
+    # the store's folder holds the current uploads and those a kept checkpoint names
+    files = list((tmp_path / "split-store").glob("node-*"))
+    assert len(files) <= 4 * len(resumed.store)
 
 
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path) -> None:
