@@ -18,6 +18,7 @@ if _TOOLS not in sys.path:
 
 from local_flower import (  # noqa: E402
     REPO,
+    crash,
     flower_environment,
     flwr_run,
     free_port,
@@ -27,6 +28,7 @@ from local_flower import (  # noqa: E402
 
 __all__ = [
     "REPO",
+    "crash",
     "free_port",
     "flower_environment",
     "flwr_run",

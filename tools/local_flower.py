@@ -39,6 +39,7 @@ __all__ = [
     "REPO",
     "free_port",
     "stop",
+    "crash",
     "flower_environment",
     "start_local_superlink",
     "flwr_run",
@@ -106,6 +107,16 @@ def stop(processes: Iterable[int | subprocess.Popen], grace: float = 5.0) -> Non
             time.sleep(0.1)
         if not any(_running(t) for t in targets):
             return
+
+
+def crash(env: dict[str, str]) -> None:
+    """SIGKILL every process started under ``env`` (``flwr run``, the SuperLink,
+    its SuperExec and what they started), with their process groups, at once and
+    without a grace period: a crash of the whole federation."""
+    for process in _STARTED.get(env[ENV_ID], []):
+        _signal(process.pid, signal.SIGKILL)
+    for process in _STARTED.get(env[ENV_ID], []):
+        process.poll()
 
 
 def _start(command: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:

@@ -1,0 +1,84 @@
+"""Resume after a real crash equals the uninterrupted run: a four-round run on a
+local simulation SuperLink is killed (SIGKILL of ``flwr run``, the SuperLink, its
+SuperExec and the simulation) right after round 2 reaches ``results.json``, then
+started again on a new SuperLink (new node ids) with ``resume-from`` and the same
+``client-state-dir``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flower_processes import REPO, crash, flower_environment, flwr_run, start_local_superlink
+
+pytestmark = pytest.mark.e2e
+
+NODES = 3
+BASE = "num-server-rounds=4 dataset='synthetic' batch-size=16 seed=5"
+COMPARED = ("accuracy", "loss", "edge_accuracy", "edge_train_kd", "server_train_loss")
+
+
+def _rounds(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "results.json").read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _run(workdir: Path, run_config: str, crash_after: int | None = None) -> str:
+    """One ``flwr run`` of the repository's app on a fresh local SuperLink;
+    with ``crash_after``, the whole federation is killed as soon as that many
+    rounds are in ``results.json``."""
+    out = Path(run_config.split("output-dir='")[1].split("'")[0])
+    with flower_environment(workdir) as env:
+        start_local_superlink(env, workdir / "superlink.log")
+
+        def watch(_line: str) -> None:
+            if crash_after is not None and len(_rounds(out)) >= crash_after:
+                crash(env)
+
+        result = flwr_run(
+            env, REPO, run_config, NODES, timeout=900, log_file=workdir / "run.log", on_line=watch
+        )
+    if crash_after is None:
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert "Exit Code" not in result.stdout and "Traceback" not in result.stdout, result.stdout[
+            -3000:
+        ]
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["", "fraction-train=0.67 feature-store='disk'"],
+    ids=["all-nodes-memory-store", "two-of-three-disk-store"],
+)
+def test_a_crashed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, extra) -> None:
+    # Prepare / Execute: the uninterrupted run
+    whole_out, split_out = tmp_path / "whole", tmp_path / "split"
+    config = f"{BASE} {extra}".strip()
+    _run(
+        tmp_path / "w",
+        f"{config} output-dir='{whole_out}' client-state-dir='{tmp_path / 'whole-clients'}'",
+    )
+    # ... a run killed right after round 2, and the same run resumed
+    split = f"{config} output-dir='{split_out}' client-state-dir='{tmp_path / 'split-clients'}'"
+    _run(tmp_path / "c", split, crash_after=2)
+    crashed = _rounds(split_out)
+    _run(tmp_path / "r", f"{split} resume-from='{split_out}'")
+    # Assert: the crash came after round 2 and before the run's end ...
+    assert 2 <= len(crashed) < 4
+    whole, resumed = _rounds(whole_out), _rounds(split_out)
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    # ... and every round of the resumed run is the uninterrupted run's
+    for expected, got in zip(whole, resumed, strict=True):
+        assert got["train_nodes"] == expected["train_nodes"]
+        for key in COMPARED:
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (
+                got["round"],
+                key,
+            )
+    # in the first resumed round every node got its server logits back
+    assert resumed[2]["bytes_down"] == whole[2]["bytes_down"] > 0
+    assert resumed[2]["edge_train_kd"] > 0
