@@ -35,3 +35,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Upload the test data's features; report EdgeNet's own accuracy."""
     return fedgkt_client(context).evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's key (its partition id) before its first round."""
+    return fedgkt_client(context).query(msg, context)
