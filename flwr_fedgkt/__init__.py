@@ -14,7 +14,9 @@ The public API, importable from ``flwr_fedgkt``:
 - the paper's models (:func:`build_model`, :data:`SERVER_MODELS`), the KD loss
   (:func:`ce_kd_loss`), the wire codec (:func:`encode_features`,
   :func:`decode_features`, :data:`FEATURE_DTYPES`) and the typed run config
-  (:class:`RunConfig`).
+  (:class:`RunConfig`), and :class:`ResultsWriter` (``results.json`` and
+  ``accuracy.png``, as the built-in ServerApp writes them, e.g. from
+  ``on_round_end``).
 
 The core (models, distill, edge, server, features, rounds, data, accounting,
 config, results) is plain PyTorch; the Flower layer (strategy, compat, records,
@@ -57,6 +59,7 @@ _EXPORTS = {
     "FeatureStore": "features",
     "PayloadError": "features",
     "RunConfig": "config",
+    "ResultsWriter": "results",
     "SampleSet": "data",
 }
 
@@ -77,6 +80,7 @@ __all__ = [
     "ModelPair",
     "PayloadError",
     "RoundEngine",
+    "ResultsWriter",
     "RoundLog",
     "RunConfig",
     "SERVER_MODELS",
@@ -108,6 +112,7 @@ if TYPE_CHECKING:
     )
     from .models import SERVER_MODELS, EdgeResNet, FullResNet, ServerResNet, build_model
     from .node import EdgeNode, EdgeSettings
+    from .results import ResultsWriter
     from .rounds import RoundEngine, RoundLog
     from .server import ServerTrainer
     from .strategy import FedGKT

@@ -130,7 +130,8 @@ class ServerTrainer:
     batch_size : int (default: 64)
         Server training batch size.
     seed : int (default: 0)
-        Seeds the model initialisation and the shuffling.
+        Seeds the built-in model's initialisation and the shuffling (a ``model``
+        of your own is used as you built it: seed it yourself).
     total_epochs : int | None (default: None)
         Server epochs of the whole run (rounds x server epochs). When given, the
         learning rate follows a cosine decay to 5% of ``lr`` over them, so the last

@@ -149,6 +149,12 @@ class FedGKT(HoldsEngine, Strategy):
     (``node-key``); the server keeps features, server logits and staleness per
     key, so a node that reconnects under a new Flower node id continues where
     it was (see :class:`flwr_fedgkt.registry.NodeRegistry`).
+
+    The ``train_config`` given to ``start()`` goes out with every training
+    Message, as with FedAvg. :class:`~flwr_fedgkt.client.FedGKTClient` reads its
+    ``client-epochs``, ``client-lr``, ``batch-size``, ``temperature`` and
+    ``alpha`` (each overriding the client's own setting for that round); other
+    keys are left to the user's ClientApp.
     """
 
     # pylint: disable=too-many-arguments,too-many-locals
