@@ -58,6 +58,7 @@ from .records import (
     META_KEY,
     METRICS_KEY,
     NODE_KEY,
+    PRECISION_KEY,
     features_record,
     record_arrays,
 )
@@ -166,8 +167,12 @@ class FedGKTClient:
     seed : int (default: 0)
         Seeds the shuffling (with the node key and the round), so runs repeat.
     state_dir : str | None (default: None)
-        Also keep the edge state in this directory (``edge-<node key>.pt``), so
-        that a restarted node continues from it.
+        Also keep the edge state in this directory
+        (``edge-<node key>-round-<r>.pt``), so that a restarted node continues
+        from it.
+    precision : str (default: "float32")
+        Training precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where
+        this node's hardware runs it natively). Replies say which one was used.
 
     Notes
     -----
@@ -194,6 +199,7 @@ class FedGKTClient:
         device: str = "auto",
         seed: int = 0,
         state_dir: str | None = None,
+        precision: str = "float32",
     ) -> None:
         self.edge_model = edge_model
         self.train_data = train_data
@@ -205,6 +211,7 @@ class FedGKTClient:
         self.device = device
         self.seed = seed
         self.state_dir = state_dir
+        self.precision = precision
 
     def node(self, context: Context) -> EdgeNode:
         """This node's round engine, its edge state in ``context.state`` (and
@@ -219,6 +226,7 @@ class FedGKTClient:
             device=self.device,
             freeze_extractor=self.freeze_extractor,
             optimizer=self.optimizer,
+            precision=self.precision,
         )
 
     def key(self, context: Context) -> str:
@@ -238,7 +246,8 @@ class FedGKTClient:
         if LOGITS_KEY in msg.content.array_records:
             arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
             teacher = LogitTable(arrays["ids"], arrays["logits"])
-        extracted, metrics = self.node(context).train(
+        node = self.node(context)
+        extracted, metrics = node.train(
             self.train_data, server_round, teacher, self.settings.for_round(round_config)
         )
         record = features_record(
@@ -249,6 +258,7 @@ class FedGKTClient:
             context,
             record,
             {"num-examples": len(extracted.ids), **train_metrics(metrics)},
+            {PRECISION_KEY: node.precision},
         )
 
     def evaluate(self, msg: Message, context: Context) -> Message:
@@ -278,13 +288,19 @@ class FedGKTClient:
         context: Context,
         record: ArrayRecord,
         metrics: dict[str, int | float | list[int] | list[float]],
+        extra_meta: dict[str, str] | None = None,
     ) -> Message:
         """The reply: the arrays, the metrics, and what every reply echoes back (its
         round and feature dtype) with the node's key."""
         round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
         server_round, dtype = round_settings(round_config)
         meta = ConfigRecord(
-            {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: self.key(context)}
+            {
+                "server-round": server_round,
+                "feature-dtype": dtype,
+                NODE_KEY: self.key(context),
+                **(extra_meta or {}),
+            }
         )
         content = RecordDict(
             {FEATURES_KEY: record, METRICS_KEY: MetricRecord(metrics), META_KEY: meta}

@@ -43,6 +43,7 @@ def fedgkt_client(context: Context) -> FedGKTClient:
         device=config.device,
         seed=config.seed,
         state_dir=config.client_state_dir or None,
+        precision=config.precision,
     )
 
 

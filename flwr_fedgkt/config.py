@@ -18,6 +18,7 @@ from typing import Any
 from .data import DATASET_NAMES, PARTITIONERS
 from .features import FEATURE_DTYPES
 from .models import SERVER_MODELS
+from .precision import PRECISIONS
 
 __all__ = ["RunConfig", "ConfigError"]
 
@@ -71,6 +72,7 @@ class RunConfig:
     seed: int = 42
     output_dir: str = ""
     device: str = "auto"
+    precision: str = "auto"
     round_timeout: float = 3600.0
     max_reply_bytes: int = 0
     max_staleness: int = -1
@@ -162,6 +164,8 @@ class RunConfig:
             fail("max-feature-abs", "must be positive")
         if self.max_staleness < -1:
             fail("max-staleness", "must be -1 (no limit) or a number of rounds")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"expected one of {', '.join(PRECISIONS)}")
         if self.feature_store not in ("memory", "disk"):
             fail("feature-store", "expected memory or disk")
         if self.dataset not in DATASET_NAMES:

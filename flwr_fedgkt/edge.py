@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .data import Augmentation, SampleSet
 from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .models import seeded_model
+from .precision import autocast, resolve_precision
 from .training import StepOutcome, optimizer_step, train_epochs
 
 __all__ = [
@@ -212,6 +213,10 @@ class EdgeTrainer:
     optimizer : OptimizerFactory | None (default: None)
         Builds the optimizer from the trainable parameters; its learning rate is
         set to ``lr``. Adam with weight decay 5e-4 when None.
+    precision : str (default: "float32")
+        Training in ``float32``, ``bfloat16`` (autocast; float32 weights, losses
+        and softmaxes) or ``auto`` (bfloat16 where this device runs it natively).
+        Extraction for upload always runs in float32.
     """
 
     # pylint: disable=too-many-arguments
@@ -226,8 +231,10 @@ class EdgeTrainer:
         *,
         model: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
+        precision: str = "float32",
     ) -> None:
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         if model is None:
             if num_classes is None:
                 raise ValueError("give the edge model, or num_classes for the built-in one")
@@ -293,7 +300,9 @@ class EdgeTrainer:
         def step(batch: tuple[Tensor, Tensor, Tensor]) -> StepOutcome:
             images, labels, ids = batch
             images, labels = images.to(self.device), labels.to(self.device)
-            logits, _ = self.model(images)
+            with autocast(self.precision, self.device):
+                logits, _ = self.model(images)
+            logits = logits.float()  # the loss and its softmaxes in float32
             parts = self._loss(logits, labels, ids, teacher, temperature, alpha)
             optimizer_step(self.optimizer, parts.loss)
             return parts, logits, labels

@@ -36,8 +36,17 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Partition, load_partition
-from .edge import EdgeData, EdgeTrainer, Extracted, LogitTable, OptimizerFactory, edge_generator
+from .edge import (
+    EdgeData,
+    EdgeTrainer,
+    Extracted,
+    LogitTable,
+    OptimizerFactory,
+    edge_generator,
+    resolve_device,
+)
 from .models import EDGE_MODEL, seeded_model
+from .precision import resolve_precision
 
 __all__ = [
     "EdgeStateStore",
@@ -352,6 +361,9 @@ class EdgeNode:
         Train without changing the extractor (see :class:`EdgeTrainer`).
     optimizer : OptimizerFactory | None (default: None)
         Builds the optimizer (Adam, weight decay 5e-4, when None).
+    precision : str (default: "float32")
+        Training precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where
+        this node's device runs it natively); ``self.precision`` is the one chosen.
     """
 
     # pylint: disable=too-many-arguments
@@ -366,6 +378,7 @@ class EdgeNode:
         device: str = "auto",
         freeze_extractor: bool = False,
         optimizer: OptimizerFactory | None = None,
+        precision: str = "float32",
     ) -> None:
         self.edge_model = edge_model
         self.store = store
@@ -375,6 +388,7 @@ class EdgeNode:
         self.device = device
         self.freeze_extractor = freeze_extractor
         self.optimizer = optimizer
+        self.precision = resolve_precision(precision, resolve_device(device))
 
     def trainer(
         self, settings: EdgeSettings | None = None, before_round: int | None = None
@@ -389,6 +403,7 @@ class EdgeNode:
             freeze_extractor=self.freeze_extractor,
             model=self.edge_model(),
             optimizer=self.optimizer,
+            precision=self.precision,
         )
         blob = self.store.load(before_round)
         if blob is not None:
@@ -460,4 +475,5 @@ def partition_node(
         stream=partition_id,
         device=config.device,
         freeze_extractor=config.freeze_extractor,
+        precision=config.precision,
     )

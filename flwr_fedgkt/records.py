@@ -5,7 +5,9 @@ Upload (client -> server), in the reply's ``RecordDict``:
     for training, ``logits``; for ``int8`` also ``feature_scale``/``feature_offset``.
     ``"metrics"``: MetricRecord with ``num-examples`` and the edge's own metrics.
     ``"meta"``: ConfigRecord with ``feature-dtype``, ``server-round`` and
-    ``node-key`` (the node's stable key, by default its partition id).
+    ``node-key`` (the node's stable key, by default its partition id); a
+    training reply of :class:`~flwr_fedgkt.client.FedGKTClient` also says the
+    ``precision`` it trained in.
     With ``freeze-extractor``, a node whose features the server already holds is
     told ``send-features = false`` and its ``"features"`` record carries only
     ``ids`` (and ``logits`` for training).
@@ -28,7 +30,7 @@ from flwr.common.constant import SType
 
 from .edge import Extracted
 from .features import encode_features, read_npy_header
-from .rounds import NODE_KEY
+from .rounds import NODE_KEY, PRECISION_KEY
 
 __all__ = [
     "FEATURES_KEY",
@@ -37,6 +39,7 @@ __all__ = [
     "META_KEY",
     "CONFIG_KEY",
     "QUERY_KEY",
+    "PRECISION_KEY",
     "NODE_KEY",
     "features_record",
     "logits_record",

@@ -70,6 +70,7 @@ __all__ = [
 logger = logging.getLogger("flwr.fedgkt")
 
 NODE_KEY = "node-key"
+PRECISION_KEY = "precision"
 """The meta entry in which a reply names its node's stable key."""
 
 ReplyParts = tuple[Mapping[str, Any], Mapping[str, np.ndarray], Mapping[str, Any]]
@@ -116,6 +117,7 @@ class RoundLog:
     edge_train_ce: float | None = None
     edge_train_kd: float | None = None
     edge_train_accuracy: float | None = None
+    edge_precision: dict[str, int] = field(default_factory=dict)
     train_nodes: int = 0
     train_samples: int = 0
     cached_feature_nodes: int = 0
@@ -249,10 +251,11 @@ class RoundEngine:
             trainer.device,
         )
         logger.info(
-            "\t\t├── Server epochs per round: %d | KD T=%.2f alpha=%.2f",
+            "\t\t├── Server epochs per round: %d | KD T=%.2f alpha=%.2f | precision %s",
             self.server_epochs,
             trainer.temperature,
             trainer.alpha,
+            trainer.precision,
         )
         logger.info(
             "\t\t├── Features: %s, shape %s, stored %s",
@@ -395,6 +398,11 @@ class RoundEngine:
             self.reject(node_id, key, f"could not be validated: {type(err).__name__}: {err}")
             return None
         split = "train" if training else "test"
+        precision = meta.get(PRECISION_KEY)
+        if training and precision in ("float32", "bfloat16"):  # what the node says it used
+            self.current.edge_precision[precision] = (
+                self.current.edge_precision.get(precision, 0) + 1
+            )
         moved = self.registry.commit(key, node_id, accepted.payload, split, digest)
         if moved is not None:
             logger.info("node key %r moved from node %d (gone) to node %d", key, moved, node_id)

@@ -24,6 +24,7 @@ from .distill import ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
 from .models import FEATURE_CHANNELS, SERVER_MODELS, count_parameters, seeded_model
+from .precision import autocast, resolve_precision
 from .training import EpochTotals, StepOutcome, train_epochs
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
@@ -139,6 +140,10 @@ class ServerTrainer:
         training loss stalls for 3 rounds.
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
+    precision : str (default: "float32")
+        ``float32``, ``bfloat16`` (autocast, float32 master weights; losses and
+        softmaxes in float32) or ``auto`` (bfloat16 where this process's device
+        runs it natively): for training and for the server's logits and scores.
     optimizer : Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None
         (default: None)
         Builds the optimizer from the model's parameters (its learning rate is set
@@ -161,8 +166,10 @@ class ServerTrainer:
         model: nn.Module | None = None,
         feature_shape: tuple[int, ...] | None = None,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        precision: str = "float32",
     ) -> None:
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         if model is None:
             if model_name not in SERVER_MODELS:
                 raise ValueError(
@@ -224,6 +231,7 @@ class ServerTrainer:
             seed=config.seed,
             device=config.device,
             total_epochs=config.num_server_rounds * config.server_epochs,
+            precision=config.precision,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -309,7 +317,9 @@ class ServerTrainer:
         feats = _to_device(batch.features, self.device)
         labels = batch.labels.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(feats)
+        with autocast(self.precision, self.device):
+            logits = self.model(feats)
+        logits = logits.float()  # the loss and its softmaxes in float32
         parts = ce_kd_loss(
             logits, labels, batch.edge_logits.to(self.device), self.temperature, self.alpha
         )
@@ -352,10 +362,11 @@ class ServerTrainer:
     def predict(self, features: Tensor, batch_size: int = 256) -> Tensor:
         """Logits of the server model on float features, in eval mode (CPU tensor)."""
         self.model.eval()
-        out = [
-            self.model(_to_device(features[i : i + batch_size].float(), self.device)).float().cpu()
-            for i in range(0, len(features), batch_size)
-        ]
+        out = []
+        with autocast(self.precision, self.device):
+            for i in range(0, len(features), batch_size):
+                batch = _to_device(features[i : i + batch_size].float(), self.device)
+                out.append(self.model(batch).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
     def logits_for(self, store: FeatureStore, node: NodeKey) -> tuple[np.ndarray, np.ndarray]:

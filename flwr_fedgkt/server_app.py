@@ -104,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = FedGKT.from_run_config(config, num_classes, output_dir, on_round_end=writer)
     engine = strategy.engine
+    writer.header["server_precision"] = strategy.trainer.precision  # chosen for this machine
+    writer.write()
     if config.resume_from:
         try:
             state, path, skipped = load_latest_checkpoint(config.resume_from)

@@ -74,6 +74,7 @@ def test_a_list_of_pairs_uploads_features_of_its_own_shape_with_index_ids() -> N
     assert arrays["logits"].shape == (12, CLASSES)
     meta = reply.content.config_records[META_KEY]
     assert meta["node-key"] == "7" and meta["server-round"] == 1
+    assert meta["precision"] == "float32"  # the default; the reply says what it used
     assert reply.content.metric_records[METRICS_KEY]["num-examples"] == 12
 
 
