@@ -11,6 +11,7 @@ from flwr.common import (
     Code,
     EvaluateRes,
     FitRes,
+    GetPropertiesRes,
     Parameters,
     Status,
     bytes_to_ndarray,
@@ -408,3 +409,42 @@ def test_a_round_without_evaluation_still_closes_its_record(task_identity) -> No
     assert instructions == []
     assert [r["round"] for r in records] == [1]
     assert records[0]["accuracy"] is None and records[0]["train_nodes"] == 1
+
+
+class AnsweringProxy(Proxy):
+    """A client that answers the strategy's key query as FedGKTNumPyClient does."""
+
+    def __init__(self, node_id: int, client: FedGKTNumPyClient) -> None:
+        super().__init__(node_id)
+        self.client = client
+        self.asked = 0
+
+    def get_properties(self, ins, timeout, group_id):
+        self.asked += 1
+        properties = self.client.get_properties(dict(ins.config))
+        return GetPropertiesRes(
+            status=Status(code=Code.OK, message="Success"), properties=properties
+        )
+
+
+def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_logits() -> None:
+    # Prepare: a server that holds node key "0"'s server logits (as after resuming
+    # from a checkpoint), and two clients under node ids it has never seen
+    legacy = _legacy(min_available_nodes=2)
+    ids, logits = np.arange(5, dtype=np.int64), np.ones((5, 10), dtype=np.float32)
+    legacy.engine.server_logits = {"0": (ids, logits)}
+    proxies = [AnsweringProxy(901, _numpy_client(_context(901, 0)))]
+    proxies.append(AnsweringProxy(902, _numpy_client(_context(902, 1))))
+    manager = SimpleClientManager()
+    for proxy in proxies:
+        manager.register(proxy)
+    # Execute: two rounds
+    first = dict((p.node_id, ins) for p, ins in legacy.configure_fit(3, None, manager))
+    legacy.configure_fit(4, None, manager)
+    # Assert: each client was asked once; the node with key "0" got its logits
+    assert [p.asked for p in proxies] == [1, 1]
+    assert legacy.engine.registry.key_of(901) == "0" and legacy.engine.registry.key_of(902) == "1"
+    sent = parameters_to_ndarrays(first[901].parameters)
+    np.testing.assert_array_equal(sent[0], ids)
+    np.testing.assert_array_equal(sent[1], logits)
+    assert parameters_to_ndarrays(first[902].parameters) == []
