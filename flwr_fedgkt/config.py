@@ -76,6 +76,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     max_reply_bytes: int = 0
     max_staleness: int = -1
+    max_idle_rounds: int = 3
     feature_store: str = "memory"
     freeze_extractor: bool = False
     shared_extractor_init: bool = False
@@ -162,6 +163,8 @@ class RunConfig:
             fail("max-reply-bytes", "must not be negative (0: no limit)")
         if not self.max_feature_abs > 0:
             fail("max-feature-abs", "must be positive")
+        if self.max_idle_rounds < 0:
+            fail("max-idle-rounds", "must not be negative (0: never stop)")
         if self.max_staleness < -1:
             fail("max-staleness", "must be -1 (no limit) or a number of rounds")
         if self.precision not in PRECISIONS:

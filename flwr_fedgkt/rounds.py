@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import resource
 import sys
 import time
@@ -154,6 +155,52 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(
+    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Timeout)\w*): (.+)$"
+)
+_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+MAX_REASON_CHARS = 300
+
+
+class NoProgressError(RuntimeError):
+    """No node replied usefully in ``max_idle_rounds`` rounds in a row: the run
+    stops (the built-in ServerApp records ``"status": "no-progress"``)."""
+
+    def __init__(self, rounds: int, reasons: Mapping[str, int]) -> None:
+        self.rounds = rounds
+        self.reasons = dict(reasons)
+        shown = "; ".join(f"{n}x {reason}" for reason, n in self.reasons.items())
+        super().__init__(f"no node replied usefully in {rounds} rounds in a row: {shown}")
+
+
+def idle_reasons(log: RoundLog) -> dict[str, int]:
+    """The distinct reasons of a round's failures and rejections, with their counts."""
+    counts: dict[str, int] = {}
+    for entry in [*log.failed_nodes, *log.rejected_replies]:
+        reason = str(entry["reason"])
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def failure_line(reason: str | None) -> str:
+    """One readable line for why a node failed: the exception that the ClientApp
+    raised (``RuntimeError: ...``), found in the text Flower reports (which may wrap
+    it in a Ray actor's repr, a doubled traceback and terminal colour codes); else
+    the text's last line. At most :data:`MAX_REASON_CHARS` characters."""
+    if not reason:
+        return "unknown error"
+    text = _ANSI.sub("", reason)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raised = [
+        m.group(0)
+        for line in lines
+        if (m := _EXCEPTION_LINE.match(line)) and not m.group(1).endswith(_WRAPPERS)
+    ]
+    line = raised[0] if raised else (lines[-1] if lines else "unknown error")
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
+
+
 # pylint: disable=too-many-instance-attributes
 class RoundEngine:
     """The server side of FedGKT: server trainer, feature store, node keys, every
@@ -178,6 +225,7 @@ class RoundEngine:
         max_logit_abs: float = MAX_LOGIT_ABS,
         global_sample_ids: bool = False,
         seed: int = 0,
+        max_idle_rounds: int = 3,
     ) -> None:
         check_dtype_name(feature_dtype)
         if not isinstance(trainer, ServerTrainer):  # a server model: default training
@@ -209,6 +257,9 @@ class RoundEngine:
         self.max_logit_abs = max_logit_abs
         self.registry = NodeRegistry(global_sample_ids)
         self.sampler = random.Random(seed)
+        self.max_idle_rounds = max_idle_rounds
+        self.idle_rounds = 0  # rounds in a row in which no node replied usefully
+        self.idle_reasons: dict[str, int] = {}
         # with a frozen extractor, each node's test features, kept after its first
         # evaluation reply (training features are kept in the store)
         self.test_cache: dict[NodeKey, FeaturePayload] = {}
@@ -237,6 +288,7 @@ class RoundEngine:
             "max_feature_abs": config.max_feature_abs,
             "global_sample_ids": True,
             "seed": config.seed,
+            "max_idle_rounds": config.max_idle_rounds,
         }
 
     # -- configuration -----------------------------------------------------------------
@@ -351,9 +403,16 @@ class RoundEngine:
 
     # -- replies ---------------------------------------------------------------------------
     def record_failure(self, node_id: int | None, reason: str | None) -> None:
-        """A node whose ClientApp raised or that did not reply in time."""
-        logger.warning("node %s failed: %s", node_id, reason)
-        self.current.failed_nodes.append({"node_id": node_id, "reason": reason})
+        """A node whose ClientApp raised or that did not reply in time: the round's
+        log gets the reason in one line (:func:`failure_line`), the log the whole
+        text once."""
+        line = failure_line(reason)
+        text = _ANSI.sub("", reason or "")
+        if text.strip() != line:
+            logger.warning("node %s failed: %s\n%s", node_id, line, text)
+        else:
+            logger.warning("node %s failed: %s", node_id, line)
+        self.current.failed_nodes.append({"node_id": node_id, "reason": line})
 
     def record_missing(self, sampled: Collection[int], replied: Collection[int]) -> None:
         """Report sampled nodes that sent nothing back before the round's timeout."""
@@ -523,7 +582,25 @@ class RoundEngine:
         log.stored_samples = self.store.num_samples
         log.stored_feature_bytes = self.store.nbytes
         log.server_peak_rss_bytes = peak_rss_bytes()
+        self._note_progress(server_round, kept)
         return metrics
+
+    def _note_progress(self, server_round: int, kept: list[AcceptedReply]) -> None:
+        """Count the rounds in a row in which no node replied usefully (every sampled
+        node failed or was rejected); log their reasons with their counts."""
+        log = self.current
+        if kept or not (log.failed_nodes or log.rejected_replies):
+            self.idle_rounds = 0
+            return
+        self.idle_rounds += 1
+        self.idle_reasons = idle_reasons(log)
+        shown = "; ".join(f"{n}x {reason}" for reason, n in self.idle_reasons.items())
+        logger.warning(
+            "round %d: no node replied usefully (%d round(s) in a row): %s",
+            server_round,
+            self.idle_rounds,
+            shown,
+        )
 
     def close_round(
         self, server_round: int, accepted: list[AcceptedReply]
@@ -581,6 +658,8 @@ class RoundEngine:
         if self.checkpoint_dir is not None:
             save_checkpoint(self.checkpoint_dir, server_round, self.state_dict())
             self.store.checkpointed()
+        if self.max_idle_rounds and self.idle_rounds >= self.max_idle_rounds:
+            raise NoProgressError(self.idle_rounds, self.idle_reasons)
         if log.accuracy is None or log.loss is None:
             return None
         metrics = {"num-examples": float(total), "accuracy": log.accuracy, "loss": log.loss}

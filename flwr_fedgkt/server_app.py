@@ -18,6 +18,7 @@ from .data import DataUnavailableError, describe_dataset, plot_label_distributio
 from .edge import extractor_of
 from .models import EDGE_MODEL, build_model, extractor_and_server, seeded_model
 from .results import ResultsWriter
+from .rounds import NoProgressError
 from .strategy import FedGKT
 
 app = ServerApp()
@@ -137,6 +138,11 @@ def main(grid: Grid, context: Context) -> None:
             train_config=round_config,
             evaluate_config=ConfigRecord(),
         )
+    except NoProgressError as err:  # said in results.json and the log; not a crash
+        log(ERROR, "The run stops: %s", err)
+        writer.header["no_progress_reasons"] = err.reasons
+        writer.finish("no-progress", str(err))
+        return
     except BaseException as err:
         # results.json says how the run ended; Flower reports the error's exit code
         writer.finish("failed", f"{type(err).__name__}: {err}")

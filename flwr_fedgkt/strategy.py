@@ -112,6 +112,11 @@ class FedGKT(HoldsEngine, Strategy):
     seed : int (default: 0)
         Seeds node sampling: with the same node keys (or node ids, for nodes that
         do not say their key), every run samples the same nodes in every round.
+    max_idle_rounds : int (default: 3)
+        After this many rounds in a row in which no node replied usefully (every
+        sampled node failed or was rejected), ``start()`` raises
+        :class:`~flwr_fedgkt.rounds.NoProgressError` naming the reasons with their
+        counts; 0: never stop.
     query_timeout : float (default: 300.0)
         Seconds to wait for the nodes' answers when the strategy asks new nodes
         for their keys (before the first round in which they are sampled).
@@ -180,6 +185,7 @@ class FedGKT(HoldsEngine, Strategy):
         global_sample_ids: bool = False,
         seed: int = 0,
         query_timeout: float = 300.0,
+        max_idle_rounds: int = 3,
     ) -> None:
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
@@ -201,6 +207,7 @@ class FedGKT(HoldsEngine, Strategy):
             max_logit_abs=max_logit_abs,
             global_sample_ids=global_sample_ids,
             seed=seed,
+            max_idle_rounds=max_idle_rounds,
         )
         self.query_timeout = query_timeout
         self._grid: Grid | None = None
