@@ -13,15 +13,15 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .files import write_atomic
 
 __all__ = [
     "CheckpointError",
@@ -62,16 +62,7 @@ def save_checkpoint(directory: str | Path, server_round: int, state: dict[str, A
     buffer = io.BytesIO()
     torch.save({"format": FORMAT_VERSION, "round": server_round, **state}, buffer)
     final = directory / f"checkpoint-round-{server_round}.pt"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(final, lambda handle: handle.write(buffer.getvalue()), fsync=True)
     for old in _checkpoints(directory)[KEEP:]:
         old.unlink(missing_ok=True)
     return final

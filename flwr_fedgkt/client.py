@@ -71,6 +71,11 @@ STATE_KEY = "edge_state"
 ROUND_PREFIX = "round-"
 
 
+def _round_of(name: str) -> int:
+    """The round of a state's array name ``round-<r>``."""
+    return int(name[len(ROUND_PREFIX) :])
+
+
 class ContextStateStore:
     """The edge states in a node's ``context.state``: in the ArrayRecord under
     ``key``, one ``uint8`` array ``round-<r>`` per round (the newest
@@ -85,7 +90,7 @@ class ContextStateStore:
 
     def rounds(self) -> list[int]:
         """The rounds whose states are kept."""
-        return sorted(int(name[len(ROUND_PREFIX) :]) for name in self._record())
+        return sorted(_round_of(name) for name in self._record())
 
     def load(self, before_round: int | None = None) -> bytes | None:
         chosen = pick_round(self.rounds(), before_round)
@@ -97,7 +102,7 @@ class ContextStateStore:
         record = self._record()
         arrays = {name: record[name] for name in record}
         arrays[f"{ROUND_PREFIX}{server_round}"] = Array(np.frombuffer(blob, np.uint8).copy())
-        for old in stale_rounds(int(name[len(ROUND_PREFIX) :]) for name in arrays):
+        for old in stale_rounds(_round_of(name) for name in arrays):
             del arrays[f"{ROUND_PREFIX}{old}"]
         self.context.state[self.key] = ArrayRecord(array_dict=arrays)
 
@@ -240,7 +245,7 @@ class FedGKTClient:
     def train(self, msg: Message, context: Context) -> Message:
         """One round of edge training, then the upload of the training data's
         features, logits, labels and ids."""
-        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        round_config = _round_config(msg)
         server_round, dtype = round_settings(round_config)
         teacher = None
         if LOGITS_KEY in msg.content.array_records:
@@ -250,59 +255,48 @@ class FedGKTClient:
         extracted, metrics = node.train(
             self.train_data, server_round, teacher, self.settings.for_round(round_config)
         )
-        record = features_record(
-            extracted, dtype, with_features=bool(round_config.get("send-features", True))
-        )
-        return self._reply(
-            msg,
-            context,
-            record,
-            {"num-examples": len(extracted.ids), **train_metrics(metrics)},
-            {PRECISION_KEY: node.precision},
-        )
+        record = features_record(extracted, dtype, with_features=_send_features(round_config))
+        metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
+        meta = {**self._meta(context, server_round, dtype), PRECISION_KEY: node.precision}
+        return _reply(msg, record, metrics, meta)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """The upload of the test data's features and labels, with the edge model's
         own accuracy and loss on them."""
         if self.test_data is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
-        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+        round_config = _round_config(msg)
         server_round, dtype = round_settings(round_config)
         extracted, scores = self.node(context).evaluate(self.test_data, server_round)
         record = features_record(
-            extracted,
-            dtype,
-            with_logits=False,
-            with_features=bool(round_config.get("send-features", True)),
+            extracted, dtype, with_logits=False, with_features=_send_features(round_config)
         )
-        return self._reply(
-            msg,
-            context,
-            record,
-            {"num-examples": len(extracted.ids), **evaluate_metrics(scores)},
-        )
+        metrics = {"num-examples": len(extracted.ids), **evaluate_metrics(scores)}
+        return _reply(msg, record, metrics, self._meta(context, server_round, dtype))
 
-    def _reply(
-        self,
-        msg: Message,
-        context: Context,
-        record: ArrayRecord,
-        metrics: dict[str, int | float | list[int] | list[float]],
-        extra_meta: dict[str, str] | None = None,
-    ) -> Message:
-        """The reply: the arrays, the metrics, and what every reply echoes back (its
-        round and feature dtype) with the node's key."""
-        round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-        server_round, dtype = round_settings(round_config)
-        meta = ConfigRecord(
-            {
-                "server-round": server_round,
-                "feature-dtype": dtype,
-                NODE_KEY: self.key(context),
-                **(extra_meta or {}),
-            }
-        )
-        content = RecordDict(
-            {FEATURES_KEY: record, METRICS_KEY: MetricRecord(metrics), META_KEY: meta}
-        )
-        return Message(content=content, reply_to=msg)
+    def _meta(self, context: Context, server_round: int, dtype: str) -> dict[str, Any]:
+        """What every reply echoes back (its round and feature dtype), with the
+        node's key."""
+        return {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: self.key(context)}
+
+
+def _round_config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
+
+
+def _send_features(round_config: ConfigRecord) -> bool:
+    """False when the server holds this node's features already (``freeze-extractor``)."""
+    return bool(round_config.get("send-features", True))
+
+
+def _reply(
+    msg: Message, record: ArrayRecord, metrics: Mapping[str, Any], meta: Mapping[str, Any]
+) -> Message:
+    content = RecordDict(
+        {
+            FEATURES_KEY: record,
+            METRICS_KEY: MetricRecord(dict(metrics)),
+            META_KEY: ConfigRecord(dict(meta)),
+        }
+    )
+    return Message(content=content, reply_to=msg)

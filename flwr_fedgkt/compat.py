@@ -77,10 +77,10 @@ from .accounting import model_profile
 from .client import ContextStateStore
 from .config import RunConfig
 from .data import SampleSet, describe_dataset
-from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
+from .edge import LogitTable, evaluate_metrics, train_metrics
 from .features import PayloadError
 from .node import EdgeNode, partition_node, round_settings
-from .records import QUERY_KEY, features_record, record_arrays
+from .records import QUERY_KEY
 from .results import ResultsWriter
 from .rounds import NODE_KEY, HoldsEngine, ReplyParts, RoundEngine, sample_size
 from .server import ServerTrainer
@@ -108,11 +108,6 @@ _EVALUATE_ARRAYS = ("features", "labels", "ids")
 
 def _array_names(names: Sequence[str], dtype: str) -> tuple[str, ...]:
     return tuple(names) + (INT8_ARRAYS if dtype == "int8" else ())
-
-
-def _upload_arrays(extracted: Extracted, dtype: str, with_logits: bool) -> dict[str, np.ndarray]:
-    """The arrays the Message-API client uploads for ``extracted``, by name."""
-    return record_arrays(features_record(extracted, dtype, with_logits=with_logits))
 
 
 def _empty_parameters() -> Parameters:
@@ -239,7 +234,7 @@ class FedGKTNumPyClient(NumPyClient):
         extracted, metrics = node.train(
             self.train_set, server_round, teacher, node.settings.for_round(config)
         )
-        arrays = _upload_arrays(extracted, dtype, with_logits=True)
+        arrays = extracted.arrays(dtype, with_logits=True)
         reply: dict[str, Scalar] = {
             "server-round": server_round,
             "feature-dtype": dtype,
@@ -266,7 +261,7 @@ class FedGKTNumPyClient(NumPyClient):
         """
         server_round, dtype = round_settings(config, self.config.feature_dtype)
         extracted, scores = self._node().evaluate(self.test_set, server_round)
-        arrays = _upload_arrays(extracted, dtype, with_logits=False)
+        arrays = extracted.arrays(dtype, with_logits=False)
         reply: dict[str, Scalar] = {
             "server-round": server_round,
             "feature-dtype": dtype,
@@ -399,7 +394,6 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         self.query_timeout = query_timeout
         self.engine = RoundEngine(trainer, **engine_settings)
         self._client_manager: ClientManager | None = None
-        self._keyless: set[int] = set()  # clients that could not say their key
 
     def __repr__(self) -> str:
         return (
@@ -438,18 +432,16 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         (``get_properties``; :meth:`FedGKTNumPyClient.get_properties` answers), so
         that clients are sampled by key and a resumed run's first round sends every
         client its server logits. A client that cannot answer is not asked again."""
-        for node_id in self.engine.unkeyed(proxies):
-            if node_id in self._keyless:
-                continue
+        for node_id in self.engine.keys_to_ask(proxies):
             ins = GetPropertiesIns(config={QUERY_KEY: NODE_KEY})
             try:
                 res = proxies[node_id].get_properties(ins, timeout=self.query_timeout, group_id=0)
             except Exception as err:  # a client that cannot answer: sampled by node id
                 log(INFO, "node %d did not say its key: %s", node_id, err)
-                self._keyless.add(node_id)
+                self.engine.no_key([node_id])
                 continue
             if res.status.code != Code.OK or NODE_KEY not in res.properties:
-                self._keyless.add(node_id)
+                self.engine.no_key([node_id])
                 continue
             self.engine.learn_key(node_id, res.properties[NODE_KEY])
 

@@ -24,7 +24,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +36,17 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .data import Augmentation, SampleSet
 from .distill import DistillLoss, ce_kd_loss, kd_loss
+from .features import encode_features
 from .models import seeded_model
 from .precision import autocast, resolve_precision
-from .training import StepOutcome, optimizer_step, train_epochs
+from .training import (
+    OptimizerFactory,
+    StepOutcome,
+    make_optimizer,
+    optimizer_step,
+    set_lr,
+    train_epochs,
+)
 
 __all__ = [
     "EdgeData",
@@ -72,9 +80,6 @@ def edge_generator(seed: int, partition_id: int, server_round: int) -> torch.Gen
 EdgeData = SampleSet | Dataset[Any] | Sequence[Any]
 """A node's data: a :class:`~flwr_fedgkt.data.SampleSet`, or any data set or
 sequence of ``(x, y)`` / ``(x, y, sample_id)`` items."""
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-"""Builds the edge optimizer from the trainable parameters."""
 
 
 class IdentifiedSamples(Dataset[tuple[Any, Tensor, Tensor]]):
@@ -118,6 +123,17 @@ def _loader(
     else:
         dataset = IdentifiedSamples(data)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def _in_order(data: EdgeData, batch_size: int) -> Iterator[tuple[Any, Tensor, Tensor]]:
+    """``(inputs, labels, ids)`` batches of ``data`` in its order, never augmented
+    (a ``SampleSet`` is sliced, without a DataLoader)."""
+    if not isinstance(data, SampleSet):
+        yield from _loader(data, batch_size, False, None)
+        return
+    for start in range(0, len(data), batch_size):
+        rows = slice(start, start + batch_size)
+        yield data.images[rows], data.labels[rows], data.ids[rows]
 
 
 def training_batches(
@@ -184,6 +200,24 @@ class Extracted:
     labels: Tensor  # N, int64
     ids: Tensor  # N, int64
 
+    def arrays(
+        self, dtype: str, with_logits: bool = True, with_features: bool = True
+    ) -> dict[str, np.ndarray]:
+        """The arrays a reply carries, by name: the features in wire dtype
+        ``dtype`` (:func:`~flwr_fedgkt.features.encode_features`), ``labels``,
+        ``ids`` and, for training, ``logits``. Without ``with_features`` (the
+        server keeps this node's features from an earlier upload:
+        ``freeze-extractor``) only what changes: ``ids`` and, for training,
+        ``logits``."""
+        arrays = {"ids": self.ids.numpy().astype(np.int64)}
+        if with_features:
+            arrays = encode_features(self.features, dtype).arrays()
+            arrays["labels"] = self.labels.numpy().astype(np.int64)
+            arrays["ids"] = self.ids.numpy().astype(np.int64)
+        if with_logits:
+            arrays["logits"] = self.logits.numpy().astype(np.float32)
+        return arrays
+
 
 class EdgeTrainer:
     """The edge model and its optimizer, which persist across rounds on one client.
@@ -246,17 +280,10 @@ class EdgeTrainer:
             self.stem = extractor_of(self.model)
             self.stem.requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if optimizer is None:
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                trainable, lr=lr, weight_decay=5e-4
-            )
-        else:
-            self.optimizer = optimizer(trainable)
-            self.set_lr(lr)
+        self.optimizer = make_optimizer(trainable, lr, optimizer)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
 
     # -- state ---------------------------------------------------------------------
     def state_bytes(self) -> bytes:
@@ -341,19 +368,12 @@ class EdgeTrainer:
         (a ``SampleSet`` never augmented). ValueError when two samples share an id."""
         self.model.eval()
         feats, logits, labels, ids = [], [], [], []
-        if isinstance(data, SampleSet):
-            labels, ids = [data.labels.clone()], [data.ids.clone()]
-            for start in range(0, len(data), batch_size):
-                out, f = self.model(data.images[start : start + batch_size].to(self.device))
-                feats.append(f.float().cpu())
-                logits.append(out.float().cpu())
-        else:
-            for x, y, i in _loader(data, batch_size, False, None):
-                out, f = self.model(x.to(self.device))
-                feats.append(f.float().cpu())
-                logits.append(out.float().cpu())
-                labels.append(y)
-                ids.append(i)
+        for x, y, i in _in_order(data, batch_size):
+            out, f = self.model(x.to(self.device))
+            feats.append(f.float().cpu())
+            logits.append(out.float().cpu())
+            labels.append(y)
+            ids.append(i)
         extracted = Extracted(
             features=torch.cat(feats) if feats else torch.zeros(0),
             logits=torch.cat(logits) if logits else torch.zeros(0, 0),

@@ -21,9 +21,10 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -31,6 +32,8 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from .files import write_atomic
 
 __all__ = [
     "FEATURE_DTYPES",
@@ -460,14 +463,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".npz")
 
 
-def _save_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through a temporary file and a rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-    os.replace(tmp, path)
-
-
 def _map_npy(path: Path) -> tuple[np.ndarray, mmap.mmap]:
     """A read-only memory map of the ``.npy`` file at ``path`` and the array over it."""
     with open(path, "rb") as file:
@@ -515,14 +510,14 @@ NodeKey = str
 """A node's stable key (see :func:`validate_node_key`)."""
 
 
-def _file_label(key: NodeKey) -> str:
-    """A node key as it may appear in a file name: itself when it is short and
-    made of letters, digits, ``_`` and ``-`` only, else ``key`` (file names also
-    carry a counter, so they never collide)."""
+def file_label(key: NodeKey) -> str:
+    """A node key as a file-name part: itself when it is short and made of letters,
+    digits, ``_`` and ``-``, else ``key-`` and a digest of it (no two keys share
+    one)."""
     text = str(key)
     if 0 < len(text) <= 40 and all(c.isascii() and (c.isalnum() or c in "_-") for c in text):
         return text
-    return "key"
+    return "key-" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 class Batch(NamedTuple):
@@ -586,7 +581,7 @@ class FeatureStore:
         path, mapping = None, None
         if self.directory is not None:
             path = self._new_path(node, server_round)
-            _save_atomic(path, lambda handle: np.save(handle, np.ascontiguousarray(enc.data)))
+            write_atomic(path, lambda handle: np.save(handle, np.ascontiguousarray(enc.data)))
             self._write_sidecar(path, payload)
             mapped, mapping = _map_npy(path)
             payload = FeaturePayload(
@@ -602,7 +597,7 @@ class FeatureStore:
     def _new_path(self, node: NodeKey, server_round: int) -> Path:
         assert self.directory is not None
         self._files += 1
-        return self.directory / f"node-{_file_label(node)}-{self._files}-round-{server_round}.npy"
+        return self.directory / f"node-{file_label(node)}-{self._files}-round-{server_round}.npy"
 
     def _relink(self, node: NodeKey, path: Path, server_round: int) -> Path:
         """The features file under a new name (a hard link, no copy), the old names
@@ -625,7 +620,7 @@ class FeatureStore:
         }
         if enc.scale is not None and enc.offset is not None:
             arrays.update(scale=np.asarray(enc.scale), offset=np.asarray(enc.offset))
-        _save_atomic(_sidecar(path), lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
+        write_atomic(_sidecar(path), lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
 
     def _retire(self, path: Path) -> None:
         if self.keep_retired:

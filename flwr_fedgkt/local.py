@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from .config import RunConfig
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
-from .features import encode_features
 from .node import MemoryStateStore, load_node_partition, partition_node
 from .rounds import NODE_KEY, ReplyParts, RoundEngine
 from .server import ServerTrainer
@@ -45,10 +42,7 @@ def _upload(
     metrics: dict[str, float],
     training: bool,
 ) -> ReplyParts:
-    arrays = encode_features(extracted.features, dtype).arrays()
-    arrays.update(labels=extracted.labels.numpy(), ids=extracted.ids.numpy().astype(np.int64))
-    if training:
-        arrays["logits"] = extracted.logits.numpy()
+    arrays = extracted.arrays(dtype, with_logits=training)
     meta = {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: key}
     return meta, arrays, {"num-examples": len(extracted.labels), **metrics}
 

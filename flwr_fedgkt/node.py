@@ -8,13 +8,14 @@ that data and saves the edge state again; on evaluation it extracts over its
 test data and scores the edge model on it. The built-in app's node holds one
 partition of the run's data set (:func:`partition_node`).
 
-Where the edge state lives is an :class:`EdgeStateStore`: anything that loads and
-saves one blob of bytes. :class:`DirectoryStateStore` keeps it in
-``client-state-dir`` (``edge-<node key>.pt``, written atomically), so that a
-restarted node continues from it; the Flower layer keeps it in ``context.state``
-(:class:`flwr_fedgkt.client.ContextStateStore`). :func:`edge_state_store`
-puts the two together: restore from the node's own store when it holds a state,
-else from the directory; save to both.
+Where the edge state lives is an :class:`EdgeStateStore`: anything that saves a
+blob of bytes per round and loads the newest one before a given round (the newest
+:data:`KEEP_ROUNDS` are kept). :class:`DirectoryStateStore` keeps them in
+``client-state-dir`` (``edge-<node key>-round-<r>.pt``, written atomically), so
+that a restarted node continues from them; the Flower layer keeps them in
+``context.state`` (:class:`flwr_fedgkt.client.ContextStateStore`).
+:func:`edge_state_store` puts the two together: restore from the node's own store
+when it holds a state, else from the directory; save to both.
 
 This module imports no Flower code.
 """
@@ -22,8 +23,6 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +44,8 @@ from .edge import (
     edge_generator,
     resolve_device,
 )
+from .features import file_label
+from .files import write_atomic
 from .models import EDGE_MODEL, seeded_model
 from .precision import resolve_precision
 
@@ -214,17 +215,9 @@ def stale_rounds(rounds: Iterable[int]) -> list[int]:
     return sorted(rounds)[:-KEEP_ROUNDS]
 
 
-def _file_label(key: str) -> str:
-    """A node key as a file-name part: itself when it is short and made of letters,
-    digits, ``_`` and ``-``, else ``key-`` and a digest of it (never colliding)."""
-    if 0 < len(key) <= 40 and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
-        return key
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
 def edge_state_file(directory: str | Path, node_key: str, server_round: int) -> Path:
     """The file a node's edge state after ``server_round`` is kept in."""
-    return Path(directory) / f"edge-{_file_label(node_key)}-round-{server_round}.pt"
+    return Path(directory) / f"edge-{file_label(node_key)}-round-{server_round}.pt"
 
 
 class DirectoryStateStore:
@@ -235,7 +228,7 @@ class DirectoryStateStore:
     def __init__(self, directory: str | Path, node_key: str) -> None:
         self.directory = Path(directory)
         self.node_key = node_key
-        self._pattern = re.compile(re.escape(f"edge-{_file_label(node_key)}-round-") + r"(\d+)\.pt")
+        self._pattern = re.compile(re.escape(f"edge-{file_label(node_key)}-round-") + r"(\d+)\.pt")
 
     def __repr__(self) -> str:
         return f"DirectoryStateStore({str(self.directory)!r}, {self.node_key!r})"
@@ -254,11 +247,10 @@ class DirectoryStateStore:
         return edge_state_file(self.directory, self.node_key, chosen).read_bytes()
 
     def save(self, blob: bytes, server_round: int = 0) -> None:
-        path = edge_state_file(self.directory, self.node_key, server_round)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        write_atomic(
+            edge_state_file(self.directory, self.node_key, server_round),
+            lambda handle: handle.write(blob),
+        )
         for old in stale_rounds(self.rounds()):
             edge_state_file(self.directory, self.node_key, old).unlink(missing_ok=True)
 

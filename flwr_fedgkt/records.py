@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 
 from .edge import Extracted
-from .features import encode_features, read_npy_header
+from .features import read_npy_header
 from .rounds import NODE_KEY, PRECISION_KEY
 
 __all__ = [
@@ -69,23 +69,8 @@ def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 def features_record(
     extracted: Extracted, dtype: str, with_logits: bool = True, with_features: bool = True
 ) -> ArrayRecord:
-    """Encode an extraction as an ArrayRecord in wire dtype ``dtype``.
-
-    Without ``with_features`` (the server keeps this node's features from an earlier
-    upload: ``freeze-extractor``) it carries only what changes: ``ids`` and, for
-    training, ``logits``.
-    """
-    if not with_features:
-        arrays = {"ids": extracted.ids.numpy().astype(np.int64)}
-        if with_logits:
-            arrays["logits"] = extracted.logits.numpy().astype(np.float32)
-        return arrays_record(arrays)
-    arrays = encode_features(extracted.features, dtype).arrays()
-    arrays["labels"] = extracted.labels.numpy().astype(np.int64)
-    arrays["ids"] = extracted.ids.numpy().astype(np.int64)
-    if with_logits:
-        arrays["logits"] = extracted.logits.numpy().astype(np.float32)
-    return arrays_record(arrays)
+    """:meth:`Extracted.arrays <flwr_fedgkt.edge.Extracted.arrays>` as an ArrayRecord."""
+    return arrays_record(extracted.arrays(dtype, with_logits, with_features))
 
 
 def logits_record(ids: np.ndarray, logits: np.ndarray) -> ArrayRecord:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .files import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,17 +41,10 @@ def _clean(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_clean(data), handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``data`` as JSON (:func:`_clean` first) at ``path``, written atomically and
+    synced to disk."""
+    text = json.dumps(_clean(data), indent=2)
+    write_atomic(path, lambda handle: handle.write(text.encode()), fsync=True)
 
 
 def accuracy_figure(rounds: Sequence[dict[str, Any]], title: str = "") -> Figure:
@@ -90,10 +83,7 @@ def accuracy_figure(rounds: Sequence[dict[str, Any]], title: str = "") -> Figure
 def plot_accuracy(rounds: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """:func:`accuracy_figure` as a PNG at ``path``, replaced atomically."""
     figure = accuracy_figure(rounds, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: figure.savefig(handle, format="png"))
     return path
 
 

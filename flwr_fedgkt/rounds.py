@@ -170,8 +170,14 @@ class NoProgressError(RuntimeError):
     def __init__(self, rounds: int, reasons: Mapping[str, int]) -> None:
         self.rounds = rounds
         self.reasons = dict(reasons)
-        shown = "; ".join(f"{n}x {reason}" for reason, n in self.reasons.items())
-        super().__init__(f"no node replied usefully in {rounds} rounds in a row: {shown}")
+        super().__init__(
+            f"no node replied usefully in {rounds} rounds in a row: {counted(self.reasons)}"
+        )
+
+
+def counted(reasons: Mapping[str, int]) -> str:
+    """Reasons with their counts, in one line: ``2x RuntimeError: ...; 1x ...``."""
+    return "; ".join(f"{n}x {reason}" for reason, n in reasons.items())
 
 
 def idle_reasons(log: RoundLog) -> dict[str, int]:
@@ -260,6 +266,7 @@ class RoundEngine:
         self.max_idle_rounds = max_idle_rounds
         self.idle_rounds = 0  # rounds in a row in which no node replied usefully
         self.idle_reasons: dict[str, int] = {}
+        self.keyless: set[int] = set()  # nodes that could not say their key
         # with a frozen extractor, each node's test features, kept after its first
         # evaluation reply (training features are kept in the store)
         self.test_cache: dict[NodeKey, FeaturePayload] = {}
@@ -340,13 +347,24 @@ class RoundEngine:
         node id after them: the same keys (or node ids) give the same sample in
         every run, and a resumed run samples as the uninterrupted one."""
         keyed = sorted((k, n) for n in node_ids if (k := self.registry.key_of(n)) is not None)
-        unkeyed = sorted(n for n in node_ids if self.registry.key_of(n) is None)
-        candidates = [n for _, n in keyed] + unkeyed
+        candidates = [n for _, n in keyed] + self.unkeyed(node_ids)
         return sorted(self.sampler.sample(candidates, size))
 
     def unkeyed(self, node_ids: Collection[int]) -> list[int]:
         """The ``node_ids`` whose node key the server does not know yet."""
         return sorted(n for n in node_ids if self.registry.key_of(n) is None)
+
+    def keys_to_ask(self, node_ids: Collection[int]) -> list[int]:
+        """The ``node_ids`` to ask for their key: those whose key the server does
+        not know, but for the ones that could not say it before
+        (:meth:`no_key`)."""
+        return [n for n in self.unkeyed(node_ids) if n not in self.keyless]
+
+    def no_key(self, node_ids: Collection[int]) -> None:
+        """These nodes could not say their key (e.g. a ClientApp without a query
+        handler): they are not asked again, and are bound to the key of their
+        first accepted reply."""
+        self.keyless.update(node_ids)
 
     def learn_key(self, node_id: int, key: Any) -> NodeKey | None:
         """Bind ``node_id`` to the node key it answered a key query with, so that it
@@ -594,12 +612,11 @@ class RoundEngine:
             return
         self.idle_rounds += 1
         self.idle_reasons = idle_reasons(log)
-        shown = "; ".join(f"{n}x {reason}" for reason, n in self.idle_reasons.items())
         logger.warning(
             "round %d: no node replied usefully (%d round(s) in a row): %s",
             server_round,
             self.idle_rounds,
-            shown,
+            counted(self.idle_reasons),
         )
 
     def close_round(

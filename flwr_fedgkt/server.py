@@ -11,7 +11,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
 from .models import FEATURE_CHANNELS, SERVER_MODELS, count_parameters, seeded_model
 from .precision import autocast, resolve_precision
-from .training import EpochTotals, StepOutcome, train_epochs
+from .training import EpochTotals, OptimizerFactory, StepOutcome, make_optimizer, train_epochs
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
 
@@ -144,8 +144,7 @@ class ServerTrainer:
         ``float32``, ``bfloat16`` (autocast, float32 master weights; losses and
         softmaxes in float32) or ``auto`` (bfloat16 where this process's device
         runs it natively): for training and for the server's logits and scores.
-    optimizer : Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None
-        (default: None)
+    optimizer : OptimizerFactory | None (default: None)
         Builds the optimizer from the model's parameters (its learning rate is set
         to ``lr``; ``weight_decay`` is then the factory's business); Adam with
         ``weight_decay`` when None.
@@ -165,7 +164,7 @@ class ServerTrainer:
         total_epochs: int | None = None,
         model: nn.Module | None = None,
         feature_shape: tuple[int, ...] | None = None,
-        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        optimizer: OptimizerFactory | None = None,
         precision: str = "float32",
     ) -> None:
         self.device = resolve_device(device)
@@ -196,15 +195,7 @@ class ServerTrainer:
         self.temperature = temperature
         self.alpha = alpha
         self.batch_size = batch_size
-        if optimizer is None:
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
-                self.model.parameters(), lr=lr, weight_decay=weight_decay
-            )
-        else:
-            self.optimizer = optimizer(self.model.parameters())
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-                group["initial_lr"] = lr
+        self.optimizer = make_optimizer(self.model.parameters(), lr, optimizer, weight_decay)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
         if total_epochs:

@@ -16,7 +16,8 @@ from .checkpoint import CheckpointError, load_latest_checkpoint
 from .config import RunConfig
 from .data import DataUnavailableError, describe_dataset, plot_label_distribution
 from .edge import extractor_of
-from .models import EDGE_MODEL, build_model, extractor_and_server, seeded_model
+from .models import EDGE_MODEL, build_model, extractor_and_server
+from .node import edge_model_factory
 from .results import ResultsWriter
 from .rounds import NoProgressError
 from .strategy import FedGKT
@@ -74,7 +75,7 @@ def save_deployable_model(
         return
     server = build_model(config.server_model, num_classes)
     server.load_state_dict(arrays.to_torch_state_dict())
-    edge = seeded_model(EDGE_MODEL, num_classes, config.seed)
+    edge = edge_model_factory(config, num_classes, partition_id=0)()  # every node's start
     torch.save(extractor_and_server(extractor_of(edge), server).state_dict(), path)
     log(INFO, "Extractor + server model, for inference on images: %s", path)
 

@@ -212,7 +212,6 @@ class FedGKT(HoldsEngine, Strategy):
         self.query_timeout = query_timeout
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
-        self._keyless: set[int] = set()  # nodes that could not say their key
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -262,7 +261,7 @@ class FedGKT(HoldsEngine, Strategy):
         round sends every node its server logits. A node that cannot answer (a
         ClientApp without a query handler) is not asked again; it gets its key
         bound by its first training reply, as before."""
-        unknown = [n for n in self.engine.unkeyed(node_ids) if n not in self._keyless]
+        unknown = self.engine.keys_to_ask(node_ids)
         if not unknown:
             return
         messages = [
@@ -280,7 +279,7 @@ class FedGKT(HoldsEngine, Strategy):
                 continue
             answered.add(node_id)
             self.engine.learn_key(node_id, reply.content.config_records[META_KEY].get(NODE_KEY))
-        self._keyless.update(set(unknown) - answered)
+        self.engine.no_key(set(unknown) - answered)
         log(INFO, "node keys: %d asked, %d answered", len(unknown), len(answered))
 
     def _replies(self, replies: Iterable[Message], phase: str) -> list[Message]:

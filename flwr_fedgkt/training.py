@@ -16,13 +16,24 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .distill import DistillLoss
 
-__all__ = ["EpochTotals", "StepOutcome", "optimizer_step", "train_epochs"]
+__all__ = [
+    "EpochTotals",
+    "OptimizerFactory",
+    "StepOutcome",
+    "make_optimizer",
+    "optimizer_step",
+    "set_lr",
+    "train_epochs",
+]
 
 B = TypeVar("B")
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+"""Builds an optimizer from the parameters to train."""
 
 StepOutcome = tuple[DistillLoss, Tensor, Tensor]
 """What a step reports: its loss parts, the batch's logits and its labels."""
@@ -56,6 +67,27 @@ class EpochTotals:
             "kd": self.kd / seen,
             "accuracy": self.correct / seen,
         }
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter],
+    lr: float,
+    factory: OptimizerFactory | None = None,
+    weight_decay: float = 5e-4,
+) -> torch.optim.Optimizer:
+    """``factory(params)`` with its learning rate set to ``lr`` (its weight decay is
+    the factory's), or Adam with ``lr`` and ``weight_decay`` when no factory."""
+    if factory is None:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    optimizer = factory(params)
+    set_lr(optimizer, lr)
+    return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group of ``optimizer``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:

@@ -48,54 +48,44 @@ def _raise(msg, context):
     raise RuntimeError("no data on this node")
 
 
-def test_a_run_in_which_every_node_fails_stops_with_status_no_progress(
-    task_identity, tmp_path, caplog
-) -> None:
-    # Prepare: every node's training raises; two idle rounds allowed
+def _run_failing_nodes(tmp_path, **config) -> dict:
+    """The built-in ServerApp's main over two nodes whose training always raises;
+    its results.json."""
     out = tmp_path / "out"
     run_config = {
         "dataset": "synthetic",
-        "num-server-rounds": 5,
-        "max-idle-rounds": 2,
         "batch-size": 16,
         "seed": 3,
         "device": "cpu",
         "output-dir": str(out),
+        **config,
     }
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
     grid = InProcessGrid(contexts, handlers={(n, "train"): _raise for n in contexts})
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
-    # Execute
     server_app.main(grid, context)
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_run_in_which_every_node_fails_stops_with_status_no_progress(
+    task_identity, tmp_path, caplog
+) -> None:
+    # Prepare / Execute: every node's training raises; two idle rounds allowed
+    results = _run_failing_nodes(tmp_path, **{"num-server-rounds": 5, "max-idle-rounds": 2})
     # Assert: two rounds, then the run ended, with the reasons and their counts
-    results = json.loads((out / "results.json").read_text())
     assert results["status"] == "no-progress"
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert results["no_progress_reasons"] == {"RuntimeError: no data on this node": 2}
     assert "2 rounds in a row" in results["error"]
-    assert not (out / "final_model.pt").exists()
+    assert not (tmp_path / "out" / "final_model.pt").exists()
     assert "no node replied usefully" in caplog.text
 
 
 @pytest.mark.parametrize("max_idle_rounds", [0, 9])
 def test_without_a_limit_the_run_goes_on(task_identity, tmp_path, max_idle_rounds) -> None:
-    out = tmp_path / "out"
-    run_config = {
-        "dataset": "synthetic",
-        "num-server-rounds": 3,
-        "max-idle-rounds": max_idle_rounds,
-        "batch-size": 16,
-        "seed": 3,
-        "device": "cpu",
-        "output-dir": str(out),
-    }
-    contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
-    grid = InProcessGrid(contexts, handlers={(n, "train"): _raise for n in contexts})
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    results = _run_failing_nodes(
+        tmp_path, **{"num-server-rounds": 3, "max-idle-rounds": max_idle_rounds}
     )
-    server_app.main(grid, context)
-    results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed" and len(results["rounds"]) == 3
