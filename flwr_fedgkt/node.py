@@ -388,6 +388,12 @@ class EdgeNode:
         """The edge trainer, restored from the newest state of a round before
         ``before_round`` (the newest state when None) when the store holds one,
         with the learning rate of ``settings`` (the node's own when None)."""
+        return self._restore(settings, before_round)[0]
+
+    def _restore(
+        self, settings: EdgeSettings | None, before_round: int | None
+    ) -> tuple[EdgeTrainer, bool]:
+        """:meth:`trainer`, and whether a saved state was restored."""
         lr = (settings or self.settings).lr
         trainer = EdgeTrainer(
             lr=lr,
@@ -401,7 +407,7 @@ class EdgeNode:
         if blob is not None:
             trainer.load_state_bytes(blob)
             trainer.set_lr(lr)  # this round's rate, not the saved one
-        return trainer
+        return trainer, blob is not None
 
     def train(
         self,
@@ -418,7 +424,12 @@ class EdgeNode:
         extraction and the training metrics (``train_loss``, ``train_ce``,
         ``train_kd``, ``train_accuracy``)."""
         settings = settings or self.settings
-        trainer = self.trainer(settings, before_round=server_round)
+        trainer, restored = self._restore(settings, server_round)
+        if not restored and server_round > 0:
+            # the node's first round: keep its fresh state as the state before it,
+            # so that a server resumed from an older checkpoint that asks for this
+            # round again finds it (the node may take part first in any round)
+            self.store.save(trainer.state_bytes(), server_round - 1)
         metrics = trainer.train(
             data,
             epochs=settings.epochs,

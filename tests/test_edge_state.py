@@ -229,3 +229,20 @@ def test_a_node_asked_again_for_a_round_it_trained_trains_it_from_the_round_befo
     round_2 = _node(node_a, config, 0).trainer(before_round=3)
     evaluated, _ = _node(node_a, config, 0).evaluate(_data(0), 2)
     assert torch.equal(evaluated.logits, round_2.extract(_data(0)).logits)
+
+
+def test_a_node_whose_first_round_is_asked_again_trains_it_from_its_fresh_model(
+    tmp_path,
+) -> None:
+    # Prepare: a node first sampled in round 2 (partial participation)
+    config = _config(tmp_path / "clients")
+    first, _ = _node(_context(11, 0), config, 0).train(_data(0), 2, None)
+    # Execute: a server resumed from round 1's checkpoint asks it for round 2 again,
+    # the node as it is and the node restarted (its states on disk only)
+    node_a = _context(11, 0)
+    _node(node_a, config, 0).train(_data(0), 2, None)
+    again, _ = _node(node_a, config, 0).train(_data(0), 2, None)
+    restarted, _ = _node(_context(12, 0), config, 0).train(_data(0), 2, None)
+    # Assert: round 2 again from the fresh model, not an error, not a second step
+    assert torch.equal(again.features, first.features)
+    assert torch.equal(restarted.features, first.features)
