@@ -1,59 +1,111 @@
-"""Scale: many simulated nodes, a few sampled per round, on Flower's simulation
-engine.
+"""Scale: a large simulated federation, a few nodes sampled per round.
 
-    python benchmarks/scale.py [--nodes 100] [--sampled 10] [--rounds 3]
+    python benchmarks/scale.py [--nodes 1000] [--sampled 20] [--rounds 5]
+                               [--samples-per-node 30] [--store both]
 
-Runs ``flwr run .`` with ``--nodes`` SuperNodes on a local simulation SuperLink
-(private FLWR_HOME, free ports, every process stopped by id at the end), the
-small ``synthetic`` data set split over all nodes, ``--sampled`` nodes sampled for
-training and for evaluation per round. Prints the wall time, each round's
-seconds, sampled/stored nodes, and the server's peak RSS (from ``results.json``).
+Runs ``flwr run .`` on Flower's simulation engine with ``--nodes`` SuperNodes
+(its own local SuperLink, private FLWR_HOME, free ports, every process stopped by
+id at the end): the ``synthetic`` data set with ``--samples-per-node`` samples
+per node (``synthetic-samples-per-node``), ``--sampled`` nodes sampled for
+training and for evaluation per round, once with each feature store asked for
+(``memory``, ``disk`` or ``both``). Prints each round (seconds, nodes, stored
+nodes and samples, failures, accuracy) and a summary line per store: round 1
+(which also asks every node for its key), the mean of the later rounds, the
+server's peak RSS and the bytes of the run's output folder (the disk store
+lives there). Run it at two federation sizes with the same ``--sampled`` to see
+what a larger federation costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from local_flower import simulate  # noqa: E402
+from local_flower import SimulatedRun, simulate_run  # noqa: E402
 
 MB = 2**20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, default=100)
-    parser.add_argument("--sampled", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--run-config", default="", help="extra run-config")
-    args = parser.parse_args()
-    fraction = args.sampled / args.nodes
-    run_config = (
-        f"num-server-rounds={args.rounds} dataset='synthetic' "
-        f"fraction-train={fraction} fraction-evaluate={fraction} "
-        f"min-train-nodes={args.sampled} min-evaluate-nodes={args.sampled} "
-        f"min-available-nodes={args.nodes} {args.run_config}"
-    ).strip()
-    try:
-        rounds, wall = simulate(run_config, args.nodes)
-    except (RuntimeError, TimeoutError) as err:
-        raise SystemExit(str(err)) from None
-    print(
-        f"{args.nodes} simulated nodes, {args.sampled} sampled per round, run-config: {run_config}"
-    )
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def report(run: SimulatedRun, nodes: int, store: str) -> str:
+    """Print the run's rounds; return its summary line."""
+    results = run.results
+    rounds = results["rounds"]
+    print(f"\n{nodes} nodes, feature store {store}: status {results['status']}")
+    if results.get("error"):
+        print(f"  error: {results['error']}")
     print("round | seconds | train nodes | stored nodes | stored samples | failed | accuracy")
     for r in rounds:
         print(
             f"{r['round']:5d} | {r['seconds']:7.1f} | {r['train_nodes']:11d} | "
             f"{r['stored_nodes']:12d} | {r['stored_samples']:14d} | "
-            f"{len(r['failed_nodes']):6d} | {r['accuracy']:.4f}"
+            f"{len(r['failed_nodes']):6d} | {_accuracy(r['accuracy'])}"
         )
+    if not rounds:
+        return f"{nodes:6d} | {store:6s} | no round completed ({results['status']})"
+    later = [r["seconds"] for r in rounds[1:]]
+    mean_later = f"{statistics.mean(later):6.1f}" if later else "     -"
     peak = max(r["server_peak_rss_bytes"] for r in rounds)
-    print(f"completed: {len(rounds)} rounds; wall time of flwr run {wall:.1f} s")
-    print(f"server peak RSS {peak / MB:.0f} MiB")
+    last = rounds[-1]
+    failed = sum(len(r["failed_nodes"]) for r in rounds)
+    return (
+        f"{nodes:6d} | {store:6s} | {rounds[0]['seconds']:7.1f} | {mean_later} | "
+        f"{peak / MB:8.0f} | {last['stored_nodes']:6d} | {last['stored_samples']:7d} | "
+        f"{run.output_bytes / MB:7.1f} | {failed:6d} | {_accuracy(last['accuracy'])} | "
+        f"{run.wall:6.1f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--sampled", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--samples-per-node", type=int, default=30)
+    parser.add_argument("--store", choices=("memory", "disk", "both"), default="both")
+    parser.add_argument("--run-config", default="", help="extra run-config")
+    args = parser.parse_args()
+    if not 0 < args.sampled <= args.nodes:
+        parser.error("--sampled must lie in 1..--nodes")
+    fraction = args.sampled / args.nodes
+    base = (
+        f"num-server-rounds={args.rounds} dataset='synthetic' "
+        f"synthetic-samples-per-node={args.samples_per_node} "
+        f"fraction-train={fraction} fraction-evaluate={fraction} "
+        f"min-train-nodes={args.sampled} min-evaluate-nodes={args.sampled} "
+        f"min-available-nodes={args.nodes}"
+    )
+    stores = ("memory", "disk") if args.store == "both" else (args.store,)
+    summaries = []
+    for store in stores:
+        run_config = f"{base} feature-store='{store}' {args.run_config}".strip()
+        print(f"flwr run with {args.nodes} SuperNodes, run-config: {run_config}", flush=True)
+        try:
+            run = simulate_run(run_config, args.nodes)
+        except (RuntimeError, TimeoutError) as err:
+            raise SystemExit(str(err)) from None
+        summaries.append(report(run, args.nodes, store))
+    print(
+        f"\n{args.sampled} of {args.nodes} nodes sampled per round, "
+        f"{args.samples_per_node} samples per node, {args.rounds} rounds"
+    )
+    print(
+        " nodes | store  | round 1 | later  | peak RSS | stored | stored  | output  | failed "
+        "| accuracy | flwr run"
+    )
+    print(
+        "       |        |       s | mean s |      MiB |  nodes | samples |     MiB |        "
+        "|          |        s"
+    )
+    for line in summaries:
+        print(line)
 
 
 if __name__ == "__main__":

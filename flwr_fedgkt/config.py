@@ -59,6 +59,7 @@ class RunConfig:
     classes_per_partition: int = 2
     min_partition_size: int = 10
     data_dir: str = ""
+    synthetic_samples_per_node: int = 0
     batch_size: int = 32
     server_batch_size: int = 64
     client_epochs: int = 1
@@ -177,6 +178,11 @@ class RunConfig:
             fail("partitioner", f"expected one of {', '.join(PARTITIONERS)}")
         if self.classes_per_partition < 1:
             fail("classes-per-partition", "must be at least 1")
+        if self.synthetic_samples_per_node < 0 or self.synthetic_samples_per_node == 1:
+            fail(
+                "synthetic-samples-per-node",
+                "must be 0 (600 samples in all) or at least 2 (one to train, one to test)",
+            )
         if self.min_partition_size < 0:
             fail("min-partition-size", "must not be negative")
         if self.data_dir and not os.path.isabs(os.path.expanduser(self.data_dir)):

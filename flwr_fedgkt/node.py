@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from .config import RunConfig
-from .data import Partition, load_partition
+from .data import Partition, check_partitions, load_partition
 from .edge import (
     EdgeData,
     EdgeTrainer,
@@ -62,6 +62,7 @@ __all__ = [
     "edge_state_store",
     "partition_ids",
     "load_node_partition",
+    "check_node_data",
     "ROUND_KEYS",
     "EdgeSettings",
     "round_settings",
@@ -100,6 +101,26 @@ def load_node_partition(partition_id: int, num_partitions: int, config: RunConfi
         classes_per_partition=config.classes_per_partition,
         min_partition_size=config.min_partition_size,
         data_dir=config.data_dir,
+        synthetic_samples_per_node=config.synthetic_samples_per_node,
+    )
+
+
+def check_node_data(config: RunConfig, num_nodes: int) -> str:
+    """Check, before a run starts, that the run's data set splits into
+    ``num_nodes`` partitions as every node will split it (one line saying how);
+    :class:`~flwr_fedgkt.data.PartitionError` says why not. In simulation
+    ``num-partitions`` is the number of SuperNodes; in a deployment each node
+    states its own, at least as many as the nodes connected."""
+    return check_partitions(
+        config.dataset,
+        num_nodes,
+        partitioner=config.partitioner,
+        dirichlet_alpha=config.dirichlet_alpha,
+        seed=config.seed,
+        classes_per_partition=config.classes_per_partition,
+        min_partition_size=config.min_partition_size,
+        data_dir=config.data_dir,
+        synthetic_samples_per_node=config.synthetic_samples_per_node,
     )
 
 

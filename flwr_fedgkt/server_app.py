@@ -14,13 +14,18 @@ from flwr.supercore import log
 from .accounting import model_profile
 from .checkpoint import CheckpointError, load_latest_checkpoint
 from .config import RunConfig
-from .data import DataUnavailableError, describe_dataset, plot_label_distribution
+from .data import (
+    DataUnavailableError,
+    PartitionError,
+    describe_dataset,
+    plot_label_distribution,
+)
 from .edge import extractor_of
 from .models import EDGE_MODEL, build_model, extractor_and_server
 from .node import edge_model_factory
 from .results import ResultsWriter
 from .rounds import NoProgressError
-from .strategy import FedGKT
+from .strategy import FedGKT, federation_data
 
 app = ServerApp()
 
@@ -29,29 +34,27 @@ def default_output_dir() -> Path:
     return Path.cwd() / "outputs" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def plot_partitions(grid: Grid, config: RunConfig, output_dir: Path) -> None:
+def plot_partitions(num_nodes: int, config: RunConfig, output_dir: Path) -> None:
     """Write ``label_distribution.png`` to ``output_dir``: the training labels of
     every partition, one partition per node connected when the run starts (as in
     simulation, where ``num-partitions`` is the number of SuperNodes)."""
-    minimum = max(config.min_available_nodes, 1)
-    while len(node_ids := list(grid.get_node_ids())) < minimum:
-        time.sleep(1)
     try:
         path = plot_label_distribution(
             output_dir / "label_distribution.png",
             config.dataset,
-            len(node_ids),
+            num_nodes,
             config.partitioner,
             config.dirichlet_alpha,
             config.seed,
             classes_per_partition=config.classes_per_partition,
             min_partition_size=config.min_partition_size,
             data_dir=config.data_dir,
+            synthetic_samples_per_node=config.synthetic_samples_per_node,
         )
     except (OSError, ValueError, DataUnavailableError) as err:
         log(WARNING, "No label-distribution plot: %s", err)
         return
-    log(INFO, "Label distribution of %d partitions: %s", len(node_ids), path)
+    log(INFO, "Label distribution of %d partitions: %s", num_nodes, path)
 
 
 def save_final_model(arrays: ArrayRecord, path: Path) -> None:
@@ -102,7 +105,14 @@ def main(grid: Grid, context: Context) -> None:
     }
     writer = ResultsWriter(output_dir, header)
     log(INFO, "FedGKT results go to %s", writer.path)
-    plot_partitions(grid, config, output_dir)
+    try:  # a data set that cannot be split over the nodes stops here, with one message
+        num_nodes, split = federation_data(grid, config)
+        log(INFO, "Partitions: %s", split)
+    except (PartitionError, DataUnavailableError) as err:
+        log(ERROR, "%s\nThe run stops before its first round.", err)
+        writer.finish("failed", str(err))
+        return
+    plot_partitions(num_nodes, config, output_dir)
 
     strategy = FedGKT.from_run_config(config, num_classes, output_dir, on_round_end=writer)
     engine = strategy.engine

@@ -33,7 +33,9 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 from torch import nn
 
+from .config import RunConfig
 from .features import MAX_FEATURE_ABS, MAX_LOGIT_ABS, FeatureStore, PayloadError
+from .node import check_node_data
 from .records import (
     CONFIG_KEY,
     FEATURES_KEY,
@@ -49,7 +51,7 @@ from .records import (
 from .rounds import AcceptedReply, HoldsEngine, ReplyParts, RoundEngine, sample_size
 from .server import ServerTrainer
 
-__all__ = ["FedGKT", "MessageReply"]
+__all__ = ["FedGKT", "MessageReply", "federation_data", "wait_for_nodes"]
 
 
 class MessageReply:
@@ -79,6 +81,30 @@ class MessageReply:
 
 
 # pylint: disable=too-many-instance-attributes
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+    """The ids of the connected nodes, once at least ``minimum`` are connected
+    (a log line every second while waiting)."""
+    while len(node_ids := list(grid.get_node_ids())) < minimum:
+        log(
+            INFO,
+            "Waiting for nodes to connect: %d connected (minimum required: %d).",
+            len(node_ids),
+            minimum,
+        )
+        time.sleep(1)
+    return node_ids
+
+
+def federation_data(grid: Grid, config: RunConfig) -> tuple[int, str]:
+    """Before a run: wait for ``min-available-nodes`` nodes, then check that the
+    run's data set splits into one partition per connected node
+    (:func:`~flwr_fedgkt.node.check_node_data`). The number of nodes and a line
+    saying how the data splits; :class:`~flwr_fedgkt.data.PartitionError` or
+    :class:`~flwr_fedgkt.data.DataUnavailableError` when it does not."""
+    num_nodes = len(wait_for_nodes(grid, max(config.min_available_nodes, 1)))
+    return num_nodes, check_node_data(config, num_nodes)
+
+
 class FedGKT(HoldsEngine, Strategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
 
@@ -242,15 +268,7 @@ class FedGKT(HoldsEngine, Strategy):
         size = sample_size(len(list(grid.get_node_ids())), fraction, minimum)
         if size == 0:
             return []
-        required = max(self.min_available_nodes, size)
-        while len(node_ids := list(grid.get_node_ids())) < required:
-            log(
-                INFO,
-                "Waiting for nodes to connect: %d connected (minimum required: %d).",
-                len(node_ids),
-                required,
-            )
-            time.sleep(1)
+        node_ids = wait_for_nodes(grid, max(self.min_available_nodes, size))
         self._learn_keys(grid, node_ids)
         return self.engine.sample(node_ids, size)
 

@@ -33,6 +33,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
     "start_local_superlink",
     "flwr_run",
     "simulate",
+    "simulate_run",
+    "SimulatedRun",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,15 +327,24 @@ def flwr_run(
     return subprocess.CompletedProcess(command, process.returncode, log_file.read_text(), "")
 
 
-def simulate(
+@dataclass(frozen=True)
+class SimulatedRun:
+    """What :func:`simulate_run` measured: the run's ``results.json``, the wall
+    time of ``flwr run`` and the bytes its output directory held at the end."""
+
+    results: dict
+    wall: float
+    output_bytes: int
+
+
+def simulate_run(
     run_config: str, num_supernodes: int, app: Path = REPO, timeout: float = 3600
-) -> tuple[list[dict], float]:
+) -> SimulatedRun:
     """One ``flwr run`` of ``app`` on its own local simulation SuperLink (private
     ``FLWR_HOME``, free ports, every process stopped by id afterwards).
 
     ``run_config`` must not set ``output-dir``: the run writes to a temporary one.
-    Returns the rounds of its ``results.json`` and the wall time of ``flwr run``;
-    raises RuntimeError with the end of the log when the run fails, TimeoutError
+    Raises RuntimeError with the end of the log when the run fails, TimeoutError
     when it takes longer than ``timeout`` seconds.
     """
     with tempfile.TemporaryDirectory(prefix="fedgkt-run-") as scratch:
@@ -350,6 +362,15 @@ def simulate(
                 log_file=log_file,
             )
             wall = time.perf_counter() - start
-        if result.returncode != 0:
+        if result.returncode != 0 or not (out / "results.json").exists():
             raise RuntimeError(f"flwr run failed:\n{log_file.read_text()[-3000:]}")
-        return json.loads((out / "results.json").read_text())["rounds"], wall
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        return SimulatedRun(json.loads((out / "results.json").read_text()), wall, size)
+
+
+def simulate(
+    run_config: str, num_supernodes: int, app: Path = REPO, timeout: float = 3600
+) -> tuple[list[dict], float]:
+    """:func:`simulate_run`'s rounds of ``results.json`` and wall time."""
+    run = simulate_run(run_config, num_supernodes, app, timeout)
+    return run.results["rounds"], run.wall

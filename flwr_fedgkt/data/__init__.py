@@ -10,7 +10,10 @@ Data sets
     upsampled to 32x32x3. Ships inside an installed package: no network needed.
     The default.
 ``synthetic``
-    Seeded class-template images with noise, for tests.
+    Seeded class-template images with noise, for tests and scale runs: 600 in all,
+    or ``synthetic_samples_per_node`` per partition (run config
+    ``synthetic-samples-per-node``), so that any number of nodes gets real
+    partitions.
 ``cifar10``, ``cifar100``, ``cinic10``
     The paper's data sets, from the Hugging Face Hub through flwr-datasets'
     ``FederatedDataset`` (``uoft-cs/cifar10``, ``uoft-cs/cifar100``,
@@ -45,7 +48,9 @@ augmentation of the image data sets (none at test time, none for ``digits`` /
 
 When an image data set can be obtained neither from ``data_dir`` nor from the Hub,
 loading raises :class:`DataUnavailableError` with one message that says what was
-tried and how to fix it.
+tried and how to fix it. When a data set cannot be split into the partitions asked
+for (every partition needs a training and a test sample), loading raises
+:class:`PartitionError`, and :func:`check_partitions` says so before a run starts.
 
 Modules
 -------
@@ -70,10 +75,13 @@ from .augment import RandomCropFlip
 from .catalog import CINIC10_CLASSES, IMAGE_DATASETS, DataUnavailableError, ImageDatasetSpec
 from .loaders import (
     DATASET_NAMES,
+    PartitionError,
+    check_partitions,
     clear_caches,
     describe_dataset,
     load_dataset,
     load_partition,
+    offline_size,
 )
 from .offline import DATASETS
 from .partitions import PARTITIONERS, build_partitioner, partition_indices
@@ -87,6 +95,7 @@ __all__ = [
     "DatasetInfo",
     "ImageDatasetSpec",
     "DataUnavailableError",
+    "PartitionError",
     "RandomCropFlip",
     "CINIC10_CLASSES",
     "DATASETS",
@@ -95,6 +104,8 @@ __all__ = [
     "PARTITIONERS",
     "load_dataset",
     "load_partition",
+    "check_partitions",
+    "offline_size",
     "partition_indices",
     "build_partitioner",
     "describe_dataset",

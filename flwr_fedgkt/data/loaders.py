@@ -18,11 +18,14 @@ from . import hub
 from .augment import RandomCropFlip
 from .catalog import IMAGE_DATASETS, ImageDatasetSpec
 from .local import local_arrays, local_partitioners
-from .offline import DATASETS
+from .offline import DATASETS, offline_labels
 from .partitions import SAMPLE_ID, load_partition_column, partition_indices
 from .samples import DatasetInfo, Partition, SampleSet
 
 __all__ = [
+    "PartitionError",
+    "check_partitions",
+    "offline_size",
     "DATASET_NAMES",
     "TEST_FRACTION",
     "check_name",
@@ -35,6 +38,23 @@ __all__ = [
 TEST_FRACTION = 0.2
 
 DATASET_NAMES = (*DATASETS, *IMAGE_DATASETS)
+
+
+class PartitionError(ValueError):
+    """A data set cannot be split into the requested partitions. The message names
+    the data set, its size, the partitions asked for and what to change."""
+
+
+def offline_size(dataset: str, num_partitions: int, samples_per_node: int = 0) -> int:
+    """How many samples an in-memory data set has for a run: for ``synthetic``,
+    ``samples_per_node * num_partitions`` (``samples_per_node`` 0:
+    :data:`~flwr_fedgkt.data.offline.SYNTHETIC_SAMPLES` in all); 0 for a data set
+    of fixed size (build it with ``num_samples=0``)."""
+    if samples_per_node < 0:
+        raise ValueError(f"samples per node must not be negative, got {samples_per_node}")
+    if dataset == "synthetic" and samples_per_node:
+        return samples_per_node * num_partitions
+    return 0
 
 
 def check_name(name: str) -> None:
@@ -97,16 +117,19 @@ def _image_partition(
 
 
 @lru_cache(maxsize=4)
-def load_dataset(name: str, seed: int = 0, data_dir: str = "") -> tuple[SampleSet, int]:
+def load_dataset(
+    name: str, seed: int = 0, data_dir: str = "", num_samples: int = 0
+) -> tuple[SampleSet, int]:
     """The whole data set ``name`` and its number of classes.
 
     For the image data sets this is the training split (normalised), read from
     ``data_dir`` when set, else from the Hub; it raises
-    :class:`DataUnavailableError` when neither works.
+    :class:`DataUnavailableError` when neither works. ``num_samples`` sizes
+    ``synthetic`` (0: its default size; see :func:`offline_size`).
     """
     check_name(name)
     if name in DATASETS:
-        return DATASETS[name](seed)
+        return DATASETS[name](seed, num_samples)
     spec = IMAGE_DATASETS[name]
     if data_dir:
         arrays = local_arrays(name, data_dir)
@@ -120,8 +143,11 @@ def load_dataset(name: str, seed: int = 0, data_dir: str = "") -> tuple[SampleSe
     return _to_sample_set(images, labels, ids, spec), spec.num_classes
 
 
-def describe_dataset(name: str, data_dir: str = "", seed: int = 0) -> DatasetInfo:
-    """Class count and split sizes of ``name``, checking that it can be loaded.
+def describe_dataset(
+    name: str, data_dir: str = "", seed: int = 0, num_samples: int = 0
+) -> DatasetInfo:
+    """Class count and split sizes of ``name``, checking that it can be loaded
+    (``num_samples`` sizes ``synthetic``, as in :func:`load_dataset`).
 
     Reads a local copy when ``data_dir`` is set (no network access), else fetches
     the image data sets from the Hub (or the Hugging Face cache).
@@ -134,9 +160,9 @@ def describe_dataset(name: str, data_dir: str = "", seed: int = 0) -> DatasetInf
         When ``name`` is unknown.
     """
     check_name(name)
-    if name in DATASETS:
-        full, num_classes = load_dataset(name, seed)
-        return DatasetInfo(name, num_classes, len(full), 0, "in memory")
+    if name in DATASETS:  # labels only: the server need not hold the images
+        labels, num_classes = offline_labels(name, seed, num_samples)
+        return DatasetInfo(name, num_classes, len(labels), 0, "in memory")
     spec = IMAGE_DATASETS[name]
     if data_dir:
         arrays = local_arrays(name, data_dir)
@@ -158,11 +184,25 @@ def _all_partitions(
     seed: int,
     classes_per_partition: int,
     min_partition_size: int,
+    num_samples: int,
 ) -> tuple[np.ndarray, ...]:
-    full, _ = load_dataset(dataset, seed)
-    return tuple(
-        partition_indices(
-            full.labels.numpy(),
+    """Every partition's sample indices of an in-memory data set, each with a
+    training and a test sample (else :class:`PartitionError`)."""
+    labels, _ = offline_labels(dataset, seed, num_samples)
+    size = f"{dataset} ({len(labels)} samples)"
+    hint = (
+        "; set synthetic-samples-per-node to the samples each node should hold"
+        if dataset == "synthetic"
+        else "; use fewer nodes"
+    )
+    if len(labels) < 2 * num_partitions:
+        raise PartitionError(
+            f"{size} cannot be split into {num_partitions} partitions: every partition "
+            f"needs at least 2 samples (one to train on, one to test on){hint}"
+        )
+    try:
+        parts = partition_indices(
+            labels,
             num_partitions,
             partitioner,
             dirichlet_alpha,
@@ -170,6 +210,77 @@ def _all_partitions(
             classes_per_partition=classes_per_partition,
             min_partition_size=min_partition_size,
         )
+    except ValueError as err:
+        if partitioner == "dirichlet":
+            hint = "; lower min-partition-size, raise dirichlet-alpha or use fewer nodes"
+        raise PartitionError(
+            f"{size} cannot be split into {num_partitions} {partitioner} partitions: {err}{hint}"
+        ) from None
+    small = [i for i, part in enumerate(parts) if len(part) < 2]
+    if small:
+        raise PartitionError(
+            f"{size} split into {num_partitions} {partitioner} partitions leaves "
+            f"{len(small)} of them with fewer than 2 samples (partition {small[0]} has "
+            f"{len(parts[small[0]])}){hint}"
+        )
+    return tuple(parts)
+
+
+def check_partitions(
+    dataset: str,
+    num_partitions: int,
+    partitioner: str = "iid",
+    dirichlet_alpha: float = 0.5,
+    seed: int = 42,
+    *,
+    classes_per_partition: int = 2,
+    min_partition_size: int = 10,
+    data_dir: str = "",
+    synthetic_samples_per_node: int = 0,
+) -> str:
+    """Check, before a run starts, that ``dataset`` splits into ``num_partitions``
+    partitions as :func:`load_partition` splits it; one line saying how it splits.
+
+    An in-memory data set is partitioned here exactly as every node will
+    partition it (labels only, no images); an image data set needs at least one
+    training and one test image per partition.
+
+    Raises
+    ------
+    PartitionError
+        When it cannot be split; the message says why and what to change.
+    DataUnavailableError
+        When an image data set is available neither locally nor from the Hub.
+    """
+    check_name(dataset)
+    if num_partitions < 1:
+        raise PartitionError(f"{dataset} cannot be split into {num_partitions} partitions")
+    if dataset in IMAGE_DATASETS:
+        info = describe_dataset(dataset, data_dir=data_dir, seed=seed)
+        if min(info.num_train, info.num_test) < num_partitions:
+            raise PartitionError(
+                f"{dataset} ({info.num_train} training / {info.num_test} test images) "
+                f"cannot be split into {num_partitions} partitions: every partition "
+                "needs at least one training and one test image; use fewer nodes"
+            )
+        return f"{dataset}: {num_partitions} {partitioner} partitions of the training split"
+    num_samples = offline_size(dataset, num_partitions, synthetic_samples_per_node)
+    sizes = [
+        len(part)
+        for part in _all_partitions(
+            dataset,
+            num_partitions,
+            partitioner,
+            float(dirichlet_alpha),
+            seed,
+            int(classes_per_partition),
+            int(min_partition_size),
+            num_samples,
+        )
+    ]
+    return (
+        f"{dataset}: {sum(sizes)} samples in {num_partitions} {partitioner} partitions "
+        f"of {min(sizes)} to {max(sizes)} samples"
     )
 
 
@@ -184,6 +295,7 @@ def load_partition(
     classes_per_partition: int = 2,
     min_partition_size: int = 10,
     data_dir: str = "",
+    synthetic_samples_per_node: int = 0,
 ) -> Partition:
     """Node ``partition_id``'s data.
 
@@ -197,6 +309,16 @@ def load_partition(
         See :func:`build_partitioner`; ``seed`` also seeds the shuffles and splits.
     data_dir : str (default: "")
         Local copy of an image data set; empty: the Hub.
+    synthetic_samples_per_node : int (default: 0)
+        ``synthetic`` holds this many samples per partition
+        (``num_partitions`` times as many in all); 0: its default size. Other
+        data sets have a size of their own.
+
+    Raises
+    ------
+    PartitionError
+        When an in-memory data set cannot be split into ``num_partitions``
+        partitions of at least 2 samples each (:func:`check_partitions`).
 
     Returns
     -------
@@ -219,7 +341,7 @@ def load_partition(
             seed,
         )
         return _image_partition(dataset, data_dir, partition_id, num_partitions, options)
-    full, num_classes = load_dataset(dataset, seed)
+    num_samples = offline_size(dataset, num_partitions, synthetic_samples_per_node)
     index = _all_partitions(
         dataset,
         num_partitions,
@@ -228,12 +350,13 @@ def load_partition(
         seed,
         int(classes_per_partition),
         int(min_partition_size),
+        num_samples,
     )[partition_id]
+    full, num_classes = load_dataset(dataset, seed, num_samples=num_samples)
     rng = np.random.default_rng([seed, partition_id])
     index = rng.permutation(index)
-    num_test = int(round(TEST_FRACTION * len(index)))
-    if len(index) > 1:
-        num_test = min(max(num_test, 1), len(index) - 1)
+    # at least one sample each (a partition has two or more)
+    num_test = min(max(int(round(TEST_FRACTION * len(index))), 1), len(index) - 1)
     return Partition(
         train=full.subset(index[num_test:]),
         test=full.subset(index[:num_test]),

@@ -10,14 +10,18 @@ from typing import TYPE_CHECKING
 
 from . import hub
 from .catalog import IMAGE_DATASETS
-from .loaders import check_name, load_dataset
+from .loaders import check_name, offline_size
 from .local import local_partitioners
+from .offline import offline_labels
 from .partitions import index_partitioner
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
-__all__ = ["plot_label_distribution"]
+__all__ = ["PLOT_MAX_PARTITIONS", "plot_label_distribution"]
+
+PLOT_MAX_PARTITIONS = 50
+"""A plot shows the first this many partitions (a wider one is unreadable)."""
 
 
 def _train_partitioner(
@@ -29,6 +33,7 @@ def _train_partitioner(
     min_partition_size: int,
     seed: int,
     data_dir: str,
+    samples_per_node: int,
 ) -> tuple[Partitioner, str]:
     """The training split's partitioner with its data assigned, and its label column."""
     options = (
@@ -45,9 +50,11 @@ def _train_partitioner(
             return parts["train"], label_column
         fds = hub.federated_dataset(dataset, num_partitions, *options)
         return fds.partitioners["train"], label_column
-    full, _ = load_dataset(dataset, seed)
+    labels, _ = offline_labels(
+        dataset, seed, offline_size(dataset, num_partitions, samples_per_node)
+    )
     part = index_partitioner(
-        full.labels.numpy(),
+        labels,
         num_partitions,
         partitioner,
         dirichlet_alpha,
@@ -69,11 +76,13 @@ def plot_label_distribution(
     classes_per_partition: int = 2,
     min_partition_size: int = 10,
     data_dir: str = "",
+    synthetic_samples_per_node: int = 0,
 ) -> Path:
     """Write a plot of every partition's label counts (of the training data) to
     ``path``, with flwr-datasets' ``plot_label_distributions``; return the path.
 
-    A bar chart for up to 20 classes, a heatmap beyond.
+    A bar chart for up to 20 classes, a heatmap beyond; the first
+    :data:`PLOT_MAX_PARTITIONS` partitions of a larger federation.
     """
     from datasets import ClassLabel
     from flwr_datasets.visualization import plot_label_distributions
@@ -89,26 +98,33 @@ def plot_label_distribution(
         min_partition_size,
         seed,
         data_dir,
+        synthetic_samples_per_node,
     )
     num_classes = (
         IMAGE_DATASETS[dataset].num_classes
         if dataset in IMAGE_DATASETS
-        else load_dataset(dataset, seed)[1]
+        else offline_labels(
+            dataset, seed, offline_size(dataset, num_partitions, synthetic_samples_per_node)
+        )[1]
     )
+    shown = min(num_partitions, PLOT_MAX_PARTITIONS)
     title = f"{dataset}: {partitioner} partitions"
+    if shown < num_partitions:
+        title = f"{dataset}: the first {shown} of {num_partitions} {partitioner} partitions"
     if partitioner == "dirichlet":
         title += f" (alpha {dirichlet_alpha:g})"
     elif partitioner == "pathological":
         title += f" ({classes_per_partition} classes each)"
     few = num_classes <= 20
     # a Figure of its own, without pyplot: no global state, no display needed
-    width = max(6.0, 0.4 * num_partitions + 3.0)
+    width = max(6.0, 0.4 * shown + 3.0)
     figure = Figure(figsize=(width, 5.0 if few else 12.0))
     plot_label_distributions(
         part,
         label_name=label_column,
         plot_type="bar" if few else "heatmap",
         size_unit="absolute",
+        max_num_partitions=shown,
         axis=figure.add_subplot(),
         legend=few,
         title=title,

@@ -11,9 +11,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from flwr_fedgkt.accounting import model_profile
-from flwr_fedgkt.data import DataUnavailableError, describe_dataset
+from flwr_fedgkt.data import DataUnavailableError, PartitionError, describe_dataset
 from flwr_fedgkt.models import seeded_model
 from flwr_fedgkt.results import ResultsWriter
+from flwr_fedgkt.strategy import federation_data
 
 from .config import FedAvgConfig
 from .strategy import MeteredFedAvg
@@ -51,6 +52,12 @@ def main(grid: Grid, context: Context) -> None:
     }
     writer = ResultsWriter(output_dir, header)
     log(INFO, "FedAvg results go to %s", writer.path)
+    try:  # a data set that cannot be split over the nodes stops here, with one message
+        log(INFO, "Partitions: %s", federation_data(grid, run)[1])
+    except (PartitionError, DataUnavailableError) as err:
+        log(ERROR, "%s\nThe run stops before its first round.", err)
+        writer.finish("failed", str(err))
+        return
 
     strategy = MeteredFedAvg(
         lr_for_round=config.client_lr,
