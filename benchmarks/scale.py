@@ -10,10 +10,11 @@ per node (``synthetic-samples-per-node``), ``--sampled`` nodes sampled for
 training and for evaluation per round, once with each feature store asked for
 (``memory``, ``disk`` or ``both``). Prints each round (seconds, nodes, stored
 nodes and samples, failures, accuracy) and a summary line per store: round 1
-(which also asks every node for its key), the mean of the later rounds, the
-server's peak RSS and the bytes of the run's output folder (the disk store
-lives there). Run it at two federation sizes with the same ``--sampled`` to see
-what a larger federation costs.
+(which also asks every node for its key), the mean of the later rounds and of
+their server training (which grows with the stored samples), the server's peak
+RSS and the bytes of the run's output folder (the disk store lives there). Run
+it at two federation sizes with the same ``--sampled`` to see what a larger
+federation costs.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ def report(run: SimulatedRun, nodes: int, store: str) -> str:
         return f"{nodes:6d} | {store:6s} | no round completed ({results['status']})"
     later = [r["seconds"] for r in rounds[1:]]
     mean_later = f"{statistics.mean(later):6.1f}" if later else "     -"
+    server = [r["server_train_seconds"] for r in rounds[1:]]
+    mean_server = f"{statistics.mean(server):6.1f}" if server else "     -"
     peak = max(r["server_peak_rss_bytes"] for r in rounds)
     last = rounds[-1]
     failed = sum(len(r["failed_nodes"]) for r in rounds)
     return (
-        f"{nodes:6d} | {store:6s} | {rounds[0]['seconds']:7.1f} | {mean_later} | "
+        f"{nodes:6d} | {store:6s} | {rounds[0]['seconds']:7.1f} | {mean_later} | {mean_server} | "
         f"{peak / MB:8.0f} | {last['stored_nodes']:6d} | {last['stored_samples']:7d} | "
         f"{run.output_bytes / MB:7.1f} | {failed:6d} | {_accuracy(last['accuracy'])} | "
         f"{run.wall:6.1f}"
@@ -97,12 +100,12 @@ def main() -> None:
         f"{args.samples_per_node} samples per node, {args.rounds} rounds"
     )
     print(
-        " nodes | store  | round 1 | later  | peak RSS | stored | stored  | output  | failed "
-        "| accuracy | flwr run"
+        " nodes | store  | round 1 | later  | server | peak RSS | stored | stored  | output  "
+        "| failed | accuracy | flwr run"
     )
     print(
-        "       |        |       s | mean s |      MiB |  nodes | samples |     MiB |        "
-        "|          |        s"
+        "       |        |       s | mean s | train s|      MiB |  nodes | samples |     MiB "
+        "|        |          |        s"
     )
     for line in summaries:
         print(line)

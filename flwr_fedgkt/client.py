@@ -45,13 +45,14 @@ from .edge import EdgeData, LogitTable, OptimizerFactory, evaluate_metrics, trai
 from .node import (
     EdgeNode,
     EdgeSettings,
+    RoundInstructions,
     edge_state_store,
     node_stream,
     pick_round,
-    round_settings,
     stale_rounds,
 )
 from .records import (
+    COMPRESSION_KEY,
     CONFIG_KEY,
     FEATURES_KEY,
     LOGITS_KEY,
@@ -244,49 +245,50 @@ class FedGKTClient:
 
     def train(self, msg: Message, context: Context) -> Message:
         """One round of edge training, then the upload of the training data's
-        features, logits, labels and ids."""
+        features (unless the server holds them unchanged), logits, labels and ids."""
         round_config = _round_config(msg)
-        server_round, dtype = round_settings(round_config)
+        ins = RoundInstructions.from_config(round_config)
         teacher = None
         if LOGITS_KEY in msg.content.array_records:
             arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
             teacher = LogitTable(arrays["ids"], arrays["logits"])
         node = self.node(context)
         extracted, metrics = node.train(
-            self.train_data, server_round, teacher, self.settings.for_round(round_config)
+            self.train_data,
+            ins.server_round,
+            teacher,
+            self.settings.for_round(round_config),
+            frozen=ins.frozen,
         )
-        record = features_record(extracted, dtype, with_features=_send_features(round_config))
+        record = features_record(extracted, ins)
         metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
-        meta = {**self._meta(context, server_round, dtype), PRECISION_KEY: node.precision}
+        meta = {**self._meta(context, ins), PRECISION_KEY: node.precision}
         return _reply(msg, record, metrics, meta)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
-        """The upload of the test data's features and labels, with the edge model's
-        own accuracy and loss on them."""
+        """The upload of the test data's features (unless the server holds them
+        unchanged) and labels, with the edge model's own accuracy and loss on them."""
         if self.test_data is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
-        round_config = _round_config(msg)
-        server_round, dtype = round_settings(round_config)
-        extracted, scores = self.node(context).evaluate(self.test_data, server_round)
-        record = features_record(
-            extracted, dtype, with_logits=False, with_features=_send_features(round_config)
-        )
+        ins = RoundInstructions.from_config(_round_config(msg))
+        extracted, scores = self.node(context).evaluate(self.test_data, ins.server_round)
+        record = features_record(extracted, ins, with_logits=False)
         metrics = {"num-examples": len(extracted.ids), **evaluate_metrics(scores)}
-        return _reply(msg, record, metrics, self._meta(context, server_round, dtype))
+        return _reply(msg, record, metrics, self._meta(context, ins))
 
-    def _meta(self, context: Context, server_round: int, dtype: str) -> dict[str, Any]:
-        """What every reply echoes back (its round and feature dtype), with the
-        node's key."""
-        return {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: self.key(context)}
+    def _meta(self, context: Context, ins: RoundInstructions) -> dict[str, Any]:
+        """What every reply echoes back (its round, feature dtype and compression),
+        with the node's key."""
+        return {
+            "server-round": ins.server_round,
+            "feature-dtype": ins.dtype,
+            COMPRESSION_KEY: ins.compression,
+            NODE_KEY: self.key(context),
+        }
 
 
 def _round_config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
-
-
-def _send_features(round_config: ConfigRecord) -> bool:
-    """False when the server holds this node's features already (``freeze-extractor``)."""
-    return bool(round_config.get("send-features", True))
 
 
 def _reply(

@@ -79,7 +79,7 @@ from .config import RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import LogitTable, evaluate_metrics, train_metrics
 from .features import PayloadError
-from .node import EdgeNode, partition_node, round_settings
+from .node import EdgeNode, RoundInstructions, partition_node
 from .records import QUERY_KEY
 from .results import ResultsWriter
 from .rounds import NODE_KEY, HoldsEngine, ReplyParts, RoundEngine, sample_size
@@ -215,7 +215,8 @@ class FedGKTNumPyClient(NumPyClient):
             ``[ids, logits]``: this node's server logits by sample id, or ``[]``
             before its first round.
         config : dict[str, Scalar]
-            ``server-round`` and ``feature-dtype``.
+            ``server-round``, ``feature-dtype`` and ``freeze-extractor`` (the legacy
+            client always sends its features whole and uncompressed).
 
         Returns
         -------
@@ -224,7 +225,8 @@ class FedGKTNumPyClient(NumPyClient):
             the number of training samples, and ``server-round``, ``feature-dtype``,
             ``train-loss``, ``train-accuracy``.
         """
-        server_round, dtype = round_settings(config, self.config.feature_dtype)
+        ins = RoundInstructions.from_config(config, self.config.feature_dtype)
+        server_round, dtype = ins.server_round, ins.dtype
         if len(parameters) not in (0, 2):
             raise ValueError(
                 f"expected [] or [ids, logits] as parameters, got {len(parameters)} arrays"
@@ -232,9 +234,9 @@ class FedGKTNumPyClient(NumPyClient):
         teacher = LogitTable(parameters[0], parameters[1]) if parameters else None
         node = self._node()
         extracted, metrics = node.train(
-            self.train_set, server_round, teacher, node.settings.for_round(config)
+            self.train_set, server_round, teacher, node.settings.for_round(config), ins.frozen
         )
-        arrays = extracted.arrays(dtype, with_logits=True)
+        arrays = extracted.arrays(dtype, with_logits=True)  # always whole, uncompressed
         reply: dict[str, Scalar] = {
             "server-round": server_round,
             "feature-dtype": dtype,
@@ -259,7 +261,8 @@ class FedGKTNumPyClient(NumPyClient):
             ``server-round``, ``feature-dtype``, ``edge-accuracy``, ``edge-loss`` and
             the arrays as ``.npy`` bytes under ``array.<name>``.
         """
-        server_round, dtype = round_settings(config, self.config.feature_dtype)
+        ins = RoundInstructions.from_config(config, self.config.feature_dtype)
+        server_round, dtype = ins.server_round, ins.dtype
         extracted, scores = self._node().evaluate(self.test_set, server_round)
         arrays = extracted.arrays(dtype, with_logits=False)
         reply: dict[str, Scalar] = {

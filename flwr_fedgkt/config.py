@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .compression import COMPRESSIONS
 from .data import DATASET_NAMES, PARTITIONERS
 from .features import FEATURE_DTYPES
 from .models import SERVER_MODELS
@@ -80,6 +81,8 @@ class RunConfig:
     max_idle_rounds: int = 3
     feature_store: str = "memory"
     freeze_extractor: bool = False
+    freeze_after: int = -1
+    compression: str = "none"
     shared_extractor_init: bool = False
     max_feature_abs: float = 1e4
     resume_from: str = ""
@@ -170,6 +173,16 @@ class RunConfig:
             fail("max-staleness", "must be -1 (no limit) or a number of rounds")
         if self.precision not in PRECISIONS:
             fail("precision", f"expected one of {', '.join(PRECISIONS)}")
+        if self.compression not in COMPRESSIONS:
+            fail("compression", f"expected one of {', '.join(COMPRESSIONS)}")
+        if self.freeze_after < -1:
+            fail("freeze-after", "must be -1 (never) or a number of rounds")
+        if self.freeze_extractor and self.freeze_after >= 0:
+            fail(
+                "freeze-after",
+                "set freeze-after or freeze-extractor (frozen from the start, i.e. "
+                "freeze-after = 0), not both",
+            )
         if self.feature_store not in ("memory", "disk"):
             fail("feature-store", "expected memory or disk")
         if self.dataset not in DATASET_NAMES:

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from .compression import compress
 from .data import Augmentation, SampleSet
 from .distill import DistillLoss, ce_kd_loss, kd_loss
-from .features import encode_features
+from .features import encode_features, encoded_digest
 from .models import seeded_model
 from .precision import autocast, resolve_precision
 from .training import (
@@ -201,17 +202,26 @@ class Extracted:
     ids: Tensor  # N, int64
 
     def arrays(
-        self, dtype: str, with_logits: bool = True, with_features: bool = True
+        self,
+        dtype: str,
+        with_logits: bool = True,
+        held: str = "",
+        compression: str = "none",
     ) -> dict[str, np.ndarray]:
         """The arrays a reply carries, by name: the features in wire dtype
-        ``dtype`` (:func:`~flwr_fedgkt.features.encode_features`), ``labels``,
-        ``ids`` and, for training, ``logits``. Without ``with_features`` (the
-        server keeps this node's features from an earlier upload:
-        ``freeze-extractor``) only what changes: ``ids`` and, for training,
-        ``logits``."""
+        ``dtype`` (:func:`~flwr_fedgkt.features.encode_features`; with
+        ``compression`` their bytes compressed, :mod:`flwr_fedgkt.compression`),
+        ``labels``, ``ids`` and, for training, ``logits``.
+
+        When the features' digest (:func:`~flwr_fedgkt.features.encoded_digest`)
+        is ``held``, the digest of the features the server holds for this node,
+        they have not changed since the node's last upload: only ``ids`` and, for
+        training, ``logits`` go."""
         arrays = {"ids": self.ids.numpy().astype(np.int64)}
-        if with_features:
-            arrays = encode_features(self.features, dtype).arrays()
+        encoded = encode_features(self.features, dtype)
+        if not held or encoded_digest(encoded) != held:
+            arrays = encoded.arrays()
+            arrays["features"] = compress(encoded.data, compression)
             arrays["labels"] = self.labels.numpy().astype(np.int64)
             arrays["ids"] = self.ids.numpy().astype(np.int64)
         if with_logits:
@@ -310,8 +320,11 @@ class EdgeTrainer:
         alpha: float = 1.0,
         generator: torch.Generator | None = None,
         augment: Augmentation | None = None,
+        frozen: bool = False,
     ) -> dict[str, float]:
         """Train ``epochs`` over ``data``; KD targets come from ``teacher`` by sample id.
+        With ``frozen`` (or a trainer built with ``freeze_extractor``) the
+        extractor is not trained and its BatchNorm statistics are not updated.
 
         Batches are augmented per sample with ``augment``, or else with
         ``data.augmentation`` (to train without, pass a set whose augmentation is
@@ -321,8 +334,15 @@ class EdgeTrainer:
         (``train_loss = train_ce + alpha * train_kd``) and accuracy.
         """
         self.model.train()
-        if self.stem is not None:
-            self.stem.eval()  # frozen: its BatchNorm statistics stay as they are
+        stem = self.stem
+        if stem is None and frozen:  # frozen for this round only (freeze-after)
+            stem = extractor_of(self.model)
+        thawed = []
+        if stem is not None:
+            stem.eval()  # frozen: its BatchNorm statistics stay as they are
+            thawed = [p for p in stem.parameters() if p.requires_grad]
+            for param in thawed:  # no gradient: the optimizer leaves them as they are
+                param.requires_grad_(False)
 
         def step(batch: tuple[Tensor, Tensor, Tensor]) -> StepOutcome:
             images, labels, ids = batch
@@ -334,9 +354,13 @@ class EdgeTrainer:
             optimizer_step(self.optimizer, parts.loss)
             return parts, logits, labels
 
-        totals = train_epochs(
-            epochs, lambda: training_batches(data, batch_size, generator, augment), step
-        )
+        try:
+            totals = train_epochs(
+                epochs, lambda: training_batches(data, batch_size, generator, augment), step
+            )
+        finally:
+            for param in thawed:
+                param.requires_grad_(True)
         return {f"train_{key}": value for key, value in totals.means().items()}
 
     def _loss(

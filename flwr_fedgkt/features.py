@@ -41,11 +41,13 @@ __all__ = [
     "EncodedFeatures",
     "FeaturePayload",
     "encode_features",
+    "encoded_digest",
     "decode_features",
     "validate_payload",
     "validate_update",
     "validate_metrics",
     "check_dtype_name",
+    "wire_dtype",
     "validate_node_key",
     "MAX_FEATURE_ABS",
     "MAX_LOGIT_ABS",
@@ -56,7 +58,7 @@ __all__ = [
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
-_WIRE_NUMPY_DTYPE = {
+_WIRE_NUMPY_DTYPE: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(np.int16),
@@ -79,6 +81,12 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 class PayloadError(ValueError):
     """A client's payload is malformed; the message says what is wrong."""
+
+
+def wire_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype that features of feature dtype ``dtype`` travel in."""
+    check_dtype_name(dtype)
+    return _WIRE_NUMPY_DTYPE[dtype]
 
 
 def check_dtype_name(dtype: str) -> None:
@@ -110,6 +118,17 @@ class EncodedFeatures:
             out["feature_scale"] = self.scale
             out["feature_offset"] = self.offset
         return out
+
+
+def encoded_digest(encoded: EncodedFeatures) -> str:
+    """A digest of encoded features: their wire bytes and int8 code parameters.
+    The server tells a node the digest of the features it holds for it; a node
+    whose features have that digest sends none (they have not changed)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (encoded.data, encoded.scale, encoded.offset):
+        if array is not None:
+            digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return digest.hexdigest()
 
 
 def encode_features(features: Tensor, dtype: str) -> EncodedFeatures:

@@ -68,7 +68,8 @@ def run_local(
         for i, (node, part) in enumerate(zip(nodes, partitions, strict=True)):
             _, logits = engine.instructions(i, training=True)
             teacher = None if logits is None else LogitTable(*logits)
-            extracted, metrics = node.train(part.train, server_round, teacher)
+            frozen = engine.frozen(server_round)
+            extracted, metrics = node.train(part.train, server_round, teacher, frozen=frozen)
             parts = _upload(extracted, dtype, server_round, str(i), train_metrics(metrics), True)
             reply = engine.accept(LocalReply(i, parts), server_round, training=True)
             if reply is not None:

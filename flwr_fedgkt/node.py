@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from .compression import check_compression
 from .config import RunConfig
 from .data import Partition, check_partitions, load_partition
 from .edge import (
@@ -65,7 +66,7 @@ __all__ = [
     "check_node_data",
     "ROUND_KEYS",
     "EdgeSettings",
-    "round_settings",
+    "RoundInstructions",
     "node_stream",
     "EdgeNode",
     "edge_model_factory",
@@ -181,11 +182,45 @@ class EdgeSettings:
         return self.from_run_config(RunConfig.from_mapping({**self._keys(), **overrides}))
 
 
-def round_settings(round_config: Mapping[str, Any], dtype: str = "int8") -> tuple[int, str]:
-    """``(server round, feature dtype)`` of a round's config from the server
-    (``dtype`` when it names none)."""
-    server_round = int(round_config.get("server-round", 0))
-    return server_round, str(round_config.get("feature-dtype", dtype))
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the server's round config tells a node besides training settings.
+
+    Parameters
+    ----------
+    server_round : int
+        The round (replies echo it).
+    dtype : str
+        The features' wire dtype (replies echo it).
+    compression : str (default: "none")
+        The codec of the uploaded feature bytes (:mod:`flwr_fedgkt.compression`).
+    frozen : bool (default: False)
+        Train this round with the extractor frozen (``freeze-extractor``,
+        ``freeze-after``).
+    held : str (default: "")
+        The digest of the features the server holds for this node (of this split):
+        features with that digest are not sent again.
+    """
+
+    server_round: int
+    dtype: str
+    compression: str = "none"
+    frozen: bool = False
+    held: str = ""
+
+    @classmethod
+    def from_config(cls, round_config: Mapping[str, Any], dtype: str = "int8") -> RoundInstructions:
+        """Read a round's config from the server (``dtype`` when it names none);
+        ValueError names a value that is wrong."""
+        compression = str(round_config.get("compression", "none"))
+        check_compression(compression)
+        return cls(
+            server_round=int(round_config.get("server-round", 0)),
+            dtype=str(round_config.get("feature-dtype", dtype)),
+            compression=compression,
+            frozen=bool(round_config.get("freeze-extractor", False)),
+            held=str(round_config.get("held-features", "")),
+        )
 
 
 # -- edge state ---------------------------------------------------------------------
@@ -436,12 +471,14 @@ class EdgeNode:
         server_round: int,
         teacher: LogitTable | None,
         settings: EdgeSettings | None = None,
+        frozen: bool = False,
     ) -> tuple[Extracted, dict[str, float]]:
         """One round: restore the state of the round before (a node that trained
         ``server_round`` already, for a server that then crashed, trains it again
         from the same state), train on ``data`` (KD against ``teacher`` by sample
         id; shuffling seeded by ``edge_generator(seed, stream, server_round)``),
-        extract over ``data``, save as ``server_round``'s state. Returns the
+        extract over ``data``, save as ``server_round``'s state; with ``frozen``
+        the extractor is not trained this round (``freeze-after``). Returns the
         extraction and the training metrics (``train_loss``, ``train_ce``,
         ``train_kd``, ``train_accuracy``)."""
         settings = settings or self.settings
@@ -459,6 +496,7 @@ class EdgeNode:
             temperature=settings.temperature,
             alpha=settings.alpha,
             generator=edge_generator(self.seed, self.stream, server_round),
+            frozen=frozen,
         )
         extracted = trainer.extract(data)
         self.store.save(trainer.state_bytes(), server_round)

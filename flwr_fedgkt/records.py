@@ -8,15 +8,21 @@ Upload (client -> server), in the reply's ``RecordDict``:
     ``node-key`` (the node's stable key, by default its partition id); a
     training reply of :class:`~flwr_fedgkt.client.FedGKTClient` also says the
     ``precision`` it trained in.
-    With ``freeze-extractor``, a node whose features the server already holds is
-    told ``send-features = false`` and its ``"features"`` record carries only
-    ``ids`` (and ``logits`` for training).
+    The reply's ``meta`` also says the ``compression`` of its ``features``
+    (``none`` when absent; with ``zstd`` the array is the Zstandard frame of the
+    feature bytes as 1-D ``uint8``, see :mod:`flwr_fedgkt.compression`).
+    The server's config names the digest of the features it holds for the node
+    (``held-features``); a node whose features have that digest (they have not
+    changed, e.g. with a frozen extractor) sends a ``"features"`` record with
+    only ``ids`` (and ``logits`` for training).
 Key query (server -> client, a ``query`` Message, before a node's first round):
     ``"config"``: ConfigRecord ``{"fedgkt-query": "node-key"}``; the reply carries
     ``"meta"``: ConfigRecord ``{"node-key": ...}``.
 Download (server -> client):
     ``"server_logits"``: ArrayRecord with ``ids`` and ``logits`` (absent in round 1).
-    ``"config"``: ConfigRecord with the round's settings.
+    ``"config"``: ConfigRecord with the round's settings: ``server-round``,
+    ``feature-dtype``, ``compression``, ``freeze-extractor`` (train with the
+    extractor frozen this round), ``held-features`` and the training settings.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from flwr.common.constant import SType
 
 from .edge import Extracted
 from .features import read_npy_header
-from .rounds import NODE_KEY, PRECISION_KEY
+from .node import RoundInstructions
+from .rounds import COMPRESSION_KEY, NODE_KEY, PRECISION_KEY
 
 __all__ = [
     "FEATURES_KEY",
@@ -40,6 +47,7 @@ __all__ = [
     "CONFIG_KEY",
     "QUERY_KEY",
     "PRECISION_KEY",
+    "COMPRESSION_KEY",
     "NODE_KEY",
     "features_record",
     "logits_record",
@@ -67,10 +75,12 @@ def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def features_record(
-    extracted: Extracted, dtype: str, with_logits: bool = True, with_features: bool = True
+    extracted: Extracted, ins: RoundInstructions, with_logits: bool = True
 ) -> ArrayRecord:
-    """:meth:`Extracted.arrays <flwr_fedgkt.edge.Extracted.arrays>` as an ArrayRecord."""
-    return arrays_record(extracted.arrays(dtype, with_logits, with_features))
+    """:meth:`Extracted.arrays <flwr_fedgkt.edge.Extracted.arrays>` as an
+    ArrayRecord, as the round's instructions ask (wire dtype, compression, the
+    digest of the features the server holds)."""
+    return arrays_record(extracted.arrays(ins.dtype, with_logits, ins.held, ins.compression))
 
 
 def logits_record(ids: np.ndarray, logits: np.ndarray) -> ArrayRecord:

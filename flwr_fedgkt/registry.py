@@ -22,26 +22,20 @@ records an accepted reply. This module imports no Flower code.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .features import FeaturePayload, NodeKey, PayloadError
+from .features import FeaturePayload, NodeKey, PayloadError, encoded_digest
 
 __all__ = ["NodeRegistry", "features_digest"]
 
 
 def features_digest(payload: FeaturePayload) -> str:
     """A digest of a payload's feature bytes (and int8 code parameters)."""
-    digest = hashlib.blake2b(digest_size=16)
-    enc = payload.features
-    for array in (enc.data, enc.scale, enc.offset):
-        if array is not None:
-            digest.update(np.ascontiguousarray(array).view(np.uint8).data)
-    return digest.hexdigest()
+    return encoded_digest(payload.features)
 
 
 @dataclass

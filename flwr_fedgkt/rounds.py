@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .compression import check_compression, inflate
 from .config import RunConfig
 from .features import (
     MAX_FEATURE_ABS,
@@ -53,6 +54,7 @@ from .features import (
     validate_node_key,
     validate_payload,
     validate_update,
+    wire_dtype,
 )
 from .registry import NodeRegistry, features_digest
 from .server import NonFiniteOutput, ServerTrainer, output_classes
@@ -71,8 +73,12 @@ __all__ = [
 logger = logging.getLogger("flwr.fedgkt")
 
 NODE_KEY = "node-key"
-PRECISION_KEY = "precision"
 """The meta entry in which a reply names its node's stable key."""
+PRECISION_KEY = "precision"
+"""The meta entry in which a training reply names the precision it trained in."""
+COMPRESSION_KEY = "compression"
+"""The meta entry in which a reply names the codec of its feature bytes
+(``none`` when absent); also the round config's entry naming the round's codec."""
 
 ReplyParts = tuple[Mapping[str, Any], Mapping[str, np.ndarray], Mapping[str, Any]]
 """What a reply holds: its meta values, its arrays by name, its metrics."""
@@ -97,6 +103,7 @@ class AcceptedReply:
     key: NodeKey
     payload: FeaturePayload
     metrics: dict[str, float]
+    digest: str | None = None  # of the features it sent; None: it sent none (unchanged)
 
 
 @dataclass
@@ -106,6 +113,8 @@ class RoundLog:
     round: int
     bytes_up: int = 0
     bytes_down: int = 0
+    cumulative_bytes_up: int = 0
+    cumulative_bytes_down: int = 0
     rejected_replies: list[dict[str, Any]] = field(default_factory=list)
     failed_nodes: list[dict[str, Any]] = field(default_factory=list)
     skipped_server_steps: int = 0
@@ -122,6 +131,7 @@ class RoundLog:
     train_nodes: int = 0
     train_samples: int = 0
     cached_feature_nodes: int = 0
+    cached_test_nodes: int = 0
     stored_nodes: int = 0
     stored_samples: int = 0
     stored_feature_bytes: int = 0
@@ -227,6 +237,8 @@ class RoundEngine:
         store: FeatureStore | None = None,
         checkpoint_dir: str | Path | None = None,
         freeze_extractor: bool = False,
+        freeze_after: int | None = None,
+        compression: str = "none",
         max_feature_abs: float = MAX_FEATURE_ABS,
         max_logit_abs: float = MAX_LOGIT_ABS,
         global_sample_ids: bool = False,
@@ -234,6 +246,13 @@ class RoundEngine:
         max_idle_rounds: int = 3,
     ) -> None:
         check_dtype_name(feature_dtype)
+        check_compression(compression)
+        if freeze_extractor and freeze_after is not None:
+            raise ValueError(
+                "give freeze_extractor (frozen from the start) or freeze_after, not both"
+            )
+        if freeze_after is not None and freeze_after < 0:
+            raise ValueError(f"freeze_after must not be negative, got {freeze_after}")
         if not isinstance(trainer, ServerTrainer):  # a server model: default training
             if feature_shape is None:
                 raise ValueError("give the feature_shape that your server model takes")
@@ -259,6 +278,8 @@ class RoundEngine:
         # a replaced upload's files stay while a kept checkpoint may name them
         self.store.keep_retired = self.checkpoint_dir is not None
         self.freeze_extractor = freeze_extractor
+        self.freeze_after = 0 if freeze_extractor else freeze_after
+        self.compression = compression
         self.max_feature_abs = max_feature_abs
         self.max_logit_abs = max_logit_abs
         self.registry = NodeRegistry(global_sample_ids)
@@ -267,9 +288,11 @@ class RoundEngine:
         self.idle_rounds = 0  # rounds in a row in which no node replied usefully
         self.idle_reasons: dict[str, int] = {}
         self.keyless: set[int] = set()  # nodes that could not say their key
-        # with a frozen extractor, each node's test features, kept after its first
-        # evaluation reply (training features are kept in the store)
-        self.test_cache: dict[NodeKey, FeaturePayload] = {}
+        # each node's newest test features with their digest (training features
+        # live in the store, their digests in held_train): a node whose features
+        # have not changed sends none
+        self.test_cache: dict[NodeKey, tuple[str, FeaturePayload]] = {}
+        self.held_train: dict[NodeKey, str] = {}
         self.round_offset = 0  # rounds done before a resume
         self.server_logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = {}
         self.history: list[dict[str, Any]] = []
@@ -292,6 +315,8 @@ class RoundEngine:
             "store": FeatureStore(out / "feature-store" if disk and out is not None else None),
             "checkpoint_dir": out,
             "freeze_extractor": config.freeze_extractor,
+            "freeze_after": None if config.freeze_after < 0 else config.freeze_after,
+            "compression": config.compression,
             "max_feature_abs": config.max_feature_abs,
             "global_sample_ids": True,
             "seed": config.seed,
@@ -322,9 +347,17 @@ class RoundEngine:
             "x".join(map(str, self.feature_shape)),
             "in memory" if self.store.directory is None else f"on disk ({self.store.directory})",
         )
+        if self.freeze_after is None:
+            frozen = "never"
+        elif self.freeze_after == 0:
+            frozen = "from the start"
+        else:
+            frozen = f"after round {self.freeze_after}"
         logger.info(
-            "\t\t├── Frozen edge extractor (features uploaded once): %s",
-            "yes" if self.freeze_extractor else "no",
+            "\t\t├── Compression: %s | edge extractor frozen: %s | unchanged features "
+            "are not sent again",
+            self.compression,
+            frozen,
         )
         logger.info(
             "\t\t├── Max |feature|: %g | max |edge logit|: %g | global sample ids: %s",
@@ -388,36 +421,54 @@ class RoundEngine:
         self.current = RoundLog(round=server_round)
         return self.current
 
-    def round_config(self, server_round: int, send_features: bool = True) -> dict[str, Any]:
-        """The settings every instruction carries: the two each reply must echo back,
-        and whether the node must send its features (not when the server holds them
-        already)."""
+    def frozen(self, server_round: int) -> bool:
+        """Whether the nodes train round ``server_round`` with their extractor
+        frozen (``freeze-extractor``: every round; ``freeze-after = K``: after
+        round K)."""
+        return self.freeze_after is not None and server_round > self.freeze_after
+
+    def round_config(self, server_round: int, held: str = "") -> dict[str, Any]:
+        """The settings every instruction carries: the two each reply must echo
+        back, the round's compression, whether the extractor is frozen, and the
+        digest of the features the server holds for the node (``held``; a node
+        whose features have this digest sends none)."""
         return {
             "server-round": server_round,
             "feature-dtype": self.feature_dtype,
-            "send-features": send_features,
+            COMPRESSION_KEY: self.compression,
+            "freeze-extractor": self.frozen(server_round),
+            "held-features": held,
         }
 
     def instructions(
         self, node_id: int, training: bool = True
-    ) -> tuple[bool, tuple[np.ndarray, np.ndarray] | None]:
-        """For ``node_id``: whether it must send its features, and (training) its own
-        ``(ids, logits)`` from the server, if the server has any for its key."""
+    ) -> tuple[str, tuple[np.ndarray, np.ndarray] | None]:
+        """For ``node_id``: the digest of the features the server holds for it
+        (``""``: none), and (training) its own ``(ids, logits)`` from the server, if
+        the server has any for its key."""
         key = self.registry.key_of(node_id)
-        send = self._cached_payload(key, training) is None
+        held = self._held(key, training)
         logits = self.server_logits.get(key) if training and key is not None else None
-        return send, logits
+        return held, logits
+
+    def _held(self, key: NodeKey | None, training: bool) -> str:
+        """The digest of the features the server holds for node key ``key``."""
+        if key is None:
+            return ""
+        if training:
+            return self.held_train.get(key, "") if key in self.store else ""
+        cached = self.test_cache.get(key)
+        return "" if cached is None else cached[0]
 
     def _cached_payload(self, key: NodeKey | None, training: bool) -> FeaturePayload | None:
-        """The upload whose features the server keeps for node key ``key``, if any:
-        with a frozen edge extractor, a node's features never change, so it sends
-        them once (training features live in the store, test features in
-        ``test_cache``)."""
-        if not self.freeze_extractor or key is None:
+        """The upload whose features the server holds for node key ``key``, if any
+        (training features live in the store, test features in ``test_cache``)."""
+        if key is None:
             return None
         if training:
             return self.store.payload(key) if key in self.store else None
-        return self.test_cache.get(key)
+        cached = self.test_cache.get(key)
+        return None if cached is None else cached[1]
 
     # -- replies ---------------------------------------------------------------------------
     def record_failure(self, node_id: int | None, reason: str | None) -> None:
@@ -467,6 +518,7 @@ class RoundEngine:
             accepted, digest = self._validate(
                 node_id, key, meta, arrays, metrics, server_round, training
             )
+            accepted.digest = digest
         except PayloadError as err:
             self.reject(node_id, key, str(err))
             return None
@@ -505,7 +557,12 @@ class RoundEngine:
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
         self.registry.check_binding(key, node_id, self.connected())
+        codec = meta.get(COMPRESSION_KEY, "none")
+        if codec not in ("none", self.compression):
+            raise PayloadError(f"compression {codec!r}, the round uses {self.compression!r}")
         digest = None
+        if "features" in arrays and codec != "none":
+            arrays = {**arrays, "features": self._inflate(arrays, str(codec))}
         if "features" not in arrays:
             cached = self._cached_payload(key, training)
             if cached is None:
@@ -528,6 +585,25 @@ class RoundEngine:
         self.registry.check_claims(key, payload, "train" if training else "test", digest)
         return AcceptedReply(node_id, key, payload, checked), digest
 
+    def _inflate(self, arrays: Mapping[str, np.ndarray], codec: str) -> np.ndarray:
+        """The compressed ``features`` of a reply, inflated to ``N x feature shape``
+        in the wire dtype, ``N`` from its ids. The bound is checked before
+        anything is inflated (:func:`~flwr_fedgkt.compression.inflate`), and it
+        is at most ``max-reply-bytes`` when that is set, as for uncompressed
+        replies."""
+        ids = arrays.get("ids")
+        if ids is None or ids.ndim != 1:
+            raise PayloadError("compressed features need 1-D ids (they give their count)")
+        dtype = wire_dtype(self.feature_dtype)
+        expected = len(ids) * int(np.prod(self.feature_shape)) * dtype.itemsize
+        if self.max_reply_bytes and expected > self.max_reply_bytes:
+            raise PayloadError(
+                f"compressed features of {len(ids)} samples would inflate to {expected} "
+                f"bytes, beyond max-reply-bytes ({self.max_reply_bytes}); not inflated"
+            )
+        raw = inflate(arrays["features"], codec, expected)
+        return np.frombuffer(raw, dtype=dtype).reshape(len(ids), *self.feature_shape)
+
     # -- training and evaluation on the server ---------------------------------------------
     def _drop(self, key: NodeKey, reason: str, accepted: list[AcceptedReply]) -> None:
         """Take node key ``key`` out of the round after its reply was accepted: its
@@ -549,8 +625,11 @@ class RoundEngine:
         non-finite is taken out of the round. Returns the round's training metrics
         (the strategy's aggregated metrics).
         """
-        # features kept from an earlier upload (freeze-extractor) are not stored again
+        # features kept from an earlier upload (unchanged) are not stored again
         cached = sum(self.store.put(r.key, r.payload, server_round) for r in accepted)
+        for reply in accepted:
+            if reply.digest is not None:
+                self.held_train[reply.key] = reply.digest
         if self.max_staleness is not None:
             for key in self.store.nodes():
                 if server_round - self.store.last_round(key) > self.max_staleness:
@@ -630,6 +709,7 @@ class RoundEngine:
         Returns the round's evaluation metrics, or None when no sample was scored.
         """
         correct, loss_sum, total = 0.0, 0.0, 0
+        log_cached = 0
         scored = []
         for reply in accepted:
             payload = reply.payload
@@ -640,8 +720,10 @@ class RoundEngine:
             except NonFiniteOutput as err:
                 self.reject(reply.node_id, reply.key, str(err))
                 continue
-            if self.freeze_extractor:
-                self.test_cache[reply.key] = payload
+            if reply.digest is not None:
+                self.test_cache[reply.key] = (reply.digest, payload)
+            else:
+                log_cached += 1
             n = payload.num_samples
             correct += scores["accuracy"] * n
             loss_sum += scores["loss"] * n
@@ -655,6 +737,10 @@ class RoundEngine:
         log.edge_loss = _per_sample_mean(scored, "edge-loss")
         log.eval_nodes = len(scored)
         log.eval_samples = total
+        log.cached_test_nodes = log_cached
+        before = self.history[-1] if self.history else {}
+        log.cumulative_bytes_up = before.get("cumulative_bytes_up", 0) + log.bytes_up
+        log.cumulative_bytes_down = before.get("cumulative_bytes_down", 0) + log.bytes_down
         log.seconds = time.perf_counter() - log.started
         record = log.to_dict()
         self.history.append(record)
@@ -694,6 +780,7 @@ class RoundEngine:
             "server_logits": self.server_logits,
             "nodes": self.registry.state(),
             "store": self.store.state_dict(),
+            "held_train": dict(self.held_train),
             "history": self.history,
         }
 
@@ -706,6 +793,7 @@ class RoundEngine:
         self.server_logits = {str(k): v for k, v in state["server_logits"].items()}
         self.registry.restore(state.get("nodes", {}))
         self.store.load_state_dict(state.get("store"))
+        self.held_train = {str(k): str(v) for k, v in state.get("held_train", {}).items()}
         self.history = list(state["history"])
         self.round_offset = int(state["round"])
 

@@ -160,11 +160,18 @@ class FedGKT(HoldsEngine, Strategy):
     checkpoint_dir : str | Path | None (default: None)
         Where a checkpoint is written atomically after every round; None: none.
     freeze_extractor : bool (default: False)
-        The clients keep their edge extractor fixed (``freeze-extractor``), so their
-        features never change: a node uploads them the first time it takes part,
-        the server keeps them (training features in ``store``, test features in
-        memory) and later replies carry only sample ids and logits. A node whose
-        features were dropped (``max_staleness``) is asked for them again.
+        The clients keep their edge extractor fixed from the start
+        (``freeze-extractor``; the same as ``freeze_after=0``), so their features
+        never change: a node uploads them the first time it takes part and later
+        replies carry only sample ids and logits.
+    freeze_after : int | None (default: None)
+        The clients train their edge extractor in rounds 1 to ``freeze_after``
+        and keep it fixed from then on (``freeze-after``; each round's config says
+        ``freeze-extractor``); None: never freeze. Not with ``freeze_extractor``.
+    compression : str (default: "none")
+        Codec of the uploaded feature bytes, announced in every round's config:
+        ``none`` or ``zstd`` (lossless; :mod:`flwr_fedgkt.compression`). A reply
+        may use ``none`` or the announced codec.
     max_feature_abs : float (default: 1e4)
         Bound on the magnitude of a decoded feature value; replies beyond it are
         rejected. Far above the ResNet-8 stem's activations on normalised images
@@ -180,6 +187,12 @@ class FedGKT(HoldsEngine, Strategy):
     (``node-key``); the server keeps features, server logits and staleness per
     key, so a node that reconnects under a new Flower node id continues where
     it was (see :class:`flwr_fedgkt.registry.NodeRegistry`).
+
+    Only what changed travels: the server keeps every node's newest training
+    features (in ``store``) and test features (in memory) and names their
+    digest in each instruction (``held-features``); a node whose features have
+    that digest (a frozen or untrained extractor) sends only ids and logits. A
+    node whose features were dropped (``max_staleness``) sends them again.
 
     The ``train_config`` given to ``start()`` goes out with every training
     Message, as with FedAvg. :class:`~flwr_fedgkt.client.FedGKTClient` reads its
@@ -206,6 +219,8 @@ class FedGKT(HoldsEngine, Strategy):
         store: FeatureStore | None = None,
         checkpoint_dir: str | Path | None = None,
         freeze_extractor: bool = False,
+        freeze_after: int | None = None,
+        compression: str = "none",
         max_feature_abs: float = MAX_FEATURE_ABS,
         max_logit_abs: float = MAX_LOGIT_ABS,
         global_sample_ids: bool = False,
@@ -229,6 +244,8 @@ class FedGKT(HoldsEngine, Strategy):
             store=store,
             checkpoint_dir=checkpoint_dir,
             freeze_extractor=freeze_extractor,
+            freeze_after=freeze_after,
+            compression=compression,
             max_feature_abs=max_feature_abs,
             max_logit_abs=max_logit_abs,
             global_sample_ids=global_sample_ids,
@@ -336,8 +353,8 @@ class FedGKT(HoldsEngine, Strategy):
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         messages = []
         for node_id in node_ids:
-            send, logits = self.engine.instructions(node_id, training=True)
-            round_config = {**config, **self.engine.round_config(server_round, send)}
+            held, logits = self.engine.instructions(node_id, training=True)
+            round_config = {**config, **self.engine.round_config(server_round, held)}
             content = RecordDict({CONFIG_KEY: ConfigRecord(round_config)})
             if logits is not None:
                 content[LOGITS_KEY] = logits_record(*logits)
@@ -378,8 +395,8 @@ class FedGKT(HoldsEngine, Strategy):
         self._sampled["evaluate"] = node_ids
         messages = []
         for node_id in node_ids:
-            send, _ = self.engine.instructions(node_id, training=False)
-            round_config = {**config, **self.engine.round_config(server_round, send)}
+            held, _ = self.engine.instructions(node_id, training=False)
+            round_config = {**config, **self.engine.round_config(server_round, held)}
             messages.append(
                 Message(
                     content=RecordDict({CONFIG_KEY: ConfigRecord(round_config)}),

@@ -40,6 +40,8 @@ class InProcessGrid:
         self.contexts = contexts
         self.handlers = handlers or {}
         self.silent = silent or set()
+        # the array names of each reply's "features" record, by (node, kind, round)
+        self.uploads: dict[tuple[int, str, int], list[str]] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -60,7 +62,12 @@ class InProcessGrid:
             }[kind]
             handler = self.handlers.get((node, kind), default)
             try:
-                replies.append(handler(msg, self.contexts[node]))
+                reply = handler(msg, self.contexts[node])
+                replies.append(reply)
+                if "features" in reply.content.array_records:
+                    server_round = int(msg.content.config_records["config"]["server-round"])
+                    names = sorted(reply.content.array_records["features"].keys())
+                    self.uploads[(node, kind, server_round)] = names
             except Exception as err:  # what Flower does with a ClientApp exception
                 replies.append(
                     Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)

@@ -294,11 +294,13 @@ def test_each_client_gets_its_own_fit_instructions_with_its_own_logits(task_iden
     assert sorted(ids_101.tolist()) == list(range(0, 12))
     assert sorted(ids_202.tolist()) == list(range(50, 70))
     assert logits_101.shape == (12, 10) and logits_101.dtype == np.float32
-    # the legacy face always asks for features (its client has no upload-once mode)
+    # the legacy face holds no digest to name: its client always sends its features
     assert second[101].config == {
         "server-round": 2,
         "feature-dtype": "float32",
-        "send-features": True,
+        "compression": "none",
+        "freeze-extractor": False,
+        "held-features": "",
     }
     assert second[101] is not second[202]
     assert strategy.engine.current.bytes_down > 0
