@@ -92,6 +92,7 @@ class Settings:
     shared_config: str = ""
     fedgkt_config: str = ""
     fedavg_config: str = ""
+    algorithms: tuple[str, ...] = ALGORITHMS
 
     def shared(self, partitioner: str) -> dict[str, Any]:
         """The run-config keys both runs of one setting get, with the same values."""
@@ -201,7 +202,7 @@ def run_all(
             start_local_superlink(env, output_dir / "superlink.log")
             for partitioner in settings.partitioners:
                 name = setting_name(partitioner, settings.dirichlet_alpha)
-                for algorithm in ALGORITHMS:
+                for algorithm in settings.algorithms:
                     run_dir = output_dir / name / algorithm
                     run_dir.mkdir(parents=True, exist_ok=True)
                     (run_dir / "results.json").unlink(missing_ok=True)
@@ -280,6 +281,25 @@ class RunSummary:
     @property
     def seconds_per_round(self) -> float:
         return _mean(self.seconds)
+
+    @property
+    def cumulative_bytes(self) -> list[float]:
+        """Bytes per client, up and down, summed over the rounds so far."""
+        total, out = 0.0, []
+        for up, down in zip(self.up_per_client, self.down_per_client, strict=True):
+            total += up + down
+            out.append(total)
+        return out
+
+    def bytes_to_reach(self, target: float | None) -> float | None:
+        """Bytes per client (up and down) moved until test accuracy first reached
+        ``target``; None when it never did."""
+        if target is None:
+            return None
+        for spent, accuracy in zip(self.cumulative_bytes, self.accuracy, strict=True):
+            if accuracy is not None and accuracy >= target - 1e-12:
+                return spent
+        return None
 
     def edge_flops_to_reach(self, target: float | None) -> float | None:
         """Edge FLOPs (all clients) spent until test accuracy first reached ``target``."""
@@ -395,10 +415,10 @@ def markdown_table(summaries: Sequence[RunSummary]) -> str:
     header = (
         "| setting | algorithm | edge model | final acc. (%) | best acc. (%) (round) "
         "| edge params | edge train MFLOPs / sample | up MB / client / round "
-        "| down MB / client / round | edge TFLOPs to final acc. "
-        "| edge TFLOPs to common target | s / round |"
+        "| down MB / client / round | MB / client, whole run | MB / client to common target "
+        "| edge TFLOPs to final acc. | edge TFLOPs to common target | s / round |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 14]
     by_setting: dict[str, dict[str, RunSummary]] = {}
     for s in summaries:
         by_setting.setdefault(s.setting, {})[s.algorithm] = s
@@ -411,7 +431,9 @@ def markdown_table(summaries: Sequence[RunSummary]) -> str:
                 f"| {setting} | {LABELS.get(s.algorithm, s.algorithm)} | {s.edge_model} "
                 f"| {_pct(s.final_accuracy)} | {best} | {s.edge_params:,} "
                 f"| {s.edge_train_flops_per_sample / 1e6:.1f} | {_mb(s.mean_up)} "
-                f"| {_mb(s.mean_down)} | {_flops(s.edge_flops_to_reach(s.final_accuracy))} "
+                f"| {_mb(s.mean_down)} | {_mb(s.cumulative_bytes[-1] if s.rounds else None)} "
+                f"| {_mb(s.bytes_to_reach(target)) if target is not None else 'n/a'} "
+                f"| {_flops(s.edge_flops_to_reach(s.final_accuracy))} "
                 f"| {_flops(s.edge_flops_to_reach(target))} | {s.seconds_per_round:.1f} |"
             )
     lines.append("")
@@ -432,7 +454,10 @@ def markdown_table(summaries: Sequence[RunSummary]) -> str:
             f"edge FLOPs to the common target ({_pct(target)} %) "
             f"{_ratio(avg.edge_flops_to_reach(target), gkt.edge_flops_to_reach(target))}; "
             f"bytes per client per round up {_ratio(gkt.mean_up, avg.mean_up)} and down "
-            f"{_ratio(gkt.mean_down, avg.mean_down)} (FedGKT / FedAvg); "
+            f"{_ratio(gkt.mean_down, avg.mean_down)}, over the whole run "
+            f"{_ratio(gkt.cumulative_bytes[-1], avg.cumulative_bytes[-1])} and until the "
+            f"common target {_ratio(gkt.bytes_to_reach(target), avg.bytes_to_reach(target))} "
+            "(FedGKT / FedAvg); "
             f"final accuracy FedGKT - FedAvg {gap}."
         )
     return "\n".join(lines) + "\n"
@@ -452,6 +477,9 @@ How the figures are obtained:
   labels and ids plus test-split features for evaluation; down = the node's server
   logits (none in round 1). FedAvg: down = the global model twice (training and
   evaluation), up = the trained model.
+- *MB / client, whole run*: up and down bytes per client summed over all rounds;
+  *to common target*: summed until the run first reached the lower of the two
+  final accuracies of the setting (`bytes.png` plots accuracy against them).
 - *edge TFLOPs to final acc.*: edge FLOPs of all nodes summed over the rounds until the
   run first reached its final accuracy; *to common target*: until it first reached
   the lower of the two final accuracies of the setting. Per round, FedGKT's edge
@@ -506,8 +534,25 @@ def plot_setting(pair: dict[str, RunSummary], out_dir: Path, title: str) -> list
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9)
     paths.append(_save(fig, out_dir / "accuracy.png"))
 
-    # bytes per client per round
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    # bytes per client per round, and accuracy against cumulative bytes
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for s in ordered:
+        axes[2].plot(
+            [b / MB for b in s.cumulative_bytes],
+            _percent(s.accuracy),
+            "o-",
+            color=COLOURS[s.algorithm],
+            label=LABELS[s.algorithm],
+        )
+    axes[2].set(
+        title="Accuracy against cumulative bytes",
+        xlabel="MB per client, up + down, since round 1 (log scale)",
+        ylabel="test accuracy (%)",
+        ylim=(0, 100),
+    )
+    axes[2].set_xscale("log")
+    axes[2].grid(alpha=0.3, which="both")
+    axes[2].legend()
     for ax, key, name in (
         (axes[0], "up_per_client", "upload (node to server)"),
         (axes[1], "down_per_client", "download (server to node)"),
@@ -632,7 +677,7 @@ def write_report(
     for partitioner in settings.partitioners:
         name = setting_name(partitioner, settings.dirichlet_alpha)
         pair = {}
-        for algorithm in ALGORITHMS:
+        for algorithm in settings.algorithms:
             path = output_dir / name / algorithm / "results.json"
             if not path.is_file():
                 raise FileNotFoundError(f"no results for {name}/{algorithm}: {path}")
@@ -743,7 +788,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=3, help="simulated SuperNodes")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--client-epochs", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[42],
+        help="one comparison per seed (several: each in <output-dir>/seed-<seed>, and "
+        "seeds.md with the mean and spread over the seeds)",
+    )
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        choices=ALGORITHMS,
+        default=list(ALGORITHMS),
+        help="the algorithms to run (FedGKT alone, e.g., to try a FedGKT setting)",
+    )
     parser.add_argument(
         "--server-model",
         choices=sorted(FULL_MODEL),
@@ -799,9 +858,9 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    _exit_on_sigterm()
+def compare_seed(args: argparse.Namespace, seed: int, output_dir: Path) -> list[RunSummary]:
+    """One comparison (every setting, every algorithm) with ``seed`` into
+    ``output_dir``; its summaries."""
     settings = Settings(
         dataset=args.dataset,
         partitioners=tuple(args.partitioner),
@@ -809,34 +868,119 @@ def main(argv: Sequence[str] | None = None) -> int:
         nodes=args.nodes,
         rounds=args.rounds,
         client_epochs=args.client_epochs,
-        seed=args.seed,
+        seed=seed,
         server_model=args.server_model,
         shared_config=args.shared_config,
         fedgkt_config=args.fedgkt_config,
         fedavg_config=args.fedavg_config,
+        algorithms=tuple(a for a in ALGORITHMS if a in args.algorithms),
     )
-    output_dir = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     durations: dict[str, float] = {}
     if args.report_only:
         durations = previous_durations(output_dir)
     else:
-        try:
-            durations = run_all(
-                settings,
-                output_dir,
-                args.repo.resolve(),
-                args.timeout,
-                args.quiet,
-                None if args.flower_home is None else args.flower_home.resolve(),
-            )
-        except (RuntimeError, FileNotFoundError, TimeoutError) as err:
-            print(f"comparison failed: {err}", file=sys.stderr)
-            return 1
+        durations = run_all(
+            settings,
+            output_dir,
+            args.repo.resolve(),
+            args.timeout,
+            args.quiet,
+            None if args.flower_home is None else args.flower_home.resolve(),
+        )
     code = None if args.report_only else code_version(args.repo.resolve())
-    summaries = write_report(settings, output_dir, durations, code)
-    print(markdown_table(summaries))
-    print(f"Report: {output_dir / 'comparison.md'}")
+    return write_report(settings, output_dir, durations, code)
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    mean = _mean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def seeds_report(per_seed: dict[int, list[RunSummary]]) -> tuple[str, list[dict[str, Any]]]:
+    """The mean and spread over seeds, per setting and algorithm: final accuracy,
+    bytes per client over the whole run, and until the seed's common target (the
+    lower of the two final accuracies of that seed and setting)."""
+    rows: dict[tuple[str, str], dict[str, list[Any]]] = {}
+    for summaries in per_seed.values():
+        by_setting: dict[str, dict[str, RunSummary]] = {}
+        for summary in summaries:
+            by_setting.setdefault(summary.setting, {})[summary.algorithm] = summary
+        for setting, pair in by_setting.items():
+            target = _target(pair) if len(pair) > 1 else None
+            for algorithm, summary in pair.items():
+                row = rows.setdefault(
+                    (setting, algorithm), {"final": [], "run_bytes": [], "to_target": []}
+                )
+                row["final"].append(summary.final_accuracy)
+                row["run_bytes"].append(summary.cumulative_bytes[-1])
+                row["to_target"].append(summary.bytes_to_reach(target))
+    seeds = ", ".join(str(seed) for seed in per_seed)
+    lines = [
+        f"Over seeds {seeds}: mean (sample standard deviation).",
+        "",
+        "| setting | algorithm | final acc. (%) | per seed (%) | MB / client, whole run "
+        "| MB / client to common target |",
+        "|---|---|---|---|---|---|",
+    ]
+    figures = []
+    for (setting, algorithm), row in rows.items():
+        finals = [100 * a for a in row["final"] if a is not None]
+        mean, sd = _mean_sd(finals)
+        run_mb = _mean_sd([b / MB for b in row["run_bytes"]])
+        reached = [b / MB for b in row["to_target"] if b is not None]
+        target = (
+            f"{_mean_sd(reached)[0]:.2f} ({_mean_sd(reached)[1]:.2f})"
+            + (
+                f", reached in {len(reached)} of {len(row['to_target'])}"
+                if len(reached) < len(row["to_target"])
+                else ""
+            )
+            if reached
+            else "n/a"
+        )
+        lines.append(
+            f"| {setting} | {LABELS[algorithm]} | {mean:.2f} ({sd:.2f}) "
+            f"| {', '.join(f'{f:.2f}' for f in finals)} | {run_mb[0]:.2f} ({run_mb[1]:.2f}) "
+            f"| {target} |"
+        )
+        figures.append(
+            {
+                "setting": setting,
+                "algorithm": algorithm,
+                "final_accuracy": row["final"],
+                "bytes_per_client_whole_run": row["run_bytes"],
+                "bytes_per_client_to_common_target": row["to_target"],
+            }
+        )
+    return "\n".join(lines) + "\n", figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _exit_on_sigterm()
+    output_dir = args.output_dir.resolve()
+    seeds = list(dict.fromkeys(args.seed))
+    per_seed: dict[int, list[RunSummary]] = {}
+    try:
+        for seed in seeds:
+            folder = output_dir if len(seeds) == 1 else output_dir / f"seed-{seed}"
+            per_seed[seed] = compare_seed(args, seed, folder)
+            print(markdown_table(per_seed[seed]))
+            print(f"Report: {folder / 'comparison.md'}")
+    except (RuntimeError, FileNotFoundError, TimeoutError) as err:
+        print(f"comparison failed: {err}", file=sys.stderr)
+        return 1
+    if len(seeds) > 1:
+        text, figures = seeds_report(per_seed)
+        (output_dir / "seeds.md").write_text(
+            "# FedGKT vs FedAvg over seeds\n\n" + text + "\n" + DEFINITIONS
+        )
+        write_json_atomic(output_dir / "seeds.json", {"seeds": seeds, "runs": figures})
+        print(text)
+        print(f"Report: {output_dir / 'seeds.md'}")
     return 0
 
 

@@ -82,7 +82,7 @@ class RunConfig:
     feature_store: str = "memory"
     freeze_extractor: bool = False
     freeze_after: int = -1
-    compression: str = "none"
+    compression: str = "zstd"
     shared_extractor_init: bool = False
     max_feature_abs: float = 1e4
     resume_from: str = ""

@@ -238,7 +238,7 @@ class RoundEngine:
         checkpoint_dir: str | Path | None = None,
         freeze_extractor: bool = False,
         freeze_after: int | None = None,
-        compression: str = "none",
+        compression: str = "zstd",
         max_feature_abs: float = MAX_FEATURE_ABS,
         max_logit_abs: float = MAX_LOGIT_ABS,
         global_sample_ids: bool = False,

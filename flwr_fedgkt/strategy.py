@@ -168,10 +168,11 @@ class FedGKT(HoldsEngine, Strategy):
         The clients train their edge extractor in rounds 1 to ``freeze_after``
         and keep it fixed from then on (``freeze-after``; each round's config says
         ``freeze-extractor``); None: never freeze. Not with ``freeze_extractor``.
-    compression : str (default: "none")
+    compression : str (default: "zstd")
         Codec of the uploaded feature bytes, announced in every round's config:
-        ``none`` or ``zstd`` (lossless; :mod:`flwr_fedgkt.compression`). A reply
-        may use ``none`` or the announced codec.
+        ``zstd`` (lossless, about 2x on int8 edge features;
+        :mod:`flwr_fedgkt.compression`) or ``none``. A reply may use ``none`` or
+        the announced codec, so ClientApps that do not compress still work.
     max_feature_abs : float (default: 1e4)
         Bound on the magnitude of a decoded feature value; replies beyond it are
         rejected. Far above the ResNet-8 stem's activations on normalised images
@@ -220,7 +221,7 @@ class FedGKT(HoldsEngine, Strategy):
         checkpoint_dir: str | Path | None = None,
         freeze_extractor: bool = False,
         freeze_after: int | None = None,
-        compression: str = "none",
+        compression: str = "zstd",
         max_feature_abs: float = MAX_FEATURE_ABS,
         max_logit_abs: float = MAX_LOGIT_ABS,
         global_sample_ids: bool = False,

@@ -20,6 +20,7 @@ from compare import (  # noqa: E402
     markdown_table,
     plot_setting,
     run_config_string,
+    seeds_report,
     setting_name,
     summarise,
 )
@@ -135,6 +136,45 @@ def test_summary_figures_come_from_the_results() -> None:
     assert avg.edge_flops_to_reach(0.9) == pytest.approx(3 * per_round_avg)
     assert gkt.edge_flops_to_reach(0.95) is None
     assert gkt.seconds_per_round == pytest.approx(20.0)
+
+
+def test_cumulative_bytes_per_client_and_to_a_target() -> None:
+    # FedGKT per client: 1 MB up every round, 0 / 4 kB / 4 kB down
+    gkt = summarise(_results("fedgkt", [0.5, 0.8, 0.7]), "iid")
+    assert gkt.cumulative_bytes == [1_000_000, 2_004_000, 3_008_000]
+    assert gkt.bytes_to_reach(0.8) == 2_004_000  # first reached in round 2
+    assert gkt.bytes_to_reach(0.5) == 1_000_000
+    assert gkt.bytes_to_reach(0.81) is None
+    # FedAvg per client: 2 MB up + 4 MB down every round
+    avg = summarise(_results("fedavg", [0.4, 0.6, 0.9]), "iid")
+    assert avg.cumulative_bytes == [6_000_000, 12_000_000, 18_000_000]
+    table = markdown_table([gkt, avg])
+    # common target: the lower final accuracy, 0.7: FedGKT round 2, FedAvg round 3
+    assert "| 3.008 | 2.004 |" in table and "| 18.000 | 18.000 |" in table
+    assert "over the whole run 0.17x and until the common target 0.11x" in table
+
+
+def test_seeds_report_gives_mean_and_spread_over_seeds() -> None:
+    per_seed = {
+        1: [
+            summarise(_results("fedgkt", [0.5, 0.7]), "iid"),
+            summarise(_results("fedavg", [0.6, 0.8]), "iid"),
+        ],
+        2: [
+            summarise(_results("fedgkt", [0.5, 0.9]), "iid"),
+            summarise(_results("fedavg", [0.6, 0.6]), "iid"),
+        ],
+    }
+    text, figures = seeds_report(per_seed)
+    # FedGKT finals 70 and 90: mean 80, sample sd 14.14; 2.004 MB per client per run
+    assert "| iid | FedGKT | 80.00 (14.14) | 70.00, 90.00 | 2.00 (0.00) |" in text
+    assert "| iid | FedAvg | 70.00 (14.14) | 80.00, 60.00 | 12.00 (0.00) |" in text
+    # common targets: 0.7 in seed 1 (both reach it in round 2), 0.6 in seed 2
+    # (FedGKT reaches it in round 2, FedAvg in round 1)
+    (gkt,) = [f for f in figures if f["algorithm"] == "fedgkt"]
+    assert gkt["bytes_per_client_to_common_target"] == [2_004_000, 2_004_000]
+    (avg,) = [f for f in figures if f["algorithm"] == "fedavg"]
+    assert avg["bytes_per_client_to_common_target"] == [12_000_000, 6_000_000]
 
 
 def test_table_has_a_row_per_run_and_the_ratios(tmp_path) -> None:
