@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import FEATURE_CHANNELS, SERVER_MODELS, build_model, count_parameters
+from .models import COMPACT, SERVER_MODELS, build_model, count_parameters, feature_shape_of
 
 __all__ = [
     "input_shape",
@@ -40,7 +40,9 @@ __all__ = [
 
 def input_shape(name: str) -> tuple[int, int, int]:
     """Per-sample input shape: features for server models, images otherwise."""
-    return (FEATURE_CHANNELS, 32, 32) if name in SERVER_MODELS else (3, 32, 32)
+    if name.removesuffix(COMPACT) in SERVER_MODELS:
+        return feature_shape_of(name)
+    return (3, 32, 32)
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...], batch: int = 2) -> tuple[float, float]:

@@ -55,9 +55,7 @@ def compress(data: np.ndarray, codec: str) -> np.ndarray:
     import zstandard
 
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(
-        raw.data
-    )
+    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(raw.data)
     return np.frombuffer(frame, dtype=np.uint8)
 
 

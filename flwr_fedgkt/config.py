@@ -18,7 +18,7 @@ from typing import Any
 from .compression import COMPRESSIONS
 from .data import DATASET_NAMES, PARTITIONERS
 from .features import FEATURE_DTYPES
-from .models import SERVER_MODELS
+from .models import COMPACT, EDGE_MODEL, SERVER_MODELS
 from .precision import PRECISIONS
 
 __all__ = ["RunConfig", "ConfigError"]
@@ -82,11 +82,24 @@ class RunConfig:
     feature_store: str = "memory"
     freeze_extractor: bool = False
     freeze_after: int = -1
+    compact_features: bool = False
     compression: str = "zstd"
     shared_extractor_init: bool = False
     max_feature_abs: float = 1e4
     resume_from: str = ""
     client_state_dir: str = ""
+
+    @property
+    def edge_model_name(self) -> str:
+        """The built-in edge model: ``resnet8``, or ``resnet8-compact`` with
+        ``compact-features``."""
+        return EDGE_MODEL + (COMPACT if self.compact_features else "")
+
+    @property
+    def server_model_name(self) -> str:
+        """The built-in server model: ``server-model``, with ``-compact`` for
+        ``compact-features``."""
+        return self.server_model + (COMPACT if self.compact_features else "")
 
     @classmethod
     def keys(cls) -> list[str]:

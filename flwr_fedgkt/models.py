@@ -6,6 +6,13 @@ server model (ResNet-55 / ResNet-109) is the rest of a ResNet-56 / ResNet-110 an
 takes those features as input. The full ResNet-56 / ResNet-110 serve the FedAvg
 baseline.
 
+The *compact* pair (``resnet8-compact`` with ``resnet55-compact`` /
+``resnet109-compact``; run config ``compact-features``) ends the edge's stem with
+a 1x1 bottleneck convolution to :data:`COMPACT_CHANNELS` channels (with BatchNorm
+and ReLU), trained with the edge model: its features are ``3 x 32 x 32``, 3 KiB
+per sample in int8 (the raw image's size), and both the edge's and the server's
+first Bottleneck block take those 3 channels.
+
 This module imports no Flower code.
 """
 
@@ -19,6 +26,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "FEATURE_CHANNELS",
+    "COMPACT_CHANNELS",
+    "feature_shape_of",
     "Bottleneck",
     "EdgeResNet",
     "ServerResNet",
@@ -36,6 +45,9 @@ __all__ = [
 
 FEATURE_CHANNELS = 16
 """Channels of the stem's output, i.e. of the features sent by the edge."""
+
+COMPACT_CHANNELS = 3
+"""Channels of the compact edge's features (``compact-features``)."""
 
 STAGE_WIDTHS = (16, 32, 64)
 
@@ -69,17 +81,28 @@ class Bottleneck(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def _stem() -> nn.Sequential:
-    return nn.Sequential(
+def _stem(channels: int = FEATURE_CHANNELS) -> nn.Sequential:
+    """3x3 conv to 16 channels, BatchNorm, ReLU; for fewer ``channels``, then a 1x1
+    bottleneck conv to them, BatchNorm, ReLU."""
+    layers: list[nn.Module] = [
         nn.Conv2d(3, FEATURE_CHANNELS, kernel_size=3, padding=1, bias=False),
         nn.BatchNorm2d(FEATURE_CHANNELS),
         nn.ReLU(inplace=True),
-    )
+    ]
+    if channels != FEATURE_CHANNELS:
+        layers += [
+            nn.Conv2d(FEATURE_CHANNELS, channels, kernel_size=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
 
 
-def _stages(blocks: tuple[int, ...]) -> tuple[nn.Sequential, int]:
-    """Bottleneck stages on 16-channel input; returns the stages and their output width."""
-    in_planes = FEATURE_CHANNELS
+def _stages(
+    blocks: tuple[int, ...], in_planes: int = FEATURE_CHANNELS
+) -> tuple[nn.Sequential, int]:
+    """Bottleneck stages on ``in_planes``-channel input; returns the stages and their
+    output width."""
     stages = []
     for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks, strict=False)):
         stride = 1 if index == 0 else 2
@@ -106,10 +129,12 @@ class EdgeResNet(nn.Module):
     ``forward`` returns ``(logits, features)``; ``features`` is the stem's output.
     """
 
-    def __init__(self, num_classes: int = 10, blocks: int = 2) -> None:
+    def __init__(
+        self, num_classes: int = 10, blocks: int = 2, feature_channels: int = FEATURE_CHANNELS
+    ) -> None:
         super().__init__()
-        self.stem = _stem()
-        self.body, width = _stages((blocks,))
+        self.stem = _stem(feature_channels)
+        self.body, width = _stages((blocks,), feature_channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
         _init_weights(self)
@@ -123,9 +148,14 @@ class EdgeResNet(nn.Module):
 class ServerResNet(nn.Module):
     """The large model without its stem: three Bottleneck stages on edge features."""
 
-    def __init__(self, blocks: tuple[int, int, int], num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        blocks: tuple[int, int, int],
+        num_classes: int = 10,
+        feature_channels: int = FEATURE_CHANNELS,
+    ) -> None:
         super().__init__()
-        self.body, width = _stages(blocks)
+        self.body, width = _stages(blocks, feature_channels)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
         _init_weights(self)
@@ -153,6 +183,9 @@ _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "resnet8": lambda n: EdgeResNet(n),
     "resnet55": lambda n: ServerResNet((6, 6, 6), n),
     "resnet109": lambda n: ServerResNet((12, 12, 12), n),
+    "resnet8-compact": lambda n: EdgeResNet(n, feature_channels=COMPACT_CHANNELS),
+    "resnet55-compact": lambda n: ServerResNet((6, 6, 6), n, COMPACT_CHANNELS),
+    "resnet109-compact": lambda n: ServerResNet((12, 12, 12), n, COMPACT_CHANNELS),
     "resnet56": lambda n: FullResNet((6, 6, 6), n),
     "resnet110": lambda n: FullResNet((12, 12, 12), n),
 }
@@ -161,14 +194,24 @@ MODEL_NAMES = tuple(_FACTORIES)
 EDGE_MODEL = "resnet8"
 SERVER_MODELS = ("resnet55", "resnet109")
 """Server models: the rest of a ResNet-56 / ResNet-110 after the edge's stem."""
+COMPACT = "-compact"
+"""The suffix of the compact models' names."""
 FULL_MODEL_OF = {"resnet55": "resnet56", "resnet109": "resnet110"}
 """The whole model (for FedAvg) that each server model completes."""
 FULL_MODELS = tuple(FULL_MODEL_OF.values())
 
 
+def feature_shape_of(name: str) -> tuple[int, int, int]:
+    """The per-sample features a built-in edge model sends or a built-in server
+    model takes: ``16 x 32 x 32``, or ``3 x 32 x 32`` for the compact models."""
+    channels = COMPACT_CHANNELS if name.endswith(COMPACT) else FEATURE_CHANNELS
+    return (channels, 32, 32)
+
+
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
     """Build a model by name: ``resnet8`` (edge), ``resnet55`` / ``resnet109``
-    (server), ``resnet56`` / ``resnet110`` (full, for FedAvg)."""
+    (server), ``resnet56`` / ``resnet110`` (full, for FedAvg), and the compact
+    pair ``resnet8-compact``, ``resnet55-compact`` / ``resnet109-compact``."""
     try:
         factory = _FACTORIES[name]
     except KeyError:

@@ -47,7 +47,7 @@ from .edge import (
 )
 from .features import file_label
 from .files import write_atomic
-from .models import EDGE_MODEL, seeded_model
+from .models import seeded_model
 from .precision import resolve_precision
 
 __all__ = [
@@ -520,7 +520,7 @@ def edge_model_factory(
     from ``seed + partition_id``, or from ``seed`` alone with
     ``shared-extractor-init`` (every node starts from the same model)."""
     seed = config.seed if config.shared_extractor_init else config.seed + partition_id
-    return partial(seeded_model, EDGE_MODEL, num_classes, seed)
+    return partial(seeded_model, config.edge_model_name, num_classes, seed)
 
 
 def partition_node(

@@ -23,7 +23,13 @@ from .config import RunConfig
 from .distill import ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
-from .models import FEATURE_CHANNELS, SERVER_MODELS, count_parameters, seeded_model
+from .models import (
+    COMPACT,
+    SERVER_MODELS,
+    count_parameters,
+    feature_shape_of,
+    seeded_model,
+)
 from .precision import autocast, resolve_precision
 from .training import EpochTotals, OptimizerFactory, StepOutcome, make_optimizer, train_epochs
 
@@ -170,14 +176,15 @@ class ServerTrainer:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if model is None:
-            if model_name not in SERVER_MODELS:
+            if model_name.removesuffix(COMPACT) not in SERVER_MODELS:
                 raise ValueError(
-                    f"server model must be one of {', '.join(SERVER_MODELS)}, got {model_name!r}"
+                    f"server model must be one of {', '.join(SERVER_MODELS)} (or their "
+                    f"{COMPACT} variants), got {model_name!r}"
                 )
             if num_classes is None:
                 raise ValueError("num_classes is required for a built-in server model")
             model = seeded_model(model_name, num_classes, seed)
-            feature_shape = feature_shape or (FEATURE_CHANNELS, 32, 32)
+            feature_shape = feature_shape or feature_shape_of(model_name)
         else:
             model_name = type(model).__name__
             if num_classes is None:
@@ -214,7 +221,7 @@ class ServerTrainer:
         run's ``num-server-rounds x server-epochs`` epochs."""
         return cls(
             num_classes,
-            model_name=config.server_model,
+            model_name=config.server_model_name,
             lr=config.server_lr,
             temperature=config.temperature,
             alpha=config.alpha,

@@ -21,7 +21,7 @@ from .data import (
     plot_label_distribution,
 )
 from .edge import extractor_of
-from .models import EDGE_MODEL, build_model, extractor_and_server
+from .models import build_model, extractor_and_server
 from .node import edge_model_factory
 from .results import ResultsWriter
 from .rounds import NoProgressError
@@ -76,7 +76,7 @@ def save_deployable_model(
     inference on images (:func:`~flwr_fedgkt.models.extractor_and_server`)."""
     if not arrays or not (config.shared_extractor_init and config.freeze_extractor):
         return
-    server = build_model(config.server_model, num_classes)
+    server = build_model(config.server_model_name, num_classes)
     server.load_state_dict(arrays.to_torch_state_dict())
     edge = edge_model_factory(config, num_classes, partition_id=0)()  # every node's start
     torch.save(extractor_and_server(extractor_of(edge), server).state_dict(), path)
@@ -100,8 +100,8 @@ def main(grid: Grid, context: Context) -> None:
     header = {
         "algorithm": "fedgkt",
         "config": config.to_dict(),
-        "edge_model": model_profile(EDGE_MODEL, num_classes),
-        "server_model": model_profile(config.server_model, num_classes),
+        "edge_model": model_profile(config.edge_model_name, num_classes),
+        "server_model": model_profile(config.server_model_name, num_classes),
     }
     writer = ResultsWriter(output_dir, header)
     log(INFO, "FedGKT results go to %s", writer.path)

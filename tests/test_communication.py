@@ -241,3 +241,17 @@ def test_communication_settings_are_checked(mapping, match) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_mapping(mapping)
     assert RunConfig.from_mapping({"freeze-after": 3}).freeze_after == 3
+
+
+def test_compact_features_are_3_kib_per_sample_and_train_the_server(task_identity) -> None:
+    # Execute: the compact pair, features uncompressed so their bytes are the codes'
+    strategy, grid = _run(2, {"compact-features": True}, compression="none")
+    # Assert: 3 x 32 x 32 int8 codes per sample, 3,072 bytes (the raw image's size)
+    store = strategy.engine.store
+    for key in store.nodes():
+        payload = store.payload(key)
+        assert payload.features.data.shape[1:] == (3, 32, 32)
+        assert payload.features.data.nbytes == 3 * 1024 * payload.num_samples
+    assert strategy.trainer.model_name == "resnet55-compact"
+    assert all(r["accuracy"] is not None for r in strategy.engine.history)
+    assert all(r["rejected_replies"] == [] for r in strategy.engine.history)
