@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import partial
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +397,14 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         self.query_timeout = query_timeout
         self.engine = RoundEngine(trainer, **engine_settings)
         self._client_manager: ClientManager | None = None
+
+    @classmethod
+    def face_settings(cls, config: RunConfig) -> dict[str, Any]:
+        """None: the legacy Server runs a round's fit and evaluate in order, so
+        ``pipeline`` is a Message-API feature (said in the log when set)."""
+        if config.pipeline:
+            log(WARNING, "pipeline is not available on the legacy API: rounds run in order")
+        return {}
 
     def __repr__(self) -> str:
         return (

@@ -83,6 +83,7 @@ class RunConfig:
     freeze_extractor: bool = False
     freeze_after: int = -1
     compact_features: bool = False
+    pipeline: bool = False
     compression: str = "zstd"
     shared_extractor_init: bool = False
     max_feature_abs: float = 1e4

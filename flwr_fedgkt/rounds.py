@@ -29,7 +29,8 @@ import resource
 import sys
 import time
 import traceback
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -57,7 +58,7 @@ from .features import (
     wire_dtype,
 )
 from .registry import NodeRegistry, features_digest
-from .server import NonFiniteOutput, ServerTrainer, output_classes
+from .server import NonFiniteOutput, ServerTrainer, ServerTrainResult, output_classes
 
 __all__ = [
     "AcceptedReply",
@@ -107,6 +108,20 @@ class AcceptedReply:
 
 
 @dataclass
+class TrainingJob:
+    """One round's server training: its accepted replies and round log, and, once
+    it ran, the training's result and the server logits of its nodes."""
+
+    server_round: int
+    accepted: list[AcceptedReply]
+    log: RoundLog
+    cached: int = 0
+    result: ServerTrainResult | None = None
+    logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    failed: dict[NodeKey, str] = field(default_factory=dict)  # non-finite server logits
+
+
+@dataclass
 class RoundLog:
     """One round's record, as written to ``results.json`` (:meth:`to_dict`)."""
 
@@ -143,6 +158,7 @@ class RoundLog:
     eval_nodes: int = 0
     eval_samples: int = 0
     seconds: float = 0.0
+    ended_seconds: float = 0.0  # since this process began its first round
     started: float = field(default_factory=time.perf_counter, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,6 +313,7 @@ class RoundEngine:
         self.server_logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = {}
         self.history: list[dict[str, Any]] = []
         self.current = RoundLog(round=0)
+        self.began: float | None = None  # when this process began its first round
         self.connected: Callable[[], Collection[int]] = tuple
 
     @staticmethod
@@ -418,6 +435,8 @@ class RoundEngine:
 
     def begin_round(self, server_round: int) -> RoundLog:
         """Open the log of round ``server_round`` (at the start of its training)."""
+        if self.began is None:
+            self.began = time.perf_counter()
         self.current = RoundLog(round=server_round)
         return self.current
 
@@ -619,12 +638,20 @@ class RoundEngine:
             logger.warning("dropped the stored features of node key %r: %s", key, reason)
 
     def train_round(self, server_round: int, accepted: list[AcceptedReply]) -> dict[str, float]:
-        """Store the accepted features, train the server model, refresh server logits.
+        """Store the accepted features, train the server model, refresh server logits
+        (:meth:`start_training`, :meth:`run_training`, :meth:`finish_training`).
 
         A node whose features make the server's training or its server logits
         non-finite is taken out of the round. Returns the round's training metrics
         (the strategy's aggregated metrics).
         """
+        job = self.start_training(server_round, accepted)
+        self.run_training(job)
+        return self.finish_training(job)
+
+    def start_training(self, server_round: int, accepted: list[AcceptedReply]) -> TrainingJob:
+        """Store round ``server_round``'s accepted features (and drop those past
+        ``max-staleness``): the server training's input. Nothing trains yet."""
         # features kept from an earlier upload (unchanged) are not stored again
         cached = sum(self.store.put(r.key, r.payload, server_round) for r in accepted)
         for reply in accepted:
@@ -635,52 +662,84 @@ class RoundEngine:
                 if server_round - self.store.last_round(key) > self.max_staleness:
                     logger.info("dropping node key %r's features: older than max-staleness", key)
                     self.store.remove(key)
+        return TrainingJob(server_round, accepted, self.current, cached)
 
-        result = self.trainer.train(self.store, self.server_epochs)
-        for key, reason in result.excluded.items():
-            self._drop(key, reason, accepted)
-        kept = []
-        for reply in accepted:
-            if reply.key in result.excluded:
+    def run_training(self, job: TrainingJob) -> None:
+        """Train the server model on the store and compute the server logits of the
+        job's nodes (into the job, not yet sent anywhere). Reads the store and
+        writes only the server model and the job, so it may run beside the
+        validation of newer replies (``pipeline``)."""
+        job.result = self.trainer.train(self.store, self.server_epochs)
+        for reply in job.accepted:
+            if reply.key in job.result.excluded:
                 continue
             try:
-                self.server_logits[reply.key] = self.trainer.logits_for(self.store, reply.key)
+                job.logits[reply.key] = self.trainer.logits_for(self.store, reply.key)
             except NonFiniteOutput as err:
-                self._drop(reply.key, str(err), [reply])
-                continue
-            kept.append(reply)
+                job.failed[reply.key] = str(err)
 
-        num_examples = sum(r.payload.num_samples for r in kept)
-        metrics: dict[str, float] = {
-            "num-examples": num_examples,
-            "replies": len(kept),
-            "server-train-loss": result.loss,
-            "server-train-ce": result.ce,
-            "server-train-kd": result.kd,
-            "server-train-accuracy": result.accuracy,
-            "server-train-seconds": result.seconds,
-        }
-        log = self.current
-        for key in ("train-loss", "train-ce", "train-kd", "train-accuracy"):
-            mean = _per_sample_mean(kept, key)
-            setattr(log, f"edge_{key.replace('-', '_')}", mean)
-            if mean is not None:
-                metrics[f"edge-{key}"] = mean
-        log.skipped_server_steps += result.skipped_steps
-        log.server_train_seconds = result.seconds
-        log.server_train_loss = result.loss
-        log.server_train_ce = result.ce
-        log.server_train_kd = result.kd
-        log.server_train_accuracy = result.accuracy
-        log.train_nodes = len(kept)
-        log.train_samples = num_examples
-        log.cached_feature_nodes = cached
-        log.stored_nodes = len(self.store)
-        log.stored_samples = self.store.num_samples
-        log.stored_feature_bytes = self.store.nbytes
-        log.server_peak_rss_bytes = peak_rss_bytes()
-        self._note_progress(server_round, kept)
+    def finish_training(self, job: TrainingJob) -> dict[str, float]:
+        """Take the nodes that spoiled the training out, keep the new server logits
+        and write the job's round log; the round's training metrics."""
+        result = job.result
+        if result is None:
+            raise RuntimeError(f"round {job.server_round}'s server training did not run")
+        accepted = job.accepted
+        with self.logging_to(job.log):
+            for key, reason in result.excluded.items():
+                self._drop(key, reason, accepted)
+            kept = []
+            for reply in accepted:
+                if reply.key in result.excluded:
+                    continue
+                if reply.key in job.failed:
+                    self._drop(reply.key, job.failed[reply.key], [reply])
+                    continue
+                self.server_logits[reply.key] = job.logits[reply.key]
+                kept.append(reply)
+
+            num_examples = sum(r.payload.num_samples for r in kept)
+            metrics: dict[str, float] = {
+                "num-examples": num_examples,
+                "replies": len(kept),
+                "server-train-loss": result.loss,
+                "server-train-ce": result.ce,
+                "server-train-kd": result.kd,
+                "server-train-accuracy": result.accuracy,
+                "server-train-seconds": result.seconds,
+            }
+            log = job.log
+            for key in ("train-loss", "train-ce", "train-kd", "train-accuracy"):
+                mean = _per_sample_mean(kept, key)
+                setattr(log, f"edge_{key.replace('-', '_')}", mean)
+                if mean is not None:
+                    metrics[f"edge-{key}"] = mean
+            log.skipped_server_steps += result.skipped_steps
+            log.server_train_seconds = result.seconds
+            log.server_train_loss = result.loss
+            log.server_train_ce = result.ce
+            log.server_train_kd = result.kd
+            log.server_train_accuracy = result.accuracy
+            log.train_nodes = len(kept)
+            log.train_samples = num_examples
+            log.cached_feature_nodes = job.cached
+            log.stored_nodes = len(self.store)
+            log.stored_samples = self.store.num_samples
+            log.stored_feature_bytes = self.store.nbytes
+            log.server_peak_rss_bytes = peak_rss_bytes()
+            self._note_progress(job.server_round, kept)
         return metrics
+
+    @contextmanager
+    def logging_to(self, log: RoundLog) -> Iterator[None]:
+        """Record rejections and failures in ``log`` (an older round's, while a
+        pipelined round is open) for the duration."""
+        current, self.current = self.current, log
+        try:
+            yield
+        finally:
+            if self.current is log:
+                self.current = current
 
     def _note_progress(self, server_round: int, kept: list[AcceptedReply]) -> None:
         """Count the rounds in a row in which no node replied usefully (every sampled
@@ -742,6 +801,7 @@ class RoundEngine:
         log.cumulative_bytes_up = before.get("cumulative_bytes_up", 0) + log.bytes_up
         log.cumulative_bytes_down = before.get("cumulative_bytes_down", 0) + log.bytes_down
         log.seconds = time.perf_counter() - log.started
+        log.ended_seconds = time.perf_counter() - (self.began or log.started)
         record = log.to_dict()
         self.history.append(record)
         logger.info(
@@ -824,7 +884,13 @@ class HoldsEngine:
             min_available_nodes=config.min_available_nodes,
             on_round_end=on_round_end,
             **RoundEngine.settings(config, output_dir),
+            **cls.face_settings(config),
         )
+
+    @classmethod
+    def face_settings(cls, config: RunConfig) -> dict[str, Any]:
+        """Keyword arguments of one face's own (none here)."""
+        return {}
 
     @property
     def trainer(self) -> ServerTrainer:

@@ -13,6 +13,15 @@ No weights are averaged. Each round:
 A reply that fails validation is rejected with its reason (in the log and in the
 round's record) and touches neither the feature store nor the server model.
 
+With ``pipeline=True`` the server trains round t's features in a background
+thread while round t's evaluation and round t+1's edge training go on: round
+t+1's nodes get the newest server logits that are ready (one round older), and
+round t is scored and recorded (log line, ``on_round_end``, checkpoint) once its
+server training has finished, when round t+1's uploads arrive (the last round at
+once). ``start`` is overridden for this only: it notes the last round, runs
+Flower's own loop, then completes the returned ``Result`` with each round's
+metrics and the final model, which Flower's loop cannot know in time.
+
 The strategy only translates Flower Messages: everything else a round does on the
 server (validation, server training, scoring, the round's log, checkpoints) is
 :class:`flwr_fedgkt.rounds.RoundEngine`'s, which the strategy holds and which the
@@ -23,13 +32,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import nn
 
@@ -48,7 +58,14 @@ from .records import (
     logits_record,
     record_arrays,
 )
-from .rounds import AcceptedReply, HoldsEngine, ReplyParts, RoundEngine, sample_size
+from .rounds import (
+    AcceptedReply,
+    HoldsEngine,
+    ReplyParts,
+    RoundEngine,
+    TrainingJob,
+    sample_size,
+)
 from .server import ServerTrainer
 
 __all__ = ["FedGKT", "MessageReply", "federation_data", "wait_for_nodes"]
@@ -105,6 +122,18 @@ def federation_data(grid: Grid, config: RunConfig) -> tuple[int, str]:
     return num_nodes, check_node_data(config, num_nodes)
 
 
+PIPELINE_TRAIN_METRICS = {
+    "num-examples": "train_samples",
+    "replies": "train_nodes",
+    "server-train-loss": "server_train_loss",
+    "server-train-ce": "server_train_ce",
+    "server-train-kd": "server_train_kd",
+    "server-train-accuracy": "server_train_accuracy",
+    "server-train-seconds": "server_train_seconds",
+}
+"""The training metrics of a pipelined round's ``Result`` entry, from its record."""
+
+
 class FedGKT(HoldsEngine, Strategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
 
@@ -143,6 +172,10 @@ class FedGKT(HoldsEngine, Strategy):
         sampled node failed or was rejected), ``start()`` raises
         :class:`~flwr_fedgkt.rounds.NoProgressError` naming the reasons with their
         counts; 0: never stop.
+    pipeline : bool (default: False)
+        Train the server model in the background while the nodes evaluate and
+        train the next round (``pipeline``); nodes distil from server logits one
+        round older. See the module docstring.
     query_timeout : float (default: 300.0)
         Seconds to wait for the nodes' answers when the strategy asks new nodes
         for their keys (before the first round in which they are sampled).
@@ -228,6 +261,7 @@ class FedGKT(HoldsEngine, Strategy):
         seed: int = 0,
         query_timeout: float = 300.0,
         max_idle_rounds: int = 3,
+        pipeline: bool = False,
     ) -> None:
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
@@ -254,8 +288,17 @@ class FedGKT(HoldsEngine, Strategy):
             max_idle_rounds=max_idle_rounds,
         )
         self.query_timeout = query_timeout
+        self.pipeline = pipeline
+        self._training: tuple[TrainingJob, Future[None]] | None = None  # pipeline
+        self._to_score: list[AcceptedReply] = []  # the open round's test replies
+        self._last_round = 0
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
+
+    @classmethod
+    def face_settings(cls, config: RunConfig) -> dict[str, Any]:
+        """``pipeline`` from the run config."""
+        return {"pipeline": config.pipeline}
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -273,6 +316,7 @@ class FedGKT(HoldsEngine, Strategy):
             self.min_evaluate_nodes,
         )
         log(INFO, "\t│\t└──Minimum available nodes: %d", self.min_available_nodes)
+        log(INFO, "\t├──> Pipelined rounds: %s", "yes" if self.pipeline else "no")
         self.engine.summary()
 
     # -- sampling ------------------------------------------------------------------
@@ -376,8 +420,27 @@ class FedGKT(HoldsEngine, Strategy):
         """
         server_round += self.engine.round_offset
         accepted = self._accept(replies, server_round, training=True)
+        if self.pipeline:
+            self._close_pending()  # the round before: its training, then its scores
+            job = self.engine.start_training(server_round, accepted)
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgkt-server")
+            self._training = (job, executor.submit(self.engine.run_training, job))
+            executor.shutdown(wait=False)
+            return None, None  # this round's model and metrics are not ready yet
         metrics = self.engine.train_round(server_round, accepted)
         return self.server_arrays(), MetricRecord(dict(metrics))
+
+    def _close_pending(self) -> dict[str, float] | None:
+        """Wait for the pending server training (``pipeline``), then finish it and
+        score and close its round; that round's evaluation metrics."""
+        if self._training is None:
+            return None
+        job, future = self._training
+        self._training = None
+        future.result()  # re-raises what the training raised
+        self.engine.finish_training(job)
+        with self.engine.logging_to(job.log):
+            return self.engine.close_round(job.server_round, self._to_score)
 
     def server_arrays(self) -> ArrayRecord:
         """The server model's ``state_dict`` as an ArrayRecord (contiguous copies)."""
@@ -413,5 +476,68 @@ class FedGKT(HoldsEngine, Strategy):
         """Score the server model on the test features; report edge accuracy too."""
         server_round += self.engine.round_offset
         accepted = self._accept(replies, server_round, training=False)
-        metrics = self.engine.close_round(server_round, accepted)
+        if self.pipeline:
+            self._to_score = accepted
+            if server_round < self._last_round:
+                return None  # scored once the round's server training is done
+            metrics = self._close_pending()
+        else:
+            metrics = self.engine.close_round(server_round, accepted)
         return None if metrics is None else MetricRecord(dict(metrics))
+
+    # -- the pipelined run ------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start``; with ``pipeline``, the last round is noted
+        before and the ``Result`` completed after (each round's training and
+        evaluation metrics, the final server model). ``evaluate_fn`` needs the
+        model of every round in turn, so it cannot be used with ``pipeline``."""
+        if not self.pipeline:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        if evaluate_fn is not None:
+            raise ValueError("evaluate_fn needs each round's model in turn: not with pipeline")
+        self._last_round = self.engine.round_offset + num_rounds
+        first = len(self.engine.history)
+        try:
+            result = super().start(
+                grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config
+            )
+        finally:
+            if self._training is not None:  # a round failed: let its training end
+                self._training[1].exception()
+                self._training = None
+        result.arrays = self.server_arrays()
+        for record in self.engine.history[first:]:
+            server_round = int(record["round"]) - self.engine.round_offset
+            result.train_metrics_clientapp[server_round] = MetricRecord(
+                {
+                    key: float(record[field])
+                    for key, field in PIPELINE_TRAIN_METRICS.items()
+                    if record.get(field) is not None
+                }
+            )
+            if record.get("accuracy") is not None:
+                result.evaluate_metrics_clientapp[server_round] = MetricRecord(
+                    {
+                        "num-examples": float(record["eval_samples"]),
+                        "accuracy": float(record["accuracy"]),
+                        "loss": float(record["loss"]),
+                    }
+                )
+        return result
