@@ -101,8 +101,9 @@ def test_inflating_is_bounded_by_max_reply_bytes_too() -> None:
     assert sum(a.nbytes for a in arrays.values()) < 20_000
     engine = _engine(max_reply_bytes=20_000)
     assert _accept(engine, arrays, "zstd") is None
-    assert "would inflate to 24576 bytes, beyond max-reply-bytes (20000)" in (
-        engine.current.rejected_replies[0]["reason"]
+    assert (
+        "would inflate to 24576 bytes, beyond max-reply-bytes (20000)"
+        in (engine.current.rejected_replies[0]["reason"])
     )
 
 

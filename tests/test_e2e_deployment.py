@@ -36,7 +36,7 @@ def _wait_healthy(port: int, process: subprocess.Popen, log: Path, timeout: floa
     raise AssertionError(f"no answer on port {port} within {timeout} s:\n{log.read_text()}")
 
 
-def test_two_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
+def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
     # Prepare
     out = tmp_path / "out"
     started: list[subprocess.Popen] = []
@@ -85,8 +85,9 @@ def test_two_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
                     )
                 )
             run_config = (
-                "num-server-rounds=2 dataset='synthetic' server-epochs=1 batch-size=16 "
-                f"feature-dtype='float16' seed=2 output-dir='{out}'"
+                "num-server-rounds=3 dataset='synthetic' synthetic-samples-per-node=100 "
+                "server-epochs=1 batch-size=16 feature-dtype='float16' pipeline=true "
+                f"seed=2 output-dir='{out}'"
             )
             # Execute
             result = subprocess.run(
@@ -102,8 +103,12 @@ def test_two_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
     # Assert
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert all(p.poll() is not None for p in started)
-    rounds = json.loads((out / "results.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["train_nodes"] == 2 and r["eval_nodes"] == 2 for r in rounds)
     assert all(r["bytes_up"] > 0 and r["rejected_replies"] == [] for r in rounds)
-    assert rounds[1]["bytes_down"] > 0
+    assert all(r["accuracy"] is not None for r in rounds)
+    # pipelined: nodes distil from server logits one round older (none in round 2)
+    assert rounds[1]["bytes_down"] == 0 and rounds[2]["bytes_down"] > 0

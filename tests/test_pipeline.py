@@ -65,8 +65,8 @@ def test_the_server_trains_while_the_next_round_trains_on_the_nodes(task_identit
     # the Result holds every round's metrics and the final server model
     assert sorted(result.evaluate_metrics_clientapp) == [1, 2, 3]
     assert result.evaluate_metrics_clientapp[3]["accuracy"] == history[2]["accuracy"]
-    assert result.train_metrics_clientapp[2]["server-train-loss"] == (
-        history[1]["server_train_loss"]
+    assert (
+        result.train_metrics_clientapp[2]["server-train-loss"] == (history[1]["server_train_loss"])
     )
     final = strategy.trainer.model.state_dict()
     assert set(result.arrays) == set(final)
