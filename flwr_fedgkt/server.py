@@ -10,6 +10,7 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ from .precision import autocast, resolve_precision
 from .training import EpochTotals, OptimizerFactory, StepOutcome, make_optimizer, train_epochs
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
+
+logger = logging.getLogger("flwr.fedgkt")
+
+PROGRESS_SECONDS = 5.0
+"""A server epoch that takes longer than this gets a log line of its own."""
 
 
 def _norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -199,6 +205,7 @@ class ServerTrainer:
             None if feature_shape is None else tuple(feature_shape)
         )
         self.model_name = model_name
+        self.progress_seconds = PROGRESS_SECONDS  # epochs longer than this are logged
         self.temperature = temperature
         self.alpha = alpha
         self.batch_size = batch_size
@@ -287,9 +294,28 @@ class ServerTrainer:
             self.optimizer.step()
             return outcome
 
+        epoch = {"number": 0, "began": time.perf_counter()}
+
         def epoch_end(totals: EpochTotals) -> None:
             if totals.seen and self.scheduler is not None:
                 self.scheduler.step()
+            epoch["number"] += 1
+            seconds = time.perf_counter() - epoch["began"]
+            if totals.seen and seconds > self.progress_seconds:
+                means = totals.means()
+                logger.info(
+                    "server epoch %d/%d: loss %.4f (CE %.4f, KD %.4f) | %d samples in "
+                    "%.1f s (%.0f samples/s)",
+                    epoch["number"],
+                    epochs,
+                    means["loss"],
+                    means["ce"],
+                    means["kd"],
+                    totals.seen,
+                    seconds,
+                    totals.seen / seconds,
+                )
+            epoch["began"] = time.perf_counter()
 
         totals = train_epochs(epochs, batches, step, epoch_end)
         means = totals.means()
