@@ -16,9 +16,7 @@ from flwr_fedgkt.strategy import FedGKT
 RUN_CONFIG = {"dataset": "synthetic", "synthetic-samples-per-node": 30, "batch-size": 16}
 
 
-def test_a_round_on_a_machine_without_cuda_makes_no_cuda_call(
-    monkeypatch, task_identity
-) -> None:
+def test_a_round_on_a_machine_without_cuda_makes_no_cuda_call(monkeypatch, task_identity) -> None:
     # Prepare: no CUDA, and every CUDA-only call fails the test
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
