@@ -1,7 +1,7 @@
 """Pipelined rounds against sequential ones, with the server and the edge on their
 own CPU core.
 
-    python benchmarks/pipeline.py [--rounds 6] [--seed 42 43 44] [--client-epochs 3]
+    python benchmarks/pipeline.py [--rounds 6] [--seed 42 43 44] [--client-epochs 4]
 
 A deployment on 127.0.0.1 (its own FLWR_HOME and free ports; every process
 stopped by id at the end): a SuperLink pinned to core 1 (``taskset -c 1``; the
@@ -126,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, nargs="+", default=[42])
-    parser.add_argument("--client-epochs", type=int, default=3)
+    parser.add_argument("--client-epochs", type=int, default=4)
     parser.add_argument("--run-config", default="", help="extra run-config")
     args = parser.parse_args()
     if args.rounds < 3:
