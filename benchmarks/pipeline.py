@@ -2,13 +2,17 @@
 own CPU core.
 
     python benchmarks/pipeline.py [--rounds 6] [--seed 42 43 44] [--client-epochs 4]
+                                  [--server-epochs 2]
 
 A deployment on 127.0.0.1 (its own FLWR_HOME and free ports; every process
 stopped by id at the end): a SuperLink pinned to core 1 (``taskset -c 1``; the
 ServerApp process it starts inherits the pin) and one SuperNode pinned to core 0
 (its ClientApp processes inherit it), every process with one torch / OpenMP
 thread. On it, ``flwr run .`` with ``pipeline=false`` and then ``pipeline=true``,
-the same seed, data (``digits``, the one node holds it all) and rounds. Prints,
+the same seed, data (``digits``, the one node holds it all) and rounds; 4 edge
+and 2 server epochs per round, so that on one core each the server's training
+and the node's part of a round (training, extraction, the transport's polling)
+take about as long. Prints,
 per run: accuracy by round, the edge's and the server's time per round, and the
 steady round time: the mean time between the ends of rounds 2 to R-1 (round 1
 holds the start-up; a pipelined run's last round ends without a next round to
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 
 import httpx
+from flwr.common.config import parse_config_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -116,6 +121,14 @@ def run_pair(workdir: Path, base: str, rounds: int) -> dict[str, dict]:
     return results
 
 
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
 def steady(rounds: list[dict]) -> float:
     """Mean time between the ends of rounds 2 to R-1."""
     ends = [r["ended_seconds"] for r in rounds]
@@ -127,17 +140,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, nargs="+", default=[42])
     parser.add_argument("--client-epochs", type=int, default=4)
+    parser.add_argument("--server-epochs", type=int, default=2)
     parser.add_argument("--run-config", default="", help="extra run-config")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3")
     ratios, finals = [], {"false": [], "true": []}
     for seed in args.seed:
-        base = (
-            f"num-server-rounds={args.rounds} dataset='digits' seed={seed} "
-            f"client-epochs={args.client_epochs} min-train-nodes=1 min-evaluate-nodes=1 "
-            f"min-available-nodes=1 {args.run_config}"
-        ).strip()
+        values: dict[str, object] = {
+            "num-server-rounds": args.rounds,
+            "dataset": "digits",
+            "seed": seed,
+            "client-epochs": args.client_epochs,
+            "server-epochs": args.server_epochs,
+            "min-train-nodes": 1,
+            "min-evaluate-nodes": 1,
+            "min-available-nodes": 1,
+        }
+        if args.run_config:  # overrides, not duplicates (a key may appear once)
+            values.update(parse_config_args([args.run_config]))
+        base = " ".join(f"{key}={_toml(value)}" for key, value in values.items())
         with tempfile.TemporaryDirectory(prefix="fedgkt-pipeline-") as scratch:
             results = run_pair(Path(scratch), base, args.rounds)
         print(f"\nseed {seed}: {base}")
