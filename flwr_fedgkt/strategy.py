@@ -419,14 +419,17 @@ class FedGKT(HoldsEngine, Strategy):
         training metrics.
         """
         server_round += self.engine.round_offset
-        accepted = self._accept(replies, server_round, training=True)
         if self.pipeline:
-            self._close_pending()  # the round before: its training, then its scores
+            # the round before first (its training, then its scores), so that these
+            # replies are validated against the store as that training left it
+            self._close_pending()
+            accepted = self._accept(replies, server_round, training=True)
             job = self.engine.start_training(server_round, accepted)
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgkt-server")
             self._training = (job, executor.submit(self.engine.run_training, job))
             executor.shutdown(wait=False)
             return None, None  # this round's model and metrics are not ready yet
+        accepted = self._accept(replies, server_round, training=True)
         metrics = self.engine.train_round(server_round, accepted)
         return self.server_arrays(), MetricRecord(dict(metrics))
 
