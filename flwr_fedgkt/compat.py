@@ -395,16 +395,19 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         self.min_evaluate_nodes = min_evaluate_nodes
         self.min_available_nodes = min_available_nodes
         self.query_timeout = query_timeout
+        engine_settings.setdefault("compression", "none")  # legacy clients send whole arrays
         self.engine = RoundEngine(trainer, **engine_settings)
         self._client_manager: ClientManager | None = None
 
     @classmethod
     def face_settings(cls, config: RunConfig) -> dict[str, Any]:
-        """None: the legacy Server runs a round's fit and evaluate in order, so
-        ``pipeline`` is a Message-API feature (said in the log when set)."""
+        """``compression = "none"``: the legacy client sends its arrays whole, so
+        the strategy announces no codec. ``pipeline`` is a Message-API feature
+        (the legacy Server runs a round's fit and evaluate in order; said in the
+        log when set)."""
         if config.pipeline:
             log(WARNING, "pipeline is not available on the legacy API: rounds run in order")
-        return {}
+        return {"compression": "none"}
 
     def __repr__(self) -> str:
         return (

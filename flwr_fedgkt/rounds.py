@@ -883,13 +883,13 @@ class HoldsEngine:
             min_evaluate_nodes=config.min_evaluate_nodes,
             min_available_nodes=config.min_available_nodes,
             on_round_end=on_round_end,
-            **RoundEngine.settings(config, output_dir),
-            **cls.face_settings(config),
+            **{**RoundEngine.settings(config, output_dir), **cls.face_settings(config)},
         )
 
     @classmethod
     def face_settings(cls, config: RunConfig) -> dict[str, Any]:
-        """Keyword arguments of one face's own (none here)."""
+        """Keyword arguments of one face's own, or in place of the engine's
+        (none here)."""
         return {}
 
     @property
