@@ -12,7 +12,7 @@ from flwr.app import Message, Metadata, RecordDict
 # The Message-API app's end-to-end run that several test modules check (with the
 # default feature dtype, int8)
 E2E_RUN_CONFIG = (
-    "num-server-rounds=2 dataset='synthetic' synthetic-samples-per-node=150 server-epochs=2 "
+    "num-server-rounds=2 dataset='synthetic' synthetic-samples-per-node=300 server-epochs=2 "
     "batch-size=16 client-epochs=1 seed=1 output-dir='{out}'"
 )
 E2E_NODES = 2

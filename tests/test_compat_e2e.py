@@ -71,6 +71,7 @@ def test_legacy_and_message_api_apps_give_the_same_results(legacy_run, message_a
             assert ours[key] == pytest.approx(theirs[key], abs=1e-9), key
         for key in ("loss", "edge_loss", "server_train_loss"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5), key
-        # the same arrays travel; only the envelopes differ
-        assert ours["bytes_up"] == pytest.approx(theirs["bytes_up"], rel=0.01)
+        # the same arrays travel, but the Message API's features zstd-compressed (the
+        # legacy client sends whole arrays): fewer bytes up, the same results
+        assert theirs["bytes_up"] * 1.3 < ours["bytes_up"]
         assert ours["bytes_down"] == pytest.approx(theirs["bytes_down"], rel=0.01)

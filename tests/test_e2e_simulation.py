@@ -11,7 +11,7 @@ def test_flwr_run_trains_fedgkt_and_writes_results(message_api_run) -> None:
     results, stdout = message_api_run
     # Assert
     assert "round 2: accuracy" in stdout, stdout[-4000:]
-    assert "Partitions: synthetic: 300 samples in 2 iid partitions of 150 to 150" in stdout
+    assert "Partitions: synthetic: 600 samples in 2 iid partitions of 300 to 300" in stdout
     assert results["status"] == "completed"
     assert results["config"]["feature-dtype"] == "int8"  # the default, end to end
     assert results["edge_model"]["params"] == 10_586
@@ -32,8 +32,8 @@ def test_flwr_run_trains_fedgkt_and_writes_results(message_api_run) -> None:
         assert record["bytes_up"] > 0
         assert record["rejected_replies"] == []
         assert record["train_nodes"] == E2E_NODES
-        # synthetic-samples-per-node=150: 120 to train on and 30 to test on per node
-        assert record["stored_samples"] == E2E_NODES * 120
+        # synthetic-samples-per-node=300: 240 to train on and 60 to test on per node
+        assert record["stored_samples"] == E2E_NODES * 240
     assert rounds[0]["bytes_down"] == 0  # no server logits before the first round
     assert rounds[1]["bytes_down"] > 0  # each node got its own logits back
     assert rounds[-1]["accuracy"] > 0.2  # ten classes: chance is 0.1

@@ -9,6 +9,12 @@ PARAMS_10_CLASSES = {
     "resnet56": 591_322,
     "resnet109": 1_147_274,
     "resnet110": 1_147_738,
+    # compact pair: the stem's 1x1 conv 16->3 + BatchNorm(3) add 48 + 6; the first
+    # Bottleneck's 1x1 conv and shortcut conv take 3 channels instead of 16:
+    # (16 - 3) x 16 + (16 - 3) x 64 = 1,040 fewer (edge and server alike)
+    "resnet8-compact": 10_586 + 54 - 1_040,
+    "resnet55-compact": 590_858 - 1_040,
+    "resnet109-compact": 1_147_274 - 1_040,
 }
 
 
