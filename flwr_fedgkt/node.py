@@ -89,21 +89,25 @@ def partition_ids(node_config: Mapping[str, Any]) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
+def _split_options(config: RunConfig) -> dict[str, Any]:
+    """How the run config splits its data set: the keyword arguments that
+    :func:`~flwr_fedgkt.data.load_partition` and
+    :func:`~flwr_fedgkt.data.check_partitions` share."""
+    return {
+        "partitioner": config.partitioner,
+        "dirichlet_alpha": config.dirichlet_alpha,
+        "seed": config.seed,
+        "classes_per_partition": config.classes_per_partition,
+        "min_partition_size": config.min_partition_size,
+        "data_dir": config.data_dir,
+        "synthetic_samples_per_node": config.synthetic_samples_per_node,
+    }
+
+
 def load_node_partition(partition_id: int, num_partitions: int, config: RunConfig) -> Partition:
     """Partition ``partition_id`` of ``num_partitions`` of the run's data set, as the
     run config partitions it."""
-    return load_partition(
-        config.dataset,
-        partition_id,
-        num_partitions,
-        partitioner=config.partitioner,
-        dirichlet_alpha=config.dirichlet_alpha,
-        seed=config.seed,
-        classes_per_partition=config.classes_per_partition,
-        min_partition_size=config.min_partition_size,
-        data_dir=config.data_dir,
-        synthetic_samples_per_node=config.synthetic_samples_per_node,
-    )
+    return load_partition(config.dataset, partition_id, num_partitions, **_split_options(config))
 
 
 def check_node_data(config: RunConfig, num_nodes: int) -> str:
@@ -112,17 +116,7 @@ def check_node_data(config: RunConfig, num_nodes: int) -> str:
     :class:`~flwr_fedgkt.data.PartitionError` says why not. In simulation
     ``num-partitions`` is the number of SuperNodes; in a deployment each node
     states its own, at least as many as the nodes connected."""
-    return check_partitions(
-        config.dataset,
-        num_nodes,
-        partitioner=config.partitioner,
-        dirichlet_alpha=config.dirichlet_alpha,
-        seed=config.seed,
-        classes_per_partition=config.classes_per_partition,
-        min_partition_size=config.min_partition_size,
-        data_dir=config.data_dir,
-        synthetic_samples_per_node=config.synthetic_samples_per_node,
-    )
+    return check_partitions(config.dataset, num_nodes, **_split_options(config))
 
 
 ROUND_KEYS = ("client-epochs", "client-lr", "batch-size", "temperature", "alpha")
