@@ -177,8 +177,9 @@ class FedGKTClient:
         (``edge-<node key>-round-<r>.pt``), so that a restarted node continues
         from it.
     precision : str (default: "float32")
-        Training precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where
-        this node's hardware runs it natively). Replies say which one was used.
+        Training precision: ``float32``, ``bfloat16``, ``float16`` (with a
+        gradient scaler; for GPUs) or ``auto`` (bfloat16 where this node's
+        hardware runs it natively). Replies say which one was used.
 
     Notes
     -----

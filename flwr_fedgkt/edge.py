@@ -39,7 +39,7 @@ from .data import Augmentation, SampleSet
 from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .features import encode_features, encoded_digest
 from .models import seeded_model
-from .precision import autocast, resolve_precision
+from .precision import autocast, loss_scaler, resolve_precision
 from .training import (
     OptimizerFactory,
     StepOutcome,
@@ -259,7 +259,8 @@ class EdgeTrainer:
         set to ``lr``. Adam with weight decay 5e-4 when None.
     precision : str (default: "float32")
         Training in ``float32``, ``bfloat16`` (autocast; float32 weights, losses
-        and softmaxes) or ``auto`` (bfloat16 where this device runs it natively).
+        and softmaxes), ``float16`` (the same with a gradient scaler; for GPUs) or
+        ``auto`` (bfloat16 where this device runs it natively).
         Extraction for upload always runs in float32.
     """
 
@@ -291,23 +292,28 @@ class EdgeTrainer:
             self.stem.requires_grad_(False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, lr, optimizer)
+        self.scaler = loss_scaler(self.precision, self.device)  # float16 only
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
     # -- state ---------------------------------------------------------------------
     def state_bytes(self) -> bytes:
-        """Model and optimizer state, serialised (for a client's persistent state)."""
+        """Model, optimizer and loss-scale state, serialised (for a client's
+        persistent state)."""
         buffer = io.BytesIO()
-        torch.save(
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, buffer
-        )
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, buffer)
         return buffer.getvalue()
 
     def load_state_bytes(self, blob: bytes) -> None:
         state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     # -- one round -----------------------------------------------------------------
     def train(
@@ -351,7 +357,7 @@ class EdgeTrainer:
                 logits, _ = self.model(images)
             logits = logits.float()  # the loss and its softmaxes in float32
             parts = self._loss(logits, labels, ids, teacher, temperature, alpha)
-            optimizer_step(self.optimizer, parts.loss)
+            optimizer_step(self.optimizer, parts.loss, self.scaler)
             return parts, logits, labels
 
         try:

@@ -218,8 +218,11 @@ class RoundInstructions:
 
 
 # -- edge state ---------------------------------------------------------------------
-KEEP_ROUNDS = 2
-"""How many rounds' edge states a store keeps (the newest ones)."""
+KEEP_ROUNDS = 3
+"""How many rounds' edge states a store keeps (the newest ones). Two would do for
+sequential rounds (a node may have trained round r + 1 when the server's newest
+checkpoint is round r's); pipelined rounds need three, since a node trains round
+t + 1 while the server's newest checkpoint is still round t - 1's."""
 
 
 class EdgeStateStore(Protocol):
@@ -404,8 +407,9 @@ class EdgeNode:
     optimizer : OptimizerFactory | None (default: None)
         Builds the optimizer (Adam, weight decay 5e-4, when None).
     precision : str (default: "float32")
-        Training precision: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where
-        this node's device runs it natively); ``self.precision`` is the one chosen.
+        Training precision: ``float32``, ``bfloat16``, ``float16`` (with a
+        gradient scaler) or ``auto`` (bfloat16 where this node's device runs it
+        natively); ``self.precision`` is the one chosen.
     """
 
     # pylint: disable=too-many-arguments

@@ -57,6 +57,7 @@ from .features import (
     validate_update,
     wire_dtype,
 )
+from .precision import TRAINING_PRECISIONS
 from .registry import NodeRegistry, features_digest
 from .server import NonFiniteOutput, ServerTrainer, ServerTrainResult, output_classes
 
@@ -547,7 +548,7 @@ class RoundEngine:
             return None
         split = "train" if training else "test"
         precision = meta.get(PRECISION_KEY)
-        if training and precision in ("float32", "bfloat16"):  # what the node says it used
+        if training and precision in TRAINING_PRECISIONS:  # what the node says it used
             self.current.edge_precision[precision] = (
                 self.current.edge_precision.get(precision, 0) + 1
             )

@@ -31,8 +31,15 @@ from .models import (
     feature_shape_of,
     seeded_model,
 )
-from .precision import autocast, resolve_precision
-from .training import EpochTotals, OptimizerFactory, StepOutcome, make_optimizer, train_epochs
+from .precision import autocast, loss_scaler, resolve_precision
+from .training import (
+    EpochTotals,
+    LRScheduleFactory,
+    OptimizerFactory,
+    StepOutcome,
+    make_optimizer,
+    train_epochs,
+)
 
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
 
@@ -156,17 +163,23 @@ class ServerTrainer:
         Server epochs of the whole run (rounds x server epochs). When given, the
         learning rate follows a cosine decay to 5% of ``lr`` over them, so the last
         rounds train with a small step; otherwise it is halved whenever the
-        training loss stalls for 3 rounds.
+        training loss stalls for 3 rounds (unless ``lr_schedule`` is given).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     precision : str (default: "float32")
         ``float32``, ``bfloat16`` (autocast, float32 master weights; losses and
-        softmaxes in float32) or ``auto`` (bfloat16 where this process's device
-        runs it natively): for training and for the server's logits and scores.
+        softmaxes in float32), ``float16`` (the same with a gradient scaler; for
+        GPUs) or ``auto`` (bfloat16 where this process's device runs it
+        natively): for training and for the server's logits and scores.
     optimizer : OptimizerFactory | None (default: None)
         Builds the optimizer from the model's parameters (its learning rate is set
         to ``lr``; ``weight_decay`` is then the factory's business); Adam with
         ``weight_decay`` when None.
+    lr_schedule : LRScheduleFactory | None (default: None)
+        Builds the learning-rate schedule from the optimizer, e.g.
+        ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10, 0.5)``; its
+        ``step()`` is called after every server epoch and its state is
+        checkpointed. Replaces the cosine decay and the plateau rule.
     """
 
     def __init__(
@@ -185,6 +198,7 @@ class ServerTrainer:
         feature_shape: tuple[int, ...] | None = None,
         optimizer: OptimizerFactory | None = None,
         precision: str = "float32",
+        lr_schedule: LRScheduleFactory | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -219,7 +233,9 @@ class ServerTrainer:
         self.optimizer = make_optimizer(self.model.parameters(), lr, optimizer, weight_decay)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
-        if total_epochs:
+        if lr_schedule is not None:
+            self.scheduler = lr_schedule(self.optimizer)
+        elif total_epochs:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=total_epochs, eta_min=0.05 * lr
             )
@@ -228,6 +244,7 @@ class ServerTrainer:
                 self.optimizer, mode="min", factor=0.5, patience=3
             )
         self.generator = torch.Generator().manual_seed(seed)
+        self.scaler = loss_scaler(self.precision, self.device)  # float16 only
 
     @classmethod
     def from_run_config(cls, config: RunConfig, num_classes: int) -> ServerTrainer:
@@ -247,13 +264,15 @@ class ServerTrainer:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The model, optimizer, schedule and shuffling state (for checkpoints)."""
+        """The model, optimizer, schedule, loss-scale and shuffling state (for
+        checkpoints)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "plateau": None if self.plateau is None else self.plateau.state_dict(),
             "generator": self.generator.get_state(),
+            "scaler": self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -265,6 +284,8 @@ class ServerTrainer:
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])
         self.generator.set_state(state["generator"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     @property
     def num_parameters(self) -> int:
@@ -276,9 +297,12 @@ class ServerTrainer:
         """Train ``epochs`` over the stored features of ``nodes`` (all by default).
 
         The model and optimizer never take a step whose loss or gradients are not
-        finite: such a step is skipped, its batch's nodes are checked one by one
-        (:meth:`_culprits`), and a node whose samples alone give a non-finite loss or
-        gradient is excluded for the rest of the call (``result.excluded``).
+        finite: such a step is skipped, its batch's nodes are checked one by one in
+        float32 (:meth:`_culprits`), and a node whose samples alone give a
+        non-finite loss or gradient is excluded for the rest of the call
+        (``result.excluded``). In float16 a step whose scaled gradients overflow is
+        skipped too and the loss scale lowered; it excludes nobody unless a node's
+        samples fail in float32 as well.
         """
         start = time.perf_counter()
         excluded: dict[NodeKey, str] = {}
@@ -298,7 +322,8 @@ class ServerTrainer:
                 skipped += 1
                 excluded.update(self._culprits(batch))
                 return None
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # optimizer.step() unless float16
+            self.scaler.update()
             return outcome
 
         epoch = {"number": 0, "began": time.perf_counter()}
@@ -339,16 +364,18 @@ class ServerTrainer:
             kd=means["kd"],
         )
 
-    def _forward_backward(self, batch: Batch) -> StepOutcome | None:
+    def _forward_backward(self, batch: Batch, check: bool = False) -> StepOutcome | None:
         """Loss, logits and labels of ``batch`` in train mode, gradients in
-        ``.grad``; None (gradients cleared, BatchNorm statistics as before) when the
-        loss or a gradient is not finite."""
+        ``.grad`` (unscaled); None (gradients cleared, BatchNorm statistics as
+        before; in float16 the loss scale lowered) when the loss or a gradient is
+        not finite. ``check``: in float32 and unscaled, whatever the precision."""
         self.model.train()
         buffers = [b.detach().clone() for b in self.model.buffers()]
         feats = _to_device(batch.features, self.device)
         labels = batch.labels.to(self.device)
+        scaled = self.scaler.is_enabled() and not check
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.precision, self.device):
+        with autocast("float32" if check else self.precision, self.device):
             logits = self.model(feats)
         logits = logits.float()  # the loss and its softmaxes in float32
         parts = ce_kd_loss(
@@ -356,9 +383,15 @@ class ServerTrainer:
         )
         finite = bool(torch.isfinite(parts.loss))
         if finite:
-            parts.loss.backward()
+            if scaled:
+                self.scaler.scale(parts.loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                parts.loss.backward()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             finite = not grads or bool(torch.isfinite(torch.stack(_norms(grads))).all())
+            if scaled and not finite:
+                self.scaler.update()  # lowers the scale for the next step
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -371,6 +404,7 @@ class ServerTrainer:
         """The nodes of a batch whose samples alone give a non-finite loss or
         gradient (a forward and backward pass per node; nothing is updated)."""
         culprits: dict[NodeKey, str] = {}
+        buffers = [b.detach().clone() for b in self.model.buffers()]
         owners = np.asarray(batch.owners, dtype=object)
         for node in dict.fromkeys(batch.owners):
             rows = torch.from_numpy(np.flatnonzero(owners == node))
@@ -382,11 +416,14 @@ class ServerTrainer:
                 batch.edge_logits[rows],
                 [node] * len(rows),
             )
-            if self._forward_backward(part) is None:
+            if self._forward_backward(part, check=True) is None:
                 culprits[node] = (
                     "its features give a non-finite loss or gradient in server training"
                 )
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the checks' BatchNorm statistics are not training's
+            for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
+                buffer.copy_(saved)
         return culprits
 
     @torch.no_grad()

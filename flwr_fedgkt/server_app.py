@@ -85,33 +85,49 @@ def save_deployable_model(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run FedGKT for ``num-server-rounds`` rounds and write ``results.json``."""
+    """Run FedGKT for ``num-server-rounds`` rounds and write ``results.json``.
+
+    However the run ends, ``results.json`` says how: ``completed``, ``failed`` (with
+    the error; an exception is re-raised, so Flower reports its exit code) or
+    ``no-progress``.
+    """
     config = RunConfig.from_mapping(context.run_config)
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
+    header: dict = {"algorithm": "fedgkt", "config": config.to_dict()}
     try:  # before anything starts: a run without its data stops here, with one message
         info = describe_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed)
     except DataUnavailableError as err:
         # logged, not raised: Flower would add a traceback to a message that says it all
         log(ERROR, "%s\nThe run stops before its first round.", err)
+        ResultsWriter(output_dir, header).finish("failed", str(err))
         return
     log(INFO, "Data set %s", info.summary())
     num_classes = info.num_classes
-
-    header = {
-        "algorithm": "fedgkt",
-        "config": config.to_dict(),
-        "edge_model": model_profile(config.edge_model_name, num_classes),
-        "server_model": model_profile(config.server_model_name, num_classes),
-    }
+    header["edge_model"] = model_profile(config.edge_model_name, num_classes)
+    header["server_model"] = model_profile(config.server_model_name, num_classes)
     writer = ResultsWriter(output_dir, header)
     log(INFO, "FedGKT results go to %s", writer.path)
+    try:
+        status, error = run(grid, config, num_classes, output_dir, writer)
+    except BaseException as err:
+        # results.json says how the run ended; Flower reports the error's exit code
+        writer.finish("failed", f"{type(err).__name__}: {err}")
+        raise
+    writer.finish(status, error)
+
+
+def run(
+    grid: Grid, config: RunConfig, num_classes: int, output_dir: Path, writer: ResultsWriter
+) -> tuple[str, str | None]:
+    """The rounds of a run whose data set is there: ``(status, error)`` of a run
+    that ended without an exception (a stop before round 1 is ``failed``, with one
+    message in the log)."""
     try:  # a data set that cannot be split over the nodes stops here, with one message
         num_nodes, split = federation_data(grid, config)
         log(INFO, "Partitions: %s", split)
     except (PartitionError, DataUnavailableError) as err:
         log(ERROR, "%s\nThe run stops before its first round.", err)
-        writer.finish("failed", str(err))
-        return
+        return "failed", str(err)
     plot_partitions(num_nodes, config, output_dir)
 
     strategy = FedGKT.from_run_config(config, num_classes, output_dir, on_round_end=writer)
@@ -123,8 +139,7 @@ def main(grid: Grid, context: Context) -> None:
             state, path, skipped = load_latest_checkpoint(config.resume_from)
         except CheckpointError as err:
             log(ERROR, "%s\nThe run stops before its first round.", err)
-            writer.finish("failed", str(err))
-            return
+            return "failed", str(err)
         for note in skipped:
             log(WARNING, "Skipped an unreadable checkpoint: %s", note)
         engine.load_state_dict(state)
@@ -152,12 +167,7 @@ def main(grid: Grid, context: Context) -> None:
     except NoProgressError as err:  # said in results.json and the log; not a crash
         log(ERROR, "The run stops: %s", err)
         writer.header["no_progress_reasons"] = err.reasons
-        writer.finish("no-progress", str(err))
-        return
-    except BaseException as err:
-        # results.json says how the run ended; Flower reports the error's exit code
-        writer.finish("failed", f"{type(err).__name__}: {err}")
-        raise
+        return "no-progress", str(err)
     save_final_model(result.arrays, output_dir / "final_model.pt")
     save_deployable_model(result.arrays, config, num_classes, output_dir / "deployable_model.pt")
-    writer.finish("completed")
+    return "completed", None

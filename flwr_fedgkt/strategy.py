@@ -67,6 +67,7 @@ from .rounds import (
     sample_size,
 )
 from .server import ServerTrainer
+from .training import LRScheduleFactory, OptimizerFactory
 
 __all__ = ["FedGKT", "MessageReply", "federation_data", "wait_for_nodes"]
 
@@ -145,7 +146,29 @@ class FedGKT(HoldsEngine, Strategy):
         The server-side large model with its optimizer and training settings
         (a :class:`~flwr_fedgkt.server.ServerTrainer`), trained inside
         ``aggregate_train``; or just the server model (any module that maps a
-        batch of features to logits), trained with ``ServerTrainer``'s defaults.
+        batch of features to logits), trained with the settings below.
+    server_lr : float | None (default: None)
+        Learning rate of the server model's optimizer (0.001 when None).
+    server_batch_size : int | None (default: None)
+        Server training batch size (64 when None).
+    temperature : float | None (default: None)
+        KD temperature of the server's loss (3.0 when None).
+    alpha : float | None (default: None)
+        Weight of the server's KD term: ``loss = CE + alpha * KD`` (1.0 when None).
+    optimizer : OptimizerFactory | None (default: None)
+        Builds the optimizer from the server model's parameters (its learning rate
+        is set to ``server_lr``); Adam with weight decay 5e-4 when None.
+    lr_schedule : LRScheduleFactory | None (default: None)
+        Builds the learning-rate schedule from the optimizer, stepped after every
+        server epoch (e.g. ``lambda opt: StepLR(opt, 10, 0.5)``); when None the
+        rate is halved whenever the training loss stalls for 3 rounds.
+    precision : str | None (default: None)
+        Server training and inference precision: ``float32`` (when None),
+        ``bfloat16``, ``float16`` or ``auto`` (see :mod:`flwr_fedgkt.precision`).
+    device : str | None (default: None)
+        ``auto`` (when None: CUDA when available), ``cpu``, ``cuda``, ...
+        These six settings and ``optimizer``/``lr_schedule`` are for a bare server
+        model; a ``ServerTrainer`` carries its own (giving both is a ValueError).
     server_epochs : int (default: 1)
         Epochs of server training per round over all stored features.
     feature_dtype : str (default: "float32")
@@ -262,7 +285,35 @@ class FedGKT(HoldsEngine, Strategy):
         query_timeout: float = 300.0,
         max_idle_rounds: int = 3,
         pipeline: bool = False,
+        *,
+        server_lr: float | None = None,
+        server_batch_size: int | None = None,
+        temperature: float | None = None,
+        alpha: float | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_schedule: LRScheduleFactory | None = None,
+        precision: str | None = None,
+        device: str | None = None,
     ) -> None:
+        given: dict[str, tuple[str, Any]] = {  # ServerTrainer's name: (argument, value)
+            "lr": ("server_lr", server_lr),
+            "batch_size": ("server_batch_size", server_batch_size),
+            "temperature": ("temperature", temperature),
+            "alpha": ("alpha", alpha),
+            "optimizer": ("optimizer", optimizer),
+            "lr_schedule": ("lr_schedule", lr_schedule),
+            "precision": ("precision", precision),
+            "device": ("device", device),
+        }
+        training: dict[str, Any] = {k: v for k, (_, v) in given.items() if v is not None}
+        if isinstance(trainer, ServerTrainer):
+            if training:
+                names = ", ".join(given[key][0] for key in training)
+                raise ValueError(
+                    f"{names}: give these to your ServerTrainer, or pass the bare server model"
+                )
+        elif feature_shape is not None:  # without it, the engine names what is missing
+            trainer = ServerTrainer(model=trainer, feature_shape=feature_shape, **training)
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes

@@ -22,6 +22,7 @@ from .distill import DistillLoss
 
 __all__ = [
     "EpochTotals",
+    "LRScheduleFactory",
     "OptimizerFactory",
     "StepOutcome",
     "make_optimizer",
@@ -34,6 +35,9 @@ B = TypeVar("B")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 """Builds an optimizer from the parameters to train."""
+
+LRScheduleFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+"""Builds a learning-rate schedule (stepped once per epoch) from the optimizer."""
 
 StepOutcome = tuple[DistillLoss, Tensor, Tensor]
 """What a step reports: its loss parts, the batch's logits and its labels."""
@@ -90,11 +94,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
-    """Clear the gradients, backpropagate ``loss`` and take one step."""
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: Tensor, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """Clear the gradients, backpropagate ``loss`` and take one step; through
+    ``scaler`` when given (float16: the loss scaled, a step whose gradients
+    overflow skipped and the scale lowered)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_epochs(

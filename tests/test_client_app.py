@@ -4,9 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_message
-from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+from conftest import FakeGrid, make_message
+from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
+from flwr_fedgkt import FedGKT, ServerTrainer
 from flwr_fedgkt.client import STATE_KEY
 from flwr_fedgkt.client_app import evaluate, train
 from flwr_fedgkt.config import ConfigError
@@ -141,3 +142,39 @@ def test_the_rounds_config_sets_the_edges_training_for_that_round() -> None:
 def test_a_bad_training_setting_in_the_rounds_config_is_named() -> None:
     with pytest.raises(ConfigError, match="client-lr"):
         train(_round_message(11, 1, **{"client-lr": -1.0}), _context(11, 0))
+
+
+class _NoEdgeEpochsInRound2(FedGKT):
+    """A strategy of a user's own that changes one key of round 2's train config
+    and hands back to FedGKT (as FedProx injects its proximal term)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if server_round == 2:
+            config = ConfigRecord({**config, "client-epochs": 0})
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def test_a_strategy_that_changes_round_2s_config_changes_the_edges_round_2(
+    task_identity,
+) -> None:
+    # Prepare: the train config FedGKT's start() would send every round
+    strategy = _NoEdgeEpochsInRound2(
+        ServerTrainer(10, device="cpu"),
+        feature_dtype="float16",
+        min_available_nodes=1,
+        min_train_nodes=1,
+    )
+    grid = FakeGrid([11])
+    config = ConfigRecord({"client-epochs": 1, "client-lr": 0.001, "batch-size": 16})
+    ctx = _context(11, 0)
+    weights = {}
+    # Execute: the strategy's own Messages reach the built-in ClientApp
+    for server_round in (1, 2):
+        (message,) = strategy.configure_train(server_round, ArrayRecord(), config, grid)
+        train(message, ctx)
+        weights[server_round] = _edge_weights(ctx)
+    # Assert: round 1 trained; round 2 ran the strategy's 0 epochs, not the run
+    # config's 1, so the edge model is as round 1 left it
+    key = "fc.weight"
+    assert message.content.config_records["config"]["client-epochs"] == 0
+    assert torch.equal(weights[2][key], weights[1][key])

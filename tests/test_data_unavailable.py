@@ -1,6 +1,7 @@
 """Without network and without a local copy, a run stops at start-up with one
 clear message, before any federation starts."""
 
+import json
 import pickle
 from pathlib import Path
 
@@ -180,7 +181,11 @@ def test_server_app_logs_one_message_and_starts_no_round(tmp_path, monkeypatch, 
     assert level == 40  # ERROR
     _assert_clear(message, "cifar10", "CIFAR-10")
     assert message.endswith("The run stops before its first round.")
-    assert not out.exists()  # no results.json, no plot: nothing started
+    written = json.loads((out / "results.json").read_text())  # and it says so
+    assert written["status"] == "failed"
+    assert written["error"] + "\nThe run stops before its first round." == message
+    assert written["rounds"] == [] and written["config"]["dataset"] == "cifar10"
+    assert not (out / "accuracy.png").exists()  # nothing started
 
 
 def test_relative_data_dir_is_rejected() -> None:

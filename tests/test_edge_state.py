@@ -105,8 +105,10 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
     restored_b = _weights(_context(44, 1), config, 1)
     files = sorted(p.name for p in (tmp_path / "clients").iterdir())
     assert files == [
+        "edge-0-round-0.pt",  # its fresh model: the state before its first round
         "edge-0-round-1.pt",
         "edge-0-round-2.pt",
+        "edge-1-round-0.pt",
         "edge-1-round-1.pt",
         "edge-1-round-2.pt",
     ]
@@ -184,7 +186,7 @@ def test_the_core_node_trains_as_the_flower_node_does() -> None:
 
 
 @pytest.mark.parametrize("kind", ["directory", "memory", "context"])
-def test_a_store_keeps_the_newest_two_rounds_and_gives_the_one_before_a_round(
+def test_a_store_keeps_the_newest_three_rounds_and_gives_the_one_before_a_round(
     tmp_path, kind
 ) -> None:
     # Prepare
@@ -195,17 +197,21 @@ def test_a_store_keeps_the_newest_two_rounds_and_gives_the_one_before_a_round(
     }[kind]()
     assert store.load(3) is None  # nothing saved: a fresh model
     # Execute
-    for server_round in (1, 2, 3):
+    for server_round in (1, 2, 3, 4):
         store.save(f"state {server_round}".encode(), server_round)
-    # Assert: rounds 2 and 3 are kept; the state before round r is r - 1's
-    assert store.load() == b"state 3"
+    # Assert: rounds 2-4 are kept; the state before round r is r - 1's. Pipelined
+    # rounds need three: a node trains round t + 1 while the server's newest
+    # checkpoint is still t - 1's, so a resumed server asks again for round t.
+    assert store.load() == b"state 4"
+    assert store.load(5) == b"state 4"
     assert store.load(4) == b"state 3"
     assert store.load(3) == b"state 2"
-    with pytest.raises(StateAheadError, match=r"rounds \[2, 3\].*before round 2"):
+    with pytest.raises(StateAheadError, match=r"rounds \[2, 3, 4\].*before round 2"):
         store.load(2)
     if kind == "directory":
         names = sorted(p.name for p in tmp_path.iterdir())
-        assert len(names) == 2 and all(n.endswith(("round-2.pt", "round-3.pt")) for n in names)
+        assert len(names) == 3
+        assert all(n.endswith(("round-2.pt", "round-3.pt", "round-4.pt")) for n in names)
         assert all("/" not in n and "node" not in n for n in names)
 
 

@@ -401,7 +401,8 @@ def test_a_node_whose_test_features_give_non_finite_logits_is_not_scored(task_id
     assert np.isfinite(record["accuracy"])
 
 
-def test_the_server_never_takes_a_non_finite_step() -> None:
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+def test_the_server_never_takes_a_non_finite_step(precision) -> None:
     # Prepare: a store with an honest node and one whose features overflow
     store = FeatureStore()
     gen = torch.Generator().manual_seed(0)
@@ -420,7 +421,9 @@ def test_the_server_never_takes_a_non_finite_step() -> None:
             ),
             server_round=1,
         )
-    trainer = ServerTrainer(CLASSES, batch_size=8, seed=0, device="cpu")
+    trainer = ServerTrainer(CLASSES, batch_size=8, seed=0, device="cpu", precision=precision)
+    if precision == "float16":  # a loss scale that honest gradients do not overflow
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     # Execute
     result = trainer.train(store, epochs=2)
@@ -509,3 +512,13 @@ def test_a_run_that_cannot_resume_leaves_status_failed(task_identity, tmp_path) 
     written = json.loads((out / "results.json").read_text())
     assert written["status"] == "failed" and "checkpoint" in written["error"]
     assert written["rounds"] == []
+
+
+def test_the_bounds_come_from_the_run_config_to_both_faces() -> None:
+    from flwr_fedgkt.compat import LegacyFedGKT
+    from flwr_fedgkt.config import RunConfig
+
+    config = RunConfig.from_mapping({"max-feature-abs": 5.0, "max-reply-bytes": 1234})
+    for face in (FedGKT, LegacyFedGKT):
+        engine = face.from_run_config(config, CLASSES).engine
+        assert (engine.max_feature_abs, engine.max_reply_bytes) == (5.0, 1234)

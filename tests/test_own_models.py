@@ -100,3 +100,76 @@ def test_a_model_that_does_not_fit_the_feature_shape_is_refused_at_once() -> Non
         FedGKT(trainer, feature_shape=(16, 32, 32))
     with pytest.raises(ValueError, match="expects 7 classes"):
         FedGKT(ServerTrainer(7, model=_mlp(), device="cpu"), feature_shape=(WIDTH,))
+
+
+@pytest.mark.parametrize("dtype", FEATURE_DTYPES)
+def test_one_dimensional_features_arrive_with_their_values(task_identity, dtype) -> None:
+    # Prepare: features with a distinct offset and range per feature
+    gen = torch.Generator().manual_seed(3)
+    sent = torch.rand(20, WIDTH, generator=gen) * torch.arange(1, WIDTH + 1) + torch.arange(WIDTH)
+    arrays = encode_features(sent, dtype).arrays()
+    ids = np.arange(20)
+    arrays.update(
+        logits=np.zeros((20, CLASSES), np.float32), labels=ids % CLASSES, ids=ids.astype(np.int64)
+    )
+    reply = _reply(1, ids, dtype)
+    reply.content.array_records[FEATURES_KEY] = arrays_record(arrays)
+    strategy = FedGKT(
+        _mlp(),
+        feature_dtype=dtype,
+        feature_shape=(WIDTH,),
+        min_available_nodes=1,
+        min_train_nodes=1,
+        server_epochs=0,
+    )
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1]))
+    # Execute
+    strategy.aggregate_train(1, [reply])
+    stored = strategy.engine.store.node_features("1")
+    # Assert: within each wire dtype's rounding, worked out from the values sent
+    # (float16 keeps 11 significant bits, bfloat16 8, int8 half of 1/255 of a
+    # feature's range)
+    error = (stored - sent).abs()
+    if dtype == "float32":
+        assert torch.equal(stored, sent)
+    elif dtype == "int8":
+        step = (sent.max(0).values - sent.min(0).values) / 255
+        assert (error <= step / 2 * 1.001 + 1e-6).all()
+    else:
+        bits = {"float16": 11, "bfloat16": 8}[dtype]
+        assert (error <= sent.abs() * 2.0**-bits).all()
+    assert error.max() > 0 or dtype == "float32"
+
+
+def test_fedgkt_takes_the_server_training_settings_for_a_bare_model(task_identity) -> None:
+    # Prepare
+    strategy = FedGKT(
+        _mlp(),
+        feature_shape=(WIDTH,),
+        server_lr=0.05,
+        server_batch_size=7,
+        temperature=2.0,
+        alpha=0.5,
+        optimizer=lambda params: torch.optim.SGD(params, lr=1.0, momentum=0.9),
+        lr_schedule=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+        precision="float32",
+        device="cpu",
+        min_available_nodes=1,
+        server_epochs=2,
+    )
+    trainer = strategy.trainer
+    strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2]))
+    # Execute: one round of two server epochs
+    strategy.aggregate_train(1, [_reply(1, np.arange(0, 20), "float32")])
+    # Assert: the settings reached the trainer; the schedule stepped once an epoch
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.9
+    assert (trainer.batch_size, trainer.temperature, trainer.alpha) == (7, 2.0, 0.5)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)
+    assert "scheduler" in trainer.state_dict() and trainer.plateau is None
+
+
+def test_training_settings_with_a_server_trainer_are_refused() -> None:
+    trainer = ServerTrainer(model=_mlp(), feature_shape=(WIDTH,), device="cpu")
+    with pytest.raises(ValueError, match="server_lr, temperature: give these to your"):
+        FedGKT(trainer, server_lr=0.1, temperature=2.0)
