@@ -31,36 +31,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from flwr.common.config import parse_config_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from local_flower import REPO, flower_environment, free_port, stop  # noqa: E402
-
-
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as handle:
-        return subprocess.Popen(
-            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait_healthy(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the SuperLink exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the SuperLink did not answer:\n{log.read_text()[-3000:]}")
+from local_flower import (  # noqa: E402
+    REPO,
+    flower_environment,
+    free_port,
+    start_logged,
+    stop,
+    wait_healthy,
+)
 
 
 def run_pair(workdir: Path, base: str, rounds: int) -> dict[str, dict]:
@@ -79,7 +63,7 @@ def run_pair(workdir: Path, base: str, rounds: int) -> dict[str, dict]:
                 f'[superlink.pinned]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
             )
             link_log = workdir / "superlink.log"
-            link = _start(
+            link = start_logged(
                 ["taskset", "-c", "1", "flower-superlink", "--insecure", "--host", "127.0.0.1"]
                 + ["--port", str(port), "--database", str(workdir / "state.db")]
                 + ["--disable-runtime-dependency-installation"],
@@ -87,9 +71,9 @@ def run_pair(workdir: Path, base: str, rounds: int) -> dict[str, dict]:
                 link_log,
             )
             started.append(link)
-            _wait_healthy(port, link, link_log)
+            wait_healthy(port, link, link_log)
             started.append(
-                _start(
+                start_logged(
                     ["taskset", "-c", "0", "flower-supernode", "--insecure", "--superlink"]
                     + [f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config"]
                     + ["partition-id=0 num-partitions=1"],

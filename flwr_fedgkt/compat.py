@@ -75,7 +75,7 @@ from torch import Tensor
 
 from .accounting import model_profile
 from .client import ContextStateStore
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import SampleSet, describe_dataset
 from .edge import LogitTable, evaluate_metrics, train_metrics
 from .features import PayloadError
@@ -570,6 +570,11 @@ def server_fn(context: Context) -> ServerAppComponents:
     seconds. Use as ``ServerApp(server_fn=server_fn)``.
     """
     config = RunConfig.from_mapping(context.run_config)
+    if config.resume_from:  # the legacy Server numbers rounds from 1 in every run
+        raise ConfigError(
+            "resume-from: the legacy-API ServerApp cannot resume a run; resume with the "
+            "Message-API ServerApp (flwr_fedgkt.server_app), which reads the same checkpoints"
+        )
     output_dir = Path(config.output_dir) if config.output_dir else default_output_dir()
     num_classes = describe_dataset(
         config.dataset, data_dir=config.data_dir, seed=config.seed

@@ -21,14 +21,14 @@ from .features import FEATURE_DTYPES
 from .models import COMPACT, EDGE_MODEL, SERVER_MODELS
 from .precision import PRECISIONS
 
-__all__ = ["RunConfig", "ConfigError"]
+__all__ = ["RunConfig", "ConfigError", "boolean"]
 
 
 class ConfigError(ValueError):
     """A run-config value is missing or invalid."""
 
 
-def _boolean(raw: Any) -> bool:
+def boolean(raw: Any) -> bool:
     """A TOML boolean, or its spelling as text (``true``/``false``, ``1``/``0``,
     ``yes``/``no``); ValueError for anything else (``bool("false")`` is True)."""
     if isinstance(raw, bool):
@@ -123,7 +123,7 @@ class RunConfig:
             default = getattr(defaults, f.name)
             try:
                 if isinstance(default, bool):
-                    value: Any = _boolean(raw)
+                    value: Any = boolean(raw)
                 elif isinstance(default, int):
                     if isinstance(raw, float) and not raw.is_integer():
                         raise ValueError

@@ -298,22 +298,31 @@ class EdgeTrainer:
         set_lr(self.optimizer, lr)
 
     # -- state ---------------------------------------------------------------------
-    def state_bytes(self) -> bytes:
-        """Model, optimizer and loss-scale state, serialised (for a client's
-        persistent state)."""
-        buffer = io.BytesIO()
+    def state_dict(self) -> dict[str, Any]:
+        """The model, optimizer and (float16) loss-scale state."""
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
-        torch.save(state, buffer)
-        return buffer.getvalue()
+        return state
 
-    def load_state_bytes(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+    def state_bytes(self) -> bytes:
+        """:meth:`state_dict`, serialised (for a client's persistent state)."""
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        return buffer.getvalue()
+
+    def load_state_bytes(self, blob: bytes) -> None:
+        """Continue from :meth:`state_bytes`."""
+        self.load_state_dict(
+            torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True)
+        )
 
     # -- one round -----------------------------------------------------------------
     def train(

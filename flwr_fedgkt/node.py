@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from .compression import check_compression
-from .config import RunConfig
+from .config import RunConfig, boolean
 from .data import Partition, check_partitions, load_partition
 from .edge import (
     EdgeData,
@@ -212,7 +212,7 @@ class RoundInstructions:
             server_round=int(round_config.get("server-round", 0)),
             dtype=str(round_config.get("feature-dtype", dtype)),
             compression=compression,
-            frozen=bool(round_config.get("freeze-extractor", False)),
+            frozen=boolean(round_config.get("freeze-extractor", False)),
             held=str(round_config.get("held-features", "")),
         )
 

@@ -23,7 +23,9 @@ from local_flower import (  # noqa: E402
     flwr_run,
     free_port,
     start_local_superlink,
+    start_logged,
     stop,
+    wait_healthy,
 )
 
 __all__ = [
@@ -33,5 +35,7 @@ __all__ = [
     "flower_environment",
     "flwr_run",
     "start_local_superlink",
+    "start_logged",
     "stop",
+    "wait_healthy",
 ]

@@ -450,3 +450,18 @@ def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_log
     np.testing.assert_array_equal(sent[0], ids)
     np.testing.assert_array_equal(sent[1], logits)
     assert parameters_to_ndarrays(first[902].parameters) == []
+
+
+def test_the_legacy_server_app_refuses_to_resume_instead_of_starting_afresh(tmp_path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from flwr_fedgkt.compat import server_fn
+    from flwr_fedgkt.config import ConfigError
+
+    run_config = {"resume-from": str(tmp_path), "output-dir": str(tmp_path / "out")}
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    with pytest.raises(ConfigError, match="resume-from: the legacy-API ServerApp cannot resume"):
+        server_fn(context)
+    assert not (tmp_path / "out").exists()  # nothing started

@@ -5,35 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from flower_processes import REPO, flower_environment, free_port, stop
+from flower_processes import (
+    REPO,
+    flower_environment,
+    free_port,
+    start_logged,
+    stop,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.e2e
-
-
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as handle:
-        return subprocess.Popen(
-            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait_healthy(port: int, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"process exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"no answer on port {port} within {timeout} s:\n{log.read_text()}")
 
 
 def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
@@ -50,7 +34,7 @@ def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
                 f'[superlink.deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
             )
             link_log = tmp_path / "superlink.log"
-            link = _start(
+            link = start_logged(
                 [
                     "flower-superlink",
                     "--insecure",
@@ -66,10 +50,10 @@ def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
                 link_log,
             )
             started.append(link)
-            _wait_healthy(port, link, link_log)
+            wait_healthy(port, link, link_log)
             for i in range(2):
                 started.append(
-                    _start(
+                    start_logged(
                         [
                             "flower-supernode",
                             "--insecure",

@@ -169,6 +169,33 @@ def _answers(url: str) -> bool:
         return False
 
 
+def start_logged(command: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    """Start ``command`` in a new session with its output appended to ``log_file``;
+    stopped with the processes of ``env``'s :func:`flower_environment`."""
+    with open(log_file, "ab") as handle:
+        return _start(command, env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(
+    port: int, process: subprocess.Popen, log_file: Path, timeout: float = 60.0
+) -> None:
+    """Wait until a SuperLink's HTTP API on 127.0.0.1:``port`` answers ``/health``.
+    RuntimeError when ``process`` exits first, TimeoutError after ``timeout``
+    seconds (both with the end of ``log_file``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"process exited with {process.returncode}:\n{log_file.read_text()[-3000:]}"
+            )
+        if _answers(f"http://127.0.0.1:{port}/health"):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"no answer on port {port} within {timeout} s:\n{log_file.read_text()[-3000:]}"
+    )
+
+
 def start_local_superlink(
     env: dict[str, str], log_file: Path, timeout: float = 60.0
 ) -> subprocess.Popen:
