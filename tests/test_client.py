@@ -218,3 +218,28 @@ def test_an_optimizer_of_the_users_own_takes_the_rounds_learning_rate() -> None:
     step_a = client.node(context_a).trainer().model.head.weight - start
     step_b = client.node(context_b).trainer().model.head.weight - start
     torch.testing.assert_close(step_b, 2 * step_a)
+
+
+def test_nodes_that_share_a_state_dir_keep_apart_edge_states(tmp_path) -> None:
+    # Prepare: two nodes with different data, one client-state-dir
+    gen = torch.Generator().manual_seed(2)
+    other = [(torch.randn(4, generator=gen) * 3, (i + 1) % CLASSES) for i in range(12)]
+    data = {7: _items(), 8: other}
+    clients = {
+        key: FedGKTClient(EdgeMLP, items, items[:5], batch_size=4, state_dir=str(tmp_path))
+        for key, items in data.items()
+    }
+    trained = {}
+    for key, client in clients.items():
+        context = _context({"partition-id": key})
+        client.train(_message(1), context)
+        trained[key] = client.node(context).trainer().model.state_dict()
+    # Execute: each node restarted (an empty Context) restores from the directory
+    restored = {
+        key: client.node(_context({"partition-id": key})).trainer().model.state_dict()
+        for key, client in clients.items()
+    }
+    # Assert: the two models differ, and each node gets back its own
+    assert any(not torch.equal(trained[7][k], trained[8][k]) for k in trained[7])
+    for key in (7, 8):
+        assert all(torch.equal(restored[key][k], trained[key][k]) for k in trained[key])
