@@ -41,6 +41,40 @@ def test_no_core_module_imports_flower() -> None:
     assert offenders == set()
 
 
+def _relative_imports(path) -> set[str]:
+    """The package modules ``path`` imports relatively (``from .x import``,
+    ``from . import x``), as paths relative to the package."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    here = path.parent.relative_to(PACKAGE)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = here
+            for _ in range(node.level - 1):
+                base = base.parent
+            if node.module:
+                found.add((base / node.module.replace(".", "/")).as_posix() + ".py")
+            else:
+                found.update((base / alias.name).as_posix() + ".py" for alias in node.names)
+    return found
+
+
+def test_no_core_module_imports_the_flower_layer() -> None:
+    # Prepare
+    core = [
+        p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.relative_to(PACKAGE).as_posix() not in FLOWER_LAYER | {"__init__.py"}
+    ]
+    assert "features.py" in _relative_imports(PACKAGE / "rounds.py")  # the check sees imports
+    # Execute
+    offenders = {
+        p.relative_to(PACKAGE).as_posix(): _relative_imports(p) & FLOWER_LAYER for p in core
+    }
+    # Assert
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
 def test_the_flower_layer_does_import_flower() -> None:
     # the check above looks at the right thing: the Flower layer's imports are seen
     for name in FLOWER_LAYER:
