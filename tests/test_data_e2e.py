@@ -78,4 +78,7 @@ def test_flwr_run_without_data_stops_with_one_message(flower_env, tmp_path) -> N
     assert "The run stops before its first round." in result.stdout
     assert "Traceback" not in result.stdout
     assert "[ROUND 1" not in result.stdout
-    assert not out.exists()
+    written = json.loads((out / "results.json").read_text())  # the run says it failed
+    assert written["status"] == "failed" and written["rounds"] == []
+    assert written["error"].startswith("Data set 'cifar100' (CIFAR-100) is not available.")
+    assert not (out / "accuracy.png").exists()

@@ -97,3 +97,6 @@ def test_a_crashed_pipelined_run_resumes_and_records_every_round_once(tmp_path) 
     assert results["status"] == "completed"
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
     assert all(r["accuracy"] is not None for r in results["rounds"])
+    # no node failed (a node two rounds ahead of the checkpoint rolls back)
+    assert [r["failed_nodes"] for r in results["rounds"]] == [[]] * 4
+    assert all(r["train_nodes"] == NODES for r in results["rounds"])

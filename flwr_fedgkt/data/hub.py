@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .catalog import IMAGE_DATASETS, DataUnavailableError, unavailable
-from .partitions import SAMPLE_ID, build_partitioner, with_sample_ids
+from .partitions import SAMPLE_ID, split_partitioners, with_sample_ids
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -101,18 +101,15 @@ def federated_dataset(
             raise hub_error(name, f"{endpoint()} is unreachable ({reason})")
     fds = FederatedDataset(
         dataset=spec.hub_id,
-        partitioners={
-            "train": build_partitioner(
-                partitioner,
-                num_partitions,
-                label_column=spec.label_column,
-                dirichlet_alpha=dirichlet_alpha,
-                classes_per_partition=classes_per_partition,
-                min_partition_size=min_partition_size,
-                seed=seed,
-            ),
-            "test": build_partitioner("iid", num_partitions),
-        },
+        partitioners=split_partitioners(
+            partitioner,
+            num_partitions,
+            spec.label_column,
+            dirichlet_alpha,
+            classes_per_partition,
+            min_partition_size,
+            seed,
+        ),
         preprocessor=with_sample_ids(seed),
         shuffle=False,  # the preprocessor shuffles, after numbering the samples
     )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .catalog import CINIC10_CLASSES, IMAGE_DATASETS, unavailable
-from .partitions import build_partitioner, with_sample_ids
+from .partitions import split_partitioners, with_sample_ids
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -190,18 +190,15 @@ def local_partitioners(
     the steps ``FederatedDataset`` takes for the Hub's copy, without the images."""
     spec = IMAGE_DATASETS[name]
     splits = with_sample_ids(seed)(_label_splits(local_arrays(name, data_dir), spec.label_column))
-    parts = {
-        "train": build_partitioner(
-            partitioner,
-            num_partitions,
-            label_column=spec.label_column,
-            dirichlet_alpha=dirichlet_alpha,
-            classes_per_partition=classes_per_partition,
-            min_partition_size=min_partition_size,
-            seed=seed,
-        ),
-        "test": build_partitioner("iid", num_partitions),
-    }
+    parts = split_partitioners(
+        partitioner,
+        num_partitions,
+        spec.label_column,
+        dirichlet_alpha,
+        classes_per_partition,
+        min_partition_size,
+        seed,
+    )
     for split, part in parts.items():
         part.dataset = splits[split]
     return parts

@@ -25,6 +25,7 @@ __all__ = [
     "index_partitioner",
     "load_partition_column",
     "partition_indices",
+    "split_partitioners",
     "with_sample_ids",
 ]
 
@@ -114,6 +115,31 @@ def load_partition_column(part: Partitioner, partition_id: int, column: str) -> 
         return np.asarray(part.load_partition(partition_id)[column], dtype=np.int64)
     except ValueError as err:  # e.g. no Dirichlet draw met min_partition_size
         raise ValueError(f"partitioning failed: {err}") from None
+
+
+def split_partitioners(
+    partitioner: str,
+    num_partitions: int,
+    label_column: str,
+    dirichlet_alpha: float,
+    classes_per_partition: int,
+    min_partition_size: int,
+    seed: int,
+) -> dict[str, Partitioner]:
+    """The partitioners of an image data set's splits (the Hub's copy and a local
+    copy alike): the training split by ``partitioner``, the test split IID."""
+    return {
+        "train": build_partitioner(
+            partitioner,
+            num_partitions,
+            label_column=label_column,
+            dirichlet_alpha=dirichlet_alpha,
+            classes_per_partition=classes_per_partition,
+            min_partition_size=min_partition_size,
+            seed=seed,
+        ),
+        "test": build_partitioner("iid", num_partitions),
+    }
 
 
 def index_partitioner(
