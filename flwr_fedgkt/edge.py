@@ -299,11 +299,12 @@ class EdgeTrainer:
 
     # -- state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The model, optimizer and (float16) loss-scale state."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.scaler.is_enabled():
-            state["scaler"] = self.scaler.state_dict()
-        return state
+        """The model, optimizer and loss-scale state (float16; empty otherwise)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`."""

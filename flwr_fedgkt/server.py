@@ -370,7 +370,7 @@ class ServerTrainer:
         before; in float16 the loss scale lowered) when the loss or a gradient is
         not finite. ``check``: in float32 and unscaled, whatever the precision."""
         self.model.train()
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        buffers = self._buffers()
         feats = _to_device(batch.features, self.device)
         labels = batch.labels.to(self.device)
         scaled = self.scaler.is_enabled() and not check
@@ -394,17 +394,25 @@ class ServerTrainer:
                 self.scaler.update()  # lowers the scale for the next step
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
+            self._restore_buffers(buffers)
             return None
         return parts, logits.detach(), labels
+
+    def _buffers(self) -> list[Tensor]:
+        """A copy of the model's buffers (its BatchNorm statistics)."""
+        return [b.detach().clone() for b in self.model.buffers()]
+
+    @torch.no_grad()
+    def _restore_buffers(self, saved: list[Tensor]) -> None:
+        """Put back the buffers :meth:`_buffers` copied."""
+        for buffer, copy in zip(self.model.buffers(), saved, strict=True):
+            buffer.copy_(copy)
 
     def _culprits(self, batch: Batch) -> dict[NodeKey, str]:
         """The nodes of a batch whose samples alone give a non-finite loss or
         gradient (a forward and backward pass per node; nothing is updated)."""
         culprits: dict[NodeKey, str] = {}
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        buffers = self._buffers()
         owners = np.asarray(batch.owners, dtype=object)
         for node in dict.fromkeys(batch.owners):
             rows = torch.from_numpy(np.flatnonzero(owners == node))
@@ -421,9 +429,7 @@ class ServerTrainer:
                     "its features give a non-finite loss or gradient in server training"
                 )
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # the checks' BatchNorm statistics are not training's
-            for buffer, saved in zip(self.model.buffers(), buffers, strict=True):
-                buffer.copy_(saved)
+        self._restore_buffers(buffers)  # the checks' BatchNorm statistics are not training's
         return culprits
 
     @torch.no_grad()
