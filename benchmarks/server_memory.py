@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from server_throughput import NodeList  # noqa: E402  (this folder is on sys.path)
 
-from flwr_fedgkt.rounds import peak_rss_bytes  # noqa: E402
+from flwr_fedgkt.recorder import peak_rss_bytes  # noqa: E402
 
 MB = 2**20
 

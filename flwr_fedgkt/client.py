@@ -63,6 +63,7 @@ from .records import (
     features_record,
     record_arrays,
 )
+from .settings import DEFAULTS
 
 __all__ = ["FedGKTClient", "ContextStateStore", "STATE_KEY", "default_node_key", "key_reply"]
 
@@ -170,13 +171,13 @@ class FedGKTClient:
         server may keep the node's first upload of features.
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
-    seed : int (default: 0)
+    seed : int (default: 42)
         Seeds the shuffling (with the node key and the round), so runs repeat.
     state_dir : str | None (default: None)
         Also keep the edge state in this directory
         (``edge-<node key>-round-<r>.pt``), so that a restarted node continues
         from it.
-    precision : str (default: "float32")
+    precision : str (default: "auto")
         Training precision: ``float32``, ``bfloat16``, ``float16`` (with a
         gradient scaler; for GPUs) or ``auto`` (bfloat16 where this node's
         hardware runs it natively). Replies say which one was used.
@@ -196,17 +197,17 @@ class FedGKTClient:
         test_data: EdgeData | None = None,
         *,
         node_key: str | None = None,
-        epochs: int = 1,
-        lr: float = 0.001,
-        batch_size: int = 32,
-        temperature: float = 3.0,
-        alpha: float = 1.0,
+        epochs: int = DEFAULTS.client_epochs,
+        lr: float = DEFAULTS.client_lr,
+        batch_size: int = DEFAULTS.batch_size,
+        temperature: float = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
         optimizer: OptimizerFactory | None = None,
-        freeze_extractor: bool = False,
-        device: str = "auto",
-        seed: int = 0,
+        freeze_extractor: bool = DEFAULTS.freeze_extractor,
+        device: str = DEFAULTS.device,
+        seed: int = DEFAULTS.seed,
         state_dir: str | None = None,
-        precision: str = "float32",
+        precision: str = DEFAULTS.precision,
     ) -> None:
         self.edge_model = edge_model
         self.train_data = train_data

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .features import PayloadError
+from .codec import PayloadError
 
 __all__ = ["COMPRESSIONS", "CompressionError", "compress", "inflate", "check_compression"]
 

@@ -37,7 +37,7 @@ from flwr.common.constant import SType
 from .edge import Extracted
 from .features import read_npy_header
 from .node import RoundInstructions
-from .rounds import COMPRESSION_KEY, NODE_KEY, PRECISION_KEY
+from .validation import COMPRESSION_KEY, NODE_KEY, PRECISION_KEY
 
 __all__ = [
     "FEATURES_KEY",

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .features import FeaturePayload, NodeKey, PayloadError, encoded_digest
+from .codec import FeaturePayload, NodeKey, PayloadError, encoded_digest
 
 __all__ = ["NodeRegistry", "features_digest"]
 

@@ -1,21 +1,23 @@
 """The server's side of a FedGKT round, without Flower.
 
-:class:`RoundEngine` is what both Flower faces (:class:`flwr_fedgkt.strategy.FedGKT`
-on the Message API, :class:`flwr_fedgkt.compat.LegacyFedGKT` on the legacy API)
-and :func:`flwr_fedgkt.local.run_local` hold and drive. A round, as calls:
+:class:`RoundEngine` is what the Flower faces (:class:`flwr_fedgkt.strategy.FedGKT`
+and its schedules on the Message API, :class:`flwr_fedgkt.legacy.LegacyFedGKT` on
+the legacy API) and :func:`flwr_fedgkt.local.run_local` hold and drive. It joins
+three parts with one job each:
 
-1. :meth:`~RoundEngine.begin_round` opens the round's :class:`RoundLog`;
-   :meth:`~RoundEngine.sample` picks nodes (seeded) and
-   :meth:`~RoundEngine.instructions` gives each its own server logits;
-2. :meth:`~RoundEngine.accept` takes one reply (a :class:`ReplyReader`: the face's
-   decoding of a Flower reply) through size check, decoding, validation and the
-   node-key and ownership checks, in that order, with every error caught in one
-   place: a bad reply is rejected with its reason and changes nothing;
-3. :meth:`~RoundEngine.train_round` stores the accepted features, trains the
-   server model on all stored features and computes each node's server logits;
-4. :meth:`~RoundEngine.close_round` scores the server model on the accepted test
-   features, closes the round's log (``on_round_end``, checkpoint) and returns the
-   evaluation metrics.
+- validation (:class:`~flwr_fedgkt.validation.ReplyValidator`): a reply in,
+  accepted or rejected with its reason out;
+- the server step (:class:`~flwr_fedgkt.server_step.ServerStep`): store, train,
+  server logits per node, scores;
+- the recorder (:class:`~flwr_fedgkt.recorder.RoundRecorder`): the round's log,
+  history, ``on_round_end``, checkpoints, no-progress.
+
+and keeps what a round needs before its replies: node sampling and keys, and
+each node's instructions. A round, as calls: :meth:`~RoundEngine.begin_round`,
+:meth:`~RoundEngine.sample` and :meth:`~RoundEngine.instructions`;
+:meth:`~RoundEngine.accept` per reply; :meth:`~RoundEngine.train_round`;
+:meth:`~RoundEngine.close_round`. Each round has its own :class:`RoundLog`
+(pipelined rounds overlap), found by its number.
 
 This module imports no Flower code.
 """
@@ -24,148 +26,55 @@ from __future__ import annotations
 
 import logging
 import random
-import re
-import resource
-import sys
-import time
-import traceback
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import numpy as np
-import torch
 from torch import nn
 
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
-from .compression import check_compression, inflate
+from .checkpoint import rng_state, set_rng_state
+from .codec import NodeKey, PayloadError, check_dtype_name
+from .compression import check_compression
 from .config import RunConfig
-from .features import (
+from .precision import TRAINING_PRECISIONS
+from .recorder import NoProgressError, RoundLog, RoundRecorder, failure_line
+from .registry import NodeRegistry
+from .server import ServerTrainer, output_classes
+from .server_step import ServerStep, TrainingJob
+from .store import FeatureStore
+from .validation import (
+    COMPRESSION_KEY,
     MAX_FEATURE_ABS,
     MAX_LOGIT_ABS,
-    FeaturePayload,
-    FeatureStore,
-    NodeKey,
-    PayloadError,
-    check_dtype_name,
-    decode_features,
-    validate_metrics,
+    NODE_KEY,
+    PRECISION_KEY,
+    AcceptedReply,
+    Rejection,
+    ReplyParts,
+    ReplyReader,
+    ReplyValidator,
     validate_node_key,
-    validate_payload,
-    validate_update,
-    wire_dtype,
 )
-from .precision import TRAINING_PRECISIONS
-from .registry import NodeRegistry, features_digest
-from .server import NonFiniteOutput, ServerTrainer, ServerTrainResult, output_classes
 
 __all__ = [
+    "COMPRESSION_KEY",
+    "NODE_KEY",
+    "PRECISION_KEY",
     "AcceptedReply",
     "HoldsEngine",
+    "NoProgressError",
     "ReplyParts",
     "ReplyReader",
     "RoundEngine",
     "RoundLog",
+    "TrainingJob",
+    "failure_line",
     "sample_size",
 ]
 
 # Under Flower's logger, so that the round's lines appear in Flower's log
 logger = logging.getLogger("flwr.fedgkt")
-
-NODE_KEY = "node-key"
-"""The meta entry in which a reply names its node's stable key."""
-PRECISION_KEY = "precision"
-"""The meta entry in which a training reply names the precision it trained in."""
-COMPRESSION_KEY = "compression"
-"""The meta entry in which a reply names the codec of its feature bytes
-(``none`` when absent); also the round config's entry naming the round's codec."""
-
-ReplyParts = tuple[Mapping[str, Any], Mapping[str, np.ndarray], Mapping[str, Any]]
-"""What a reply holds: its meta values, its arrays by name, its metrics."""
-
-
-class ReplyReader(Protocol):
-    """One node's reply as a Flower face received it."""
-
-    node_id: int
-    nbytes: int  # bytes of its arrays, as Flower counts them
-
-    def read(self) -> ReplyParts:
-        """Decode the reply; raise (anything) when it cannot be decoded."""
-        ...
-
-
-@dataclass
-class AcceptedReply:
-    """A reply that passed validation: who sent it, its payload, its checked metrics."""
-
-    node_id: int
-    key: NodeKey
-    payload: FeaturePayload
-    metrics: dict[str, float]
-    digest: str | None = None  # of the features it sent; None: it sent none (unchanged)
-
-
-@dataclass
-class TrainingJob:
-    """One round's server training: its accepted replies and round log, and, once
-    it ran, the training's result and the server logits of its nodes."""
-
-    server_round: int
-    accepted: list[AcceptedReply]
-    log: RoundLog
-    cached: int = 0
-    result: ServerTrainResult | None = None
-    logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    failed: dict[NodeKey, str] = field(default_factory=dict)  # non-finite server logits
-
-
-@dataclass
-class RoundLog:
-    """One round's record, as written to ``results.json`` (:meth:`to_dict`)."""
-
-    round: int
-    bytes_up: int = 0
-    bytes_down: int = 0
-    cumulative_bytes_up: int = 0
-    cumulative_bytes_down: int = 0
-    rejected_replies: list[dict[str, Any]] = field(default_factory=list)
-    failed_nodes: list[dict[str, Any]] = field(default_factory=list)
-    skipped_server_steps: int = 0
-    server_train_seconds: float = 0.0
-    server_train_loss: float | None = None
-    server_train_ce: float | None = None
-    server_train_kd: float | None = None
-    server_train_accuracy: float | None = None
-    edge_train_loss: float | None = None
-    edge_train_ce: float | None = None
-    edge_train_kd: float | None = None
-    edge_train_accuracy: float | None = None
-    edge_precision: dict[str, int] = field(default_factory=dict)
-    train_nodes: int = 0
-    train_samples: int = 0
-    cached_feature_nodes: int = 0
-    cached_test_nodes: int = 0
-    stored_nodes: int = 0
-    stored_samples: int = 0
-    stored_feature_bytes: int = 0
-    server_peak_rss_bytes: int = 0
-    accuracy: float | None = None
-    loss: float | None = None
-    edge_accuracy: float | None = None
-    edge_loss: float | None = None
-    eval_nodes: int = 0
-    eval_samples: int = 0
-    seconds: float = 0.0
-    ended_seconds: float = 0.0  # since this process began its first round
-    started: float = field(default_factory=time.perf_counter, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        del record["started"]
-        return record
 
 
 def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
@@ -176,68 +85,9 @@ def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
     return max(int(num_nodes * fraction), minimum, 1)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this (server) process so far."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_EXCEPTION_LINE = re.compile(
-    r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Timeout)\w*): (.+)$"
-)
-_WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
-MAX_REASON_CHARS = 300
-
-
-class NoProgressError(RuntimeError):
-    """No node replied usefully in ``max_idle_rounds`` rounds in a row: the run
-    stops (the built-in ServerApp records ``"status": "no-progress"``)."""
-
-    def __init__(self, rounds: int, reasons: Mapping[str, int]) -> None:
-        self.rounds = rounds
-        self.reasons = dict(reasons)
-        super().__init__(
-            f"no node replied usefully in {rounds} rounds in a row: {counted(self.reasons)}"
-        )
-
-
-def counted(reasons: Mapping[str, int]) -> str:
-    """Reasons with their counts, in one line: ``2x RuntimeError: ...; 1x ...``."""
-    return "; ".join(f"{n}x {reason}" for reason, n in reasons.items())
-
-
-def idle_reasons(log: RoundLog) -> dict[str, int]:
-    """The distinct reasons of a round's failures and rejections, with their counts."""
-    counts: dict[str, int] = {}
-    for entry in [*log.failed_nodes, *log.rejected_replies]:
-        reason = str(entry["reason"])
-        counts[reason] = counts.get(reason, 0) + 1
-    return counts
-
-
-def failure_line(reason: str | None) -> str:
-    """One readable line for why a node failed: the exception that the ClientApp
-    raised (``RuntimeError: ...``), found in the text Flower reports (which may wrap
-    it in a Ray actor's repr, a doubled traceback and terminal colour codes); else
-    the text's last line. At most :data:`MAX_REASON_CHARS` characters."""
-    if not reason:
-        return "unknown error"
-    text = _ANSI.sub("", reason)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    raised = [
-        m.group(0)
-        for line in lines
-        if (m := _EXCEPTION_LINE.match(line)) and not m.group(1).endswith(_WRAPPERS)
-    ]
-    line = raised[0] if raised else (lines[-1] if lines else "unknown error")
-    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3] + "..."
-
-
-# pylint: disable=too-many-instance-attributes
 class RoundEngine:
-    """The server side of FedGKT: server trainer, feature store, node keys, every
-    node's server logits and the rounds' logs. Its parameters are documented on
+    """The server side of FedGKT: the three parts of a round (validation, server
+    step, recorder), node keys and sampling. Its parameters are documented on
     :class:`flwr_fedgkt.strategy.FedGKT`, which holds one."""
 
     # pylint: disable=too-many-arguments
@@ -283,39 +133,35 @@ class RoundEngine:
                 f"the server model gives {classes} logits for features of shape "
                 f"{tuple(feature_shape)}, but its trainer expects {trainer.num_classes} classes"
             )
-        self.trainer = trainer
-        self.server_epochs = server_epochs
+        store = FeatureStore() if store is None else store
+        checkpoints = None if checkpoint_dir is None else Path(checkpoint_dir)
+        # a replaced upload's files stay while a kept checkpoint may name them
+        store.keep_retired = checkpoints is not None
         self.feature_dtype = feature_dtype
         self.feature_shape = tuple(feature_shape)
-        self.on_round_end = on_round_end
-        self.max_reply_bytes = max_reply_bytes
-        self.max_staleness = max_staleness
-        self.store = FeatureStore() if store is None else store
-        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-        # a replaced upload's files stay while a kept checkpoint may name them
-        self.store.keep_retired = self.checkpoint_dir is not None
-        self.freeze_extractor = freeze_extractor
         self.freeze_after = 0 if freeze_extractor else freeze_after
         self.compression = compression
-        self.max_feature_abs = max_feature_abs
-        self.max_logit_abs = max_logit_abs
         self.registry = NodeRegistry(global_sample_ids)
         self.sampler = random.Random(seed)
-        self.max_idle_rounds = max_idle_rounds
-        self.idle_rounds = 0  # rounds in a row in which no node replied usefully
-        self.idle_reasons: dict[str, int] = {}
         self.keyless: set[int] = set()  # nodes that could not say their key
-        # each node's newest test features with their digest (training features
-        # live in the store, their digests in held_train): a node whose features
-        # have not changed sends none
-        self.test_cache: dict[NodeKey, tuple[str, FeaturePayload]] = {}
-        self.held_train: dict[NodeKey, str] = {}
         self.round_offset = 0  # rounds done before a resume
-        self.server_logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = {}
-        self.history: list[dict[str, Any]] = []
-        self.current = RoundLog(round=0)
-        self.began: float | None = None  # when this process began its first round
         self.connected: Callable[[], Collection[int]] = tuple
+        self.recorder = RoundRecorder(on_round_end, checkpoints, max_idle_rounds)
+        self.step = ServerStep(trainer, store, server_epochs, max_staleness, self.recorder.reject)
+        self.validator = ReplyValidator(
+            feature_dtype=feature_dtype,
+            feature_shape=self.feature_shape,
+            num_classes=trainer.num_classes,
+            compression=compression,
+            max_reply_bytes=max_reply_bytes,
+            max_feature_abs=max_feature_abs,
+            max_logit_abs=max_logit_abs,
+            registry=self.registry,
+            held_payload=self.step.held_payload,
+            connected=lambda: self.connected(),
+        )
+        self.logs: dict[int, RoundLog] = {}  # the open rounds' logs
+        self._latest = RoundLog(round=0)
 
     @staticmethod
     def settings(config: RunConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -336,10 +182,45 @@ class RoundEngine:
             "freeze_after": None if config.freeze_after < 0 else config.freeze_after,
             "compression": config.compression,
             "max_feature_abs": config.max_feature_abs,
+            "max_logit_abs": config.max_logit_abs,
             "global_sample_ids": True,
             "seed": config.seed,
             "max_idle_rounds": config.max_idle_rounds,
         }
+
+    # -- views ------------------------------------------------------------------------
+    @property
+    def trainer(self) -> ServerTrainer:
+        return self.step.trainer
+
+    @property
+    def store(self) -> FeatureStore:
+        return self.step.store
+
+    @property
+    def server_logits(self) -> dict[NodeKey, tuple[np.ndarray, np.ndarray]]:
+        return self.step.server_logits
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.recorder.history
+
+    @property
+    def current(self) -> RoundLog:
+        """The log of the newest round opened (for inspection)."""
+        return self._latest
+
+    @property
+    def max_reply_bytes(self) -> int:
+        return self.validator.max_reply_bytes
+
+    @property
+    def max_feature_abs(self) -> float:
+        return self.validator.max_feature_abs
+
+    @property
+    def server_epochs(self) -> int:
+        return self.step.server_epochs
 
     # -- configuration -----------------------------------------------------------------
     def summary(self) -> None:
@@ -354,7 +235,7 @@ class RoundEngine:
         )
         logger.info(
             "\t\t├── Server epochs per round: %d | KD T=%.2f alpha=%.2f | precision %s",
-            self.server_epochs,
+            self.step.server_epochs,
             trainer.temperature,
             trainer.alpha,
             trainer.precision,
@@ -380,14 +261,14 @@ class RoundEngine:
         logger.info(
             "\t\t├── Max |feature|: %g | max |edge logit|: %g | global sample ids: %s",
             self.max_feature_abs,
-            self.max_logit_abs,
+            self.validator.max_logit_abs,
             "yes" if self.registry.global_sample_ids else "no",
         )
         logger.info(
             "\t\t└── Max reply bytes: %s | max staleness: %s | checkpoints: %s",
             self.max_reply_bytes or "unlimited",
-            "unlimited" if self.max_staleness is None else f"{self.max_staleness} rounds",
-            self.checkpoint_dir or "off",
+            "unlimited" if self.step.max_staleness is None else f"{self.step.max_staleness} rounds",
+            self.recorder.checkpoint_dir or "off",
         )
 
     # -- configure: sampling and what each node gets --------------------------------------
@@ -436,10 +317,15 @@ class RoundEngine:
 
     def begin_round(self, server_round: int) -> RoundLog:
         """Open the log of round ``server_round`` (at the start of its training)."""
-        if self.began is None:
-            self.began = time.perf_counter()
-        self.current = RoundLog(round=server_round)
-        return self.current
+        log = self.recorder.open(server_round)
+        self.logs[server_round] = log
+        self._latest = log
+        return log
+
+    def log_of(self, server_round: int) -> RoundLog:
+        """The log of open round ``server_round`` (opened now if it is not)."""
+        log = self.logs.get(server_round)
+        return self.begin_round(server_round) if log is None else log
 
     def frozen(self, server_round: int) -> bool:
         """Whether the nodes train round ``server_round`` with their extractor
@@ -467,366 +353,92 @@ class RoundEngine:
         (``""``: none), and (training) its own ``(ids, logits)`` from the server, if
         the server has any for its key."""
         key = self.registry.key_of(node_id)
-        held = self._held(key, training)
-        logits = self.server_logits.get(key) if training and key is not None else None
+        held = self.step.held(key, training)
+        logits = self.step.server_logits.get(key) if training and key is not None else None
         return held, logits
 
-    def _held(self, key: NodeKey | None, training: bool) -> str:
-        """The digest of the features the server holds for node key ``key``."""
-        if key is None:
-            return ""
-        if training:
-            return self.held_train.get(key, "") if key in self.store else ""
-        cached = self.test_cache.get(key)
-        return "" if cached is None else cached[0]
-
-    def _cached_payload(self, key: NodeKey | None, training: bool) -> FeaturePayload | None:
-        """The upload whose features the server holds for node key ``key``, if any
-        (training features live in the store, test features in ``test_cache``)."""
-        if key is None:
-            return None
-        if training:
-            return self.store.payload(key) if key in self.store else None
-        cached = self.test_cache.get(key)
-        return None if cached is None else cached[1]
-
     # -- replies ---------------------------------------------------------------------------
-    def record_failure(self, node_id: int | None, reason: str | None) -> None:
-        """A node whose ClientApp raised or that did not reply in time: the round's
-        log gets the reason in one line (:func:`failure_line`), the log the whole
-        text once."""
-        line = failure_line(reason)
-        text = _ANSI.sub("", reason or "")
-        if text.strip() != line:
-            logger.warning("node %s failed: %s\n%s", node_id, line, text)
-        else:
-            logger.warning("node %s failed: %s", node_id, line)
-        self.current.failed_nodes.append({"node_id": node_id, "reason": line})
+    def record_failure(self, server_round: int, node_id: int | None, reason: str | None) -> None:
+        """A node of round ``server_round`` whose ClientApp raised or that did not
+        reply in time (:meth:`RoundRecorder.failure`)."""
+        self.recorder.failure(self.log_of(server_round), node_id, reason)
 
-    def record_missing(self, sampled: Collection[int], replied: Collection[int]) -> None:
-        """Report sampled nodes that sent nothing back before the round's timeout."""
-        for node_id in sorted(set(sampled) - set(replied)):
-            self.record_failure(node_id, "no reply within the round's timeout")
-
-    def reject(self, node_id: int, key: NodeKey | None, reason: str) -> None:
-        logger.warning("rejected reply from node %s: %s", node_id, reason)
-        self.current.rejected_replies.append(
-            {"node_id": node_id, "node_key": key, "reason": reason}
-        )
+    def record_missing(
+        self, server_round: int, sampled: Collection[int], replied: Collection[int]
+    ) -> None:
+        """Sampled nodes that sent nothing back before the round's timeout."""
+        self.recorder.missing(self.log_of(server_round), sampled, replied)
 
     def accept(self, reply: ReplyReader, server_round: int, training: bool) -> AcceptedReply | None:
-        """Size check, decode, validate, check the node key and sample ownership,
-        then record who sent the reply. Every error is caught here: a reply that
-        fails is rejected with its reason (log and round log) and gives None.
-        Nothing a node sends raises out of here."""
-        node_id = reply.node_id
-        self.current.bytes_up += reply.nbytes
-        key: NodeKey | None = None
-        try:
-            if self.max_reply_bytes and reply.nbytes > self.max_reply_bytes:
-                raise PayloadError(
-                    f"reply of {reply.nbytes} bytes exceeds max-reply-bytes "
-                    f"({self.max_reply_bytes})"
-                )
-            try:
-                meta, arrays, metrics = reply.read()
-            except PayloadError:
-                raise
-            except Exception as err:  # a corrupt array cannot even be decoded
-                raise PayloadError(f"undecodable reply: {type(err).__name__}: {err}") from None
-            key = validate_node_key(meta.get(NODE_KEY))
-            accepted, digest = self._validate(
-                node_id, key, meta, arrays, metrics, server_round, training
-            )
-            accepted.digest = digest
-        except PayloadError as err:
-            self.reject(node_id, key, str(err))
+        """Validate one reply of round ``server_round``
+        (:meth:`ReplyValidator.check`); an accepted one binds its node key and
+        notes its samples, a rejected one goes into the round's log with its
+        reason (None). Nothing a node sends raises out of here."""
+        log = self.log_of(server_round)
+        log.bytes_up += reply.nbytes
+        checked = self.validator.check(reply, server_round, training)
+        if isinstance(checked, Rejection):
+            self.recorder.reject(log, checked.node_id, checked.key, checked.reason)
             return None
-        except Exception as err:  # a check that itself failed: still only this reply
-            logger.error("validating node %s's reply failed:\n%s", node_id, traceback.format_exc())
-            self.reject(node_id, key, f"could not be validated: {type(err).__name__}: {err}")
-            return None
+        if training and checked.precision in TRAINING_PRECISIONS:  # what the node used
+            log.edge_precision[checked.precision] = log.edge_precision.get(checked.precision, 0) + 1
         split = "train" if training else "test"
-        precision = meta.get(PRECISION_KEY)
-        if training and precision in TRAINING_PRECISIONS:  # what the node says it used
-            self.current.edge_precision[precision] = (
-                self.current.edge_precision.get(precision, 0) + 1
-            )
-        moved = self.registry.commit(key, node_id, accepted.payload, split, digest)
+        moved = self.registry.commit(
+            checked.key, checked.node_id, checked.payload, split, checked.digest
+        )
         if moved is not None:
-            logger.info("node key %r moved from node %d (gone) to node %d", key, moved, node_id)
-        return accepted
-
-    def _validate(
-        self,
-        node_id: int,
-        key: NodeKey,
-        meta: Mapping[str, Any],
-        arrays: Mapping[str, np.ndarray],
-        metrics: Mapping[str, Any],
-        server_round: int,
-        training: bool,
-    ) -> tuple[AcceptedReply, str | None]:
-        """Check a reply's round, dtype, key, arrays and metrics; raise PayloadError
-        naming what is wrong. Returns the reply and its features' digest (None when
-        it reuses features the server holds: ``freeze-extractor``)."""
-        reply_round = meta.get("server-round")
-        if reply_round != server_round:
-            raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
-        dtype = meta.get("feature-dtype")
-        if dtype != self.feature_dtype:
-            raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
-        self.registry.check_binding(key, node_id, self.connected())
-        codec = meta.get(COMPRESSION_KEY, "none")
-        if codec not in ("none", self.compression):
-            raise PayloadError(f"compression {codec!r}, the round uses {self.compression!r}")
-        digest = None
-        if "features" in arrays and codec != "none":
-            arrays = {**arrays, "features": self._inflate(arrays, str(codec))}
-        if "features" not in arrays:
-            cached = self._cached_payload(key, training)
-            if cached is None:
-                raise PayloadError("missing arrays: features (the server holds none of this node)")
-            payload = validate_update(
-                arrays, cached, self.trainer.num_classes, training, self.max_logit_abs
+            logger.info(
+                "node key %r moved from node %d (gone) to node %d",
+                checked.key,
+                moved,
+                checked.node_id,
             )
-        else:
-            payload = validate_payload(
-                arrays,
-                self.feature_dtype,
-                self.feature_shape,
-                self.trainer.num_classes,
-                require_logits=training,
-                max_feature_abs=self.max_feature_abs,
-                max_logit_abs=self.max_logit_abs,
-            )
-            digest = features_digest(payload)
-        checked = validate_metrics(metrics, payload.num_samples)
-        self.registry.check_claims(key, payload, "train" if training else "test", digest)
-        return AcceptedReply(node_id, key, payload, checked), digest
+        return checked
 
-    def _inflate(self, arrays: Mapping[str, np.ndarray], codec: str) -> np.ndarray:
-        """The compressed ``features`` of a reply, inflated to ``N x feature shape``
-        in the wire dtype, ``N`` from its ids. The bound is checked before
-        anything is inflated (:func:`~flwr_fedgkt.compression.inflate`), and it
-        is at most ``max-reply-bytes`` when that is set, as for uncompressed
-        replies."""
-        ids = arrays.get("ids")
-        if ids is None or ids.ndim != 1:
-            raise PayloadError("compressed features need 1-D ids (they give their count)")
-        dtype = wire_dtype(self.feature_dtype)
-        expected = len(ids) * int(np.prod(self.feature_shape)) * dtype.itemsize
-        if self.max_reply_bytes and expected > self.max_reply_bytes:
-            raise PayloadError(
-                f"compressed features of {len(ids)} samples would inflate to {expected} "
-                f"bytes, beyond max-reply-bytes ({self.max_reply_bytes}); not inflated"
-            )
-        raw = inflate(arrays["features"], codec, expected)
-        return np.frombuffer(raw, dtype=dtype).reshape(len(ids), *self.feature_shape)
-
-    # -- training and evaluation on the server ---------------------------------------------
-    def _drop(self, key: NodeKey, reason: str, accepted: list[AcceptedReply]) -> None:
-        """Take node key ``key`` out of the round after its reply was accepted: its
-        stored features and server logits go, and its reply counts as rejected (or,
-        for features stored in an earlier round, the drop is logged)."""
-        self.store.remove(key)
-        self.server_logits.pop(key, None)
-        for reply in accepted:
-            if reply.key == key:
-                self.reject(reply.node_id, key, reason)
-                break
-        else:
-            logger.warning("dropped the stored features of node key %r: %s", key, reason)
-
+    # -- the server step ----------------------------------------------------------------------
     def train_round(self, server_round: int, accepted: list[AcceptedReply]) -> dict[str, float]:
         """Store the accepted features, train the server model, refresh server logits
         (:meth:`start_training`, :meth:`run_training`, :meth:`finish_training`).
-
-        A node whose features make the server's training or its server logits
-        non-finite is taken out of the round. Returns the round's training metrics
-        (the strategy's aggregated metrics).
-        """
+        Returns the round's training metrics."""
         job = self.start_training(server_round, accepted)
         self.run_training(job)
         return self.finish_training(job)
 
     def start_training(self, server_round: int, accepted: list[AcceptedReply]) -> TrainingJob:
-        """Store round ``server_round``'s accepted features (and drop those past
-        ``max-staleness``): the server training's input. Nothing trains yet."""
-        # features kept from an earlier upload (unchanged) are not stored again
-        cached = sum(self.store.put(r.key, r.payload, server_round) for r in accepted)
-        for reply in accepted:
-            if reply.digest is not None:
-                self.held_train[reply.key] = reply.digest
-        if self.max_staleness is not None:
-            for key in self.store.nodes():
-                if server_round - self.store.last_round(key) > self.max_staleness:
-                    logger.info("dropping node key %r's features: older than max-staleness", key)
-                    self.store.remove(key)
-        return TrainingJob(server_round, accepted, self.current, cached)
+        """Store round ``server_round``'s accepted features; nothing trains yet."""
+        return self.step.start_training(self.log_of(server_round), accepted)
 
     def run_training(self, job: TrainingJob) -> None:
-        """Train the server model on the store and compute the server logits of the
-        job's nodes (into the job, not yet sent anywhere). Reads the store and
-        writes only the server model and the job, so it may run beside the
-        validation of newer replies (``pipeline``)."""
-        job.result = self.trainer.train(self.store, self.server_epochs)
-        for reply in job.accepted:
-            if reply.key in job.result.excluded:
-                continue
-            try:
-                job.logits[reply.key] = self.trainer.logits_for(self.store, reply.key)
-            except NonFiniteOutput as err:
-                job.failed[reply.key] = str(err)
+        """Train and compute the job's server logits (may run in another thread)."""
+        self.step.run_training(job)
 
     def finish_training(self, job: TrainingJob) -> dict[str, float]:
-        """Take the nodes that spoiled the training out, keep the new server logits
-        and write the job's round log; the round's training metrics."""
-        result = job.result
-        if result is None:
-            raise RuntimeError(f"round {job.server_round}'s server training did not run")
-        accepted = job.accepted
-        with self.logging_to(job.log):
-            for key, reason in result.excluded.items():
-                self._drop(key, reason, accepted)
-            kept = []
-            for reply in accepted:
-                if reply.key in result.excluded:
-                    continue
-                if reply.key in job.failed:
-                    self._drop(reply.key, job.failed[reply.key], [reply])
-                    continue
-                self.server_logits[reply.key] = job.logits[reply.key]
-                kept.append(reply)
-
-            num_examples = sum(r.payload.num_samples for r in kept)
-            metrics: dict[str, float] = {
-                "num-examples": num_examples,
-                "replies": len(kept),
-                "server-train-loss": result.loss,
-                "server-train-ce": result.ce,
-                "server-train-kd": result.kd,
-                "server-train-accuracy": result.accuracy,
-                "server-train-seconds": result.seconds,
-            }
-            log = job.log
-            for key in ("train-loss", "train-ce", "train-kd", "train-accuracy"):
-                mean = _per_sample_mean(kept, key)
-                setattr(log, f"edge_{key.replace('-', '_')}", mean)
-                if mean is not None:
-                    metrics[f"edge-{key}"] = mean
-            log.skipped_server_steps += result.skipped_steps
-            log.server_train_seconds = result.seconds
-            log.server_train_loss = result.loss
-            log.server_train_ce = result.ce
-            log.server_train_kd = result.kd
-            log.server_train_accuracy = result.accuracy
-            log.train_nodes = len(kept)
-            log.train_samples = num_examples
-            log.cached_feature_nodes = job.cached
-            log.stored_nodes = len(self.store)
-            log.stored_samples = self.store.num_samples
-            log.stored_feature_bytes = self.store.nbytes
-            log.server_peak_rss_bytes = peak_rss_bytes()
-            self._note_progress(job.server_round, kept)
+        """Keep the job's server logits, take out the nodes that spoiled the
+        training, fill its log and count the round's progress."""
+        metrics, kept = self.step.finish_training(job)
+        self.recorder.progress(job.log, bool(kept))
         return metrics
-
-    @contextmanager
-    def logging_to(self, log: RoundLog) -> Iterator[None]:
-        """Record rejections and failures in ``log`` (an older round's, while a
-        pipelined round is open) for the duration."""
-        current, self.current = self.current, log
-        try:
-            yield
-        finally:
-            if self.current is log:
-                self.current = current
-
-    def _note_progress(self, server_round: int, kept: list[AcceptedReply]) -> None:
-        """Count the rounds in a row in which no node replied usefully (every sampled
-        node failed or was rejected); log their reasons with their counts."""
-        log = self.current
-        if kept or not (log.failed_nodes or log.rejected_replies):
-            self.idle_rounds = 0
-            return
-        self.idle_rounds += 1
-        self.idle_reasons = idle_reasons(log)
-        logger.warning(
-            "round %d: no node replied usefully (%d round(s) in a row): %s",
-            server_round,
-            self.idle_rounds,
-            counted(self.idle_reasons),
-        )
 
     def close_round(
         self, server_round: int, accepted: list[AcceptedReply]
     ) -> dict[str, float] | None:
-        """Score the server model on the accepted test features, average the edge
-        model's own scores per sample, and close the round's log (log line, history,
-        ``on_round_end``, checkpoint). A node whose features give non-finite server
-        logits is rejected; the others are scored.
+        """Score the server model on the accepted test features and close the
+        round's log (log line, history, ``on_round_end``, checkpoint; then
+        :class:`NoProgressError` when the run has been idle too long).
 
         Returns the round's evaluation metrics, or None when no sample was scored.
         """
-        correct, loss_sum, total = 0.0, 0.0, 0
-        log_cached = 0
-        scored = []
-        for reply in accepted:
-            payload = reply.payload
-            try:
-                scores = self.trainer.evaluate(
-                    decode_features(payload.features), torch.from_numpy(payload.labels)
-                )
-            except NonFiniteOutput as err:
-                self.reject(reply.node_id, reply.key, str(err))
-                continue
-            if reply.digest is not None:
-                self.test_cache[reply.key] = (reply.digest, payload)
-            else:
-                log_cached += 1
-            n = payload.num_samples
-            correct += scores["accuracy"] * n
-            loss_sum += scores["loss"] * n
-            total += n
-            scored.append(reply)
-
-        log = self.current
-        log.accuracy = correct / total if total else None
-        log.loss = loss_sum / total if total else None
-        log.edge_accuracy = _per_sample_mean(scored, "edge-accuracy")
-        log.edge_loss = _per_sample_mean(scored, "edge-loss")
-        log.eval_nodes = len(scored)
-        log.eval_samples = total
-        log.cached_test_nodes = log_cached
-        before = self.history[-1] if self.history else {}
-        log.cumulative_bytes_up = before.get("cumulative_bytes_up", 0) + log.bytes_up
-        log.cumulative_bytes_down = before.get("cumulative_bytes_down", 0) + log.bytes_down
-        log.seconds = time.perf_counter() - log.started
-        log.ended_seconds = time.perf_counter() - (self.began or log.started)
-        record = log.to_dict()
-        self.history.append(record)
-        logger.info(
-            "round %d: accuracy %s | edge accuracy %s | up %.2f MB | down %.2f MB | "
-            "server train %.1fs | round %.1fs | rejected %d",
-            server_round,
-            _fmt(log.accuracy),
-            _fmt(log.edge_accuracy),
-            log.bytes_up / 1e6,
-            log.bytes_down / 1e6,
-            log.server_train_seconds,
-            log.seconds,
-            len(log.rejected_replies),
-        )
-        if self.on_round_end is not None:
-            self.on_round_end(record)
-        if self.checkpoint_dir is not None:
-            save_checkpoint(self.checkpoint_dir, server_round, self.state_dict())
-            self.store.checkpointed()
-        if self.max_idle_rounds and self.idle_rounds >= self.max_idle_rounds:
-            raise NoProgressError(self.idle_rounds, self.idle_reasons)
+        log = self.log_of(server_round)
+        self.step.score(log, accepted)
+        self.logs.pop(server_round, None)
+        self.recorder.close(log, self.state_dict, self.store.checkpointed)
         if log.accuracy is None or log.loss is None:
             return None
-        metrics = {"num-examples": float(total), "accuracy": log.accuracy, "loss": log.loss}
+        metrics = {
+            "num-examples": float(log.eval_samples),
+            "accuracy": log.accuracy,
+            "loss": log.loss,
+        }
         if log.edge_accuracy is not None:
             metrics["edge-accuracy"] = log.edge_accuracy
         return metrics
@@ -835,27 +447,21 @@ class RoundEngine:
     def state_dict(self) -> dict[str, Any]:
         """Everything the server needs to continue after the last finished round."""
         return {
-            "trainer": self.trainer.state_dict(),
+            **self.step.state_dict(),
             "rng": rng_state(),
             "sampler": self.sampler.getstate(),
-            "server_logits": self.server_logits,
             "nodes": self.registry.state(),
-            "store": self.store.state_dict(),
-            "held_train": dict(self.held_train),
             "history": self.history,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: the next round is ``state["round"] + 1``."""
-        self.trainer.load_state_dict(state["trainer"])
+        self.step.load_state_dict(state)
         set_rng_state(state["rng"])
         if state.get("sampler") is not None:
             self.sampler.setstate(state["sampler"])
-        self.server_logits = {str(k): v for k, v in state["server_logits"].items()}
         self.registry.restore(state.get("nodes", {}))
-        self.store.load_state_dict(state.get("store"))
-        self.held_train = {str(k): str(v) for k, v in state.get("held_train", {}).items()}
-        self.history = list(state["history"])
+        self.recorder.history = list(state["history"])
         self.round_offset = int(state["round"])
 
 
@@ -883,6 +489,7 @@ class HoldsEngine:
             min_train_nodes=config.min_train_nodes,
             min_evaluate_nodes=config.min_evaluate_nodes,
             min_available_nodes=config.min_available_nodes,
+            query_timeout=config.query_timeout,
             on_round_end=on_round_end,
             **{**RoundEngine.settings(config, output_dir), **cls.face_settings(config)},
         )
@@ -907,15 +514,3 @@ class HoldsEngine:
     def history(self) -> list[dict[str, Any]]:
         """One record per finished round (what ``results.json`` holds)."""
         return self.engine.history
-
-
-def _per_sample_mean(replies: list[AcceptedReply], metric: str) -> float | None:
-    """``metric`` averaged over the samples of the replies that report it (each
-    node weighted by its sample count); None when none does."""
-    pairs = [(r.metrics[metric], r.payload.num_samples) for r in replies if metric in r.metrics]
-    samples = sum(n for _, n in pairs)
-    return float(sum(v * n for v, n in pairs) / samples) if samples else None
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

@@ -22,12 +22,23 @@ from .data import (
 )
 from .edge import extractor_of
 from .models import build_model, extractor_and_server
-from .node import edge_model_factory
+from .node import check_node_data, edge_model_factory
+from .pipeline import PipelinedFedGKT
 from .results import ResultsWriter
-from .rounds import NoProgressError
-from .strategy import FedGKT, federation_data
+from .recorder import NoProgressError
+from .strategy import FedGKT, wait_for_nodes
 
 app = ServerApp()
+
+
+def federation_data(grid: Grid, config: RunConfig) -> tuple[int, str]:
+    """Before a run: wait for ``min-available-nodes`` nodes, then check that the
+    run's data set splits into one partition per connected node
+    (:func:`~flwr_fedgkt.node.check_node_data`). The number of nodes and a line
+    saying how the data splits; :class:`~flwr_fedgkt.data.PartitionError` or
+    :class:`~flwr_fedgkt.data.DataUnavailableError` when it does not."""
+    num_nodes = len(wait_for_nodes(grid, max(config.min_available_nodes, 1)))
+    return num_nodes, check_node_data(config, num_nodes)
 
 
 def default_output_dir() -> Path:
@@ -130,7 +141,8 @@ def run(
         return "failed", str(err)
     plot_partitions(num_nodes, config, output_dir)
 
-    strategy = FedGKT.from_run_config(config, num_classes, output_dir, on_round_end=writer)
+    schedule = PipelinedFedGKT if config.pipeline else FedGKT
+    strategy = schedule.from_run_config(config, num_classes, output_dir, on_round_end=writer)
     engine = strategy.engine
     writer.header["server_precision"] = strategy.trainer.precision  # chosen for this machine
     writer.write()

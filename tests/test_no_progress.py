@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import server_app
-from flwr_fedgkt.rounds import MAX_REASON_CHARS, failure_line
+from flwr_fedgkt.recorder import MAX_REASON_CHARS, failure_line
 
 RAY_REASON = (
     "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor"

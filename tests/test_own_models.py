@@ -156,6 +156,7 @@ def test_fedgkt_takes_the_server_training_settings_for_a_bare_model(task_identit
         device="cpu",
         min_available_nodes=1,
         server_epochs=2,
+        feature_dtype="float32",
     )
     trainer = strategy.trainer
     strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2]))

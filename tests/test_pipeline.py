@@ -12,16 +12,18 @@ from inprocess import InProcessGrid, node_context
 from flwr_fedgkt import client_app
 from flwr_fedgkt.checkpoint import load_latest_checkpoint
 from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.pipeline import PipelinedFedGKT
 from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.strategy import FedGKT
 
 RUN_CONFIG = {"dataset": "synthetic", "synthetic-samples-per-node": 40, "batch-size": 16, "seed": 3}
 
 
-def _strategy(**kwargs) -> FedGKT:
+def _strategy(pipeline: bool = False, **kwargs) -> FedGKT:
     config = RunConfig.from_mapping({**RUN_CONFIG, "device": "cpu"})
     trainer = ServerTrainer.from_run_config(config, num_classes=10)
-    return FedGKT(trainer, feature_dtype="int8", seed=3, **kwargs)
+    schedule = PipelinedFedGKT if pipeline else FedGKT
+    return schedule(trainer, feature_dtype="int8", seed=3, **kwargs)
 
 
 def _grid(handlers=None) -> InProcessGrid:

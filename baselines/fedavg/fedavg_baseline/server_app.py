@@ -14,7 +14,7 @@ from flwr_fedgkt.accounting import model_profile
 from flwr_fedgkt.data import DataUnavailableError, PartitionError, describe_dataset
 from flwr_fedgkt.models import seeded_model
 from flwr_fedgkt.results import ResultsWriter
-from flwr_fedgkt.strategy import federation_data
+from flwr_fedgkt.server_app import federation_data
 
 from .config import FedAvgConfig
 from .strategy import MeteredFedAvg

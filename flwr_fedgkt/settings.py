@@ -1,0 +1,373 @@
+"""Every option of FedGKT, written once: its name, its one default and its one
+line of documentation.
+
+:class:`Settings` is the run config (``[tool.flwr.app.config]`` in
+``pyproject.toml`` plus ``--run-config`` overrides, kebab-case keys) as a typed,
+frozen, validated object, and the source of the defaults of every layer: the
+strategies (:class:`~flwr_fedgkt.strategy.FedGKT`, the legacy
+:class:`~flwr_fedgkt.legacy.LegacyFedGKT`), :class:`~flwr_fedgkt.client.FedGKTClient`,
+:class:`~flwr_fedgkt.server.ServerTrainer` and the built-in apps take their
+defaults from :data:`DEFAULTS`, and the README's option table is
+:func:`option_table` (a test checks all of them against this class).
+:meth:`Settings.from_mapping` is the one place a run config maps onto it.
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .codec import FEATURE_DTYPES
+from .compression import COMPRESSIONS
+from .data import DATASET_NAMES, PARTITIONERS
+from .models import COMPACT, EDGE_MODEL, SERVER_MODELS
+from .precision import PRECISIONS
+
+__all__ = ["DEFAULTS", "ConfigError", "RunConfig", "Settings", "boolean", "option_table"]
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing or invalid."""
+
+
+def boolean(raw: Any) -> bool:
+    """A TOML boolean, or its spelling as text (``true``/``false``, ``1``/``0``,
+    ``yes``/``no``); ValueError for anything else (``bool("false")`` is True)."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def option(default: Any, doc: str) -> Any:
+    """A settings field: its default and its one line of documentation."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All options, with their defaults (the attribute names are the run-config
+    keys with ``-`` replaced by ``_``); ``Settings.doc(key)`` documents each."""
+
+    num_server_rounds: int = option(8, "FedGKT rounds")
+    fraction_train: float = option(1.0, "fraction of nodes sampled for training each round")
+    fraction_evaluate: float = option(1.0, "fraction of nodes sampled for evaluation")
+    min_train_nodes: int = option(2, "minimum nodes sampled for training")
+    min_evaluate_nodes: int = option(2, "minimum nodes sampled for evaluation")
+    min_available_nodes: int = option(2, "nodes that must be connected before a round starts")
+    dataset: str = option(
+        "digits",
+        "`digits` (offline, ships with scikit-learn), `cifar10`, `cifar100`, `cinic10`, or "
+        "`synthetic` (tests)",
+    )
+    partitioner: str = option(
+        "iid", "`iid`, `dirichlet` or `pathological` (flwr-datasets partitioners)"
+    )
+    dirichlet_alpha: float = option(
+        0.5, "concentration of the Dirichlet partitioner (smaller: more skewed)"
+    )
+    classes_per_partition: int = option(2, "classes per node of the pathological partitioner")
+    min_partition_size: int = option(
+        10, "smallest node partition the Dirichlet partitioner accepts (it redraws otherwise)"
+    )
+    data_dir: str = option(
+        "",
+        "absolute path of a local copy of `cifar10` / `cifar100` / `cinic10`; read with no "
+        "network access. Empty: the Hugging Face Hub",
+    )
+    synthetic_samples_per_node: int = option(
+        0,
+        "size of the `synthetic` data set: this many samples per partition (`num-supernodes` "
+        "times as many in all), so that any number of nodes gets real partitions; 0: 600 in "
+        "all. Other data sets have their own size",
+    )
+    batch_size: int = option(32, "edge training batch size")
+    server_batch_size: int = option(64, "server training batch size")
+    client_epochs: int = option(1, "edge epochs per round")
+    server_epochs: int = option(1, "server epochs per round over all stored features")
+    client_lr: float = option(
+        0.001,
+        "edge Adam learning rate (weight decay 5e-4); the reference implementation's Adam rate",
+    )
+    server_lr: float = option(
+        0.003,
+        "server Adam learning rate, cosine decay to 5 % over `num-server-rounds` x `server-epochs`",
+    )
+    temperature: float = option(3.0, "KD temperature T")
+    alpha: float = option(1.0, "KD weight: loss = CE + alpha * T^2 * KL")
+    feature_dtype: str = option(
+        "int8",
+        "features on the wire and at rest: `float32`, `float16`, `bfloat16`, `int8` (8-bit "
+        "affine per channel: 4x fewer bytes than float32, see Performance)",
+    )
+    server_model: str = option("resnet55", "`resnet55` or `resnet109`")
+    seed: int = option(
+        42,
+        "seeds partitions, splits, model initialisation, shuffling and node sampling (the "
+        "same node ids are sampled alike in every run)",
+    )
+    output_dir: str = option("", "absolute path where the server writes `results.json`")
+    device: str = option(
+        "auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:1`, ..."
+    )
+    precision: str = option(
+        "auto",
+        "training precision of the server (training, server logits, scores) and of each "
+        "node's edge training: `float32`, `bfloat16` (autocast, float32 weights; losses, KD "
+        "softmaxes and the uploaded features in float32), `float16` (the same with a gradient"
+        " scaler, for GPUs without bfloat16) or `auto` (bfloat16 where the process's own "
+        "hardware runs it natively: a CPU with AVX512-BF16 or AMX, a CUDA GPU with bfloat16; "
+        "float32 elsewhere; never float16). See [Performance](#performance)",
+    )
+    round_timeout: float = option(3600.0, "seconds the server waits for replies in a round")
+    max_reply_bytes: int = option(0, "replies larger than this are rejected (0: no limit)")
+    max_staleness: int = option(
+        -1, "train on features of nodes seen within this many rounds (-1: no limit)"
+    )
+    max_idle_rounds: int = option(
+        3,
+        "after this many rounds in a row in which no node replied usefully (every sampled "
+        'node failed or was rejected), the run stops with `"status": "no-progress"` and the '
+        "reasons with their counts in `results.json` (`no_progress_reasons`); 0: never stop",
+    )
+    feature_store: str = option(
+        "memory", "`memory`, or `disk` (memory-mapped files under `output-dir`)"
+    )
+    freeze_extractor: bool = option(
+        False,
+        "keep the edge stem fixed from the start (the same as `freeze-after = 0`); each node "
+        "uploads its (unchanging) features once, later rounds carry only ids and logits (the "
+        "legacy-API client freezes the stem but uploads every round)",
+    )
+    freeze_after: int = option(
+        -1,
+        "train the edge stem in rounds 1 to K, keep it fixed from round K+1 on (-1: never); a"
+        " node's features stop changing, so it stops sending them (see "
+        "[Performance](#performance)). Not with `freeze-extractor`",
+    )
+    compact_features: bool = option(
+        False,
+        "the compact model pair: the edge stem ends in a 1x1 bottleneck to 3 channels (3 x 32"
+        " x 32 features, 3 KiB per sample in int8, the raw image's size), the server model "
+        "takes 3 channels",
+    )
+    pipeline: bool = option(
+        False,
+        "pipelined rounds: the server trains round t in the background while the nodes "
+        "evaluate and train round t+1, which distils from server logits one round older; see "
+        "[Pipelined rounds, GPUs, more than one "
+        "machine](#pipelined-rounds-gpus-more-than-one-machine). Message API only",
+    )
+    compression: str = option(
+        "zstd",
+        "lossless compression of the uploaded feature bytes: `zstd` (about 2x on int8 edge "
+        "features) or `none`. The round's config names the codec; a reply may use it or "
+        "`none` (ClientApps that do not compress, such as the legacy-API client, still work);"
+        " the server bounds a frame's size before inflating it",
+    )
+    shared_extractor_init: bool = option(
+        False,
+        "every node's edge model starts from `seed` (not `seed + partition-id`); with "
+        "`freeze-extractor` all nodes share one extractor and the run also saves "
+        "`deployable_model.pt` (extractor + server model)",
+    )
+    max_feature_abs: float = option(
+        1e4,
+        "replies whose decoded features exceed this magnitude are rejected (see [What one "
+        "node can and cannot do](#what-one-node-can-and-cannot-do))",
+    )
+    max_logit_abs: float = option(
+        1e4,
+        "replies whose edge logits exceed this magnitude are rejected (honest edges stay "
+        "below 100)",
+    )
+    query_timeout: float = option(
+        300.0,
+        "seconds the server waits for new nodes to say their key (a `query` Message), before "
+        "the first round in which they are sampled",
+    )
+    resume_from: str = option(
+        "",
+        "a previous `output-dir`: continue after its newest readable checkpoint (Message-API "
+        "ServerApp; the legacy-API one refuses it)",
+    )
+    client_state_dir: str = option(
+        "", "where each node also keeps its edge state on disk (needed to resume)"
+    )
+
+    @property
+    def edge_model_name(self) -> str:
+        """The built-in edge model: ``resnet8``, or ``resnet8-compact`` with
+        ``compact-features``."""
+        return EDGE_MODEL + (COMPACT if self.compact_features else "")
+
+    @property
+    def server_model_name(self) -> str:
+        """The built-in server model: ``server-model``, with ``-compact`` for
+        ``compact-features``."""
+        return self.server_model + (COMPACT if self.compact_features else "")
+
+    @classmethod
+    def doc(cls, key: str) -> str:
+        """The one line of documentation of option ``key`` (kebab- or snake-case)."""
+        name = key.replace("-", "_")
+        for f in fields(cls):
+            if f.name == name:
+                return str(f.metadata["doc"])
+        raise KeyError(key)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], strict: bool = False) -> Settings:
+        """Build from run-config keys; unknown keys are ignored unless ``strict``."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        if strict:
+            unknown = sorted(set(mapping) - set(known))
+            if unknown:
+                raise ConfigError(f"unknown run-config keys: {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        defaults = cls()
+        for key, f in known.items():
+            if key not in mapping:
+                continue
+            raw = mapping[key]
+            default = getattr(defaults, f.name)
+            try:
+                if isinstance(default, bool):
+                    value: Any = boolean(raw)
+                elif isinstance(default, int):
+                    if isinstance(raw, float) and not raw.is_integer():
+                        raise ValueError
+                    value = int(raw)
+                elif isinstance(default, float):
+                    value = float(raw)
+                else:
+                    value = str(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"run-config {key!r} = {raw!r} is not a valid {type(default).__name__}"
+                ) from None
+            values[f.name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, as in ``pyproject.toml``."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        def fail(key: str, why: str) -> None:
+            raise ConfigError(
+                f"run-config {key!r} = {getattr(self, key.replace('-', '_'))!r}: {why}"
+            )
+
+        if self.num_server_rounds < 1:
+            fail("num-server-rounds", "must be at least 1")
+        for key in ("fraction-train", "fraction-evaluate"):
+            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
+                fail(key, "must lie in [0, 1]")
+        for key in ("batch-size", "server-batch-size"):
+            if getattr(self, key.replace("-", "_")) < 2:
+                fail(key, "must be at least 2")
+        for key in (
+            "client-epochs",
+            "server-epochs",
+            "min-train-nodes",
+            "min-evaluate-nodes",
+            "min-available-nodes",
+        ):
+            if getattr(self, key.replace("-", "_")) < 0:
+                fail(key, "must not be negative")
+        for key in ("client-lr", "server-lr", "temperature", "dirichlet-alpha", "round-timeout"):
+            if getattr(self, key.replace("-", "_")) <= 0:
+                fail(key, "must be positive")
+        if self.alpha < 0:
+            fail("alpha", "must not be negative")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
+        if self.server_model not in SERVER_MODELS:
+            fail("server-model", f"expected one of {', '.join(SERVER_MODELS)}")
+        if self.max_reply_bytes < 0:
+            fail("max-reply-bytes", "must not be negative (0: no limit)")
+        if not self.max_feature_abs > 0:
+            fail("max-feature-abs", "must be positive")
+        if not self.max_logit_abs > 0:
+            fail("max-logit-abs", "must be positive")
+        if not 0 < self.query_timeout <= self.round_timeout:
+            fail("query-timeout", "must be positive and at most round-timeout")
+        if self.max_idle_rounds < 0:
+            fail("max-idle-rounds", "must not be negative (0: never stop)")
+        if self.max_staleness < -1:
+            fail("max-staleness", "must be -1 (no limit) or a number of rounds")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"expected one of {', '.join(PRECISIONS)}")
+        if self.compression not in COMPRESSIONS:
+            fail("compression", f"expected one of {', '.join(COMPRESSIONS)}")
+        if self.freeze_after < -1:
+            fail("freeze-after", "must be -1 (never) or a number of rounds")
+        if self.freeze_extractor and self.freeze_after >= 0:
+            fail(
+                "freeze-after",
+                "set freeze-after or freeze-extractor (frozen from the start, i.e. "
+                "freeze-after = 0), not both",
+            )
+        if self.feature_store not in ("memory", "disk"):
+            fail("feature-store", "expected memory or disk")
+        if self.dataset not in DATASET_NAMES:
+            fail("dataset", f"expected one of {', '.join(DATASET_NAMES)}")
+        if self.partitioner not in PARTITIONERS:
+            fail("partitioner", f"expected one of {', '.join(PARTITIONERS)}")
+        if self.classes_per_partition < 1:
+            fail("classes-per-partition", "must be at least 1")
+        if self.synthetic_samples_per_node < 0 or self.synthetic_samples_per_node == 1:
+            fail(
+                "synthetic-samples-per-node",
+                "must be 0 (600 samples in all) or at least 2 (one to train, one to test)",
+            )
+        if self.min_partition_size < 0:
+            fail("min-partition-size", "must not be negative")
+        if self.data_dir and not os.path.isabs(os.path.expanduser(self.data_dir)):
+            fail("data-dir", "must be an absolute path (apps may run in other directories)")
+
+
+RunConfig = Settings
+"""The run config: the same type as :class:`Settings`."""
+
+DEFAULTS = Settings()
+"""Every option at its default: what every layer's defaults are taken from."""
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"`{value}`" if value else '`""`'
+    return repr(value)
+
+
+def option_table() -> str:
+    """The README's option table (markdown): key, default, meaning."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for f in fields(Settings):
+        key = f.name.replace("_", "-")
+        lines.append(f"| `{key}` | {_cell(f.default)} | {f.metadata['doc']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(option_table())
