@@ -2,26 +2,28 @@
 
 The public API, importable from ``flwr_fedgkt``:
 
-- :class:`FedGKT`: the strategy on Flower's Message API (``strategy.start(...)``),
-  and :class:`FedGKTClient`, the ``train``/``evaluate`` handlers of a ClientApp
-  with the node's own edge model and data; :class:`LegacyFedGKT` and
-  :class:`FedGKTNumPyClient` on the legacy API;
-- :class:`EdgeNode` (with :class:`EdgeSettings`): a node's rounds without Flower;
-- :class:`RoundEngine`: the server's round without Flower, which both hold;
-- :class:`ServerTrainer` and :class:`EdgeTrainer`: the two sides' training;
+- the strategy on Flower's Message API, :class:`FedGKT` (rounds in Flower's own
+  loop) and :class:`PipelinedFedGKT` (the server trains round t during round t+1);
+- :class:`FedGKTClient`, the ``train``/``evaluate``/``query`` handlers of a
+  ClientApp with the node's own edge model and data (:func:`default_node_key`,
+  :func:`key_reply` for a query handler of one's own);
+- :class:`ServerTrainer` (the server model with its training settings) and
+  :class:`FeatureStore` (in memory or memory-mapped on disk);
 - :func:`cut_model`: an edge/server pair cut from any model at a named child
-  (:class:`ModelPair`, :class:`EdgeModel`);
-- the paper's models (:func:`build_model`, :data:`SERVER_MODELS`), the KD loss
-  (:func:`ce_kd_loss`), the wire codec (:func:`encode_features`,
-  :func:`decode_features`, :data:`FEATURE_DTYPES`) and the typed run config
-  (:class:`RunConfig`), and :class:`ResultsWriter` (``results.json`` and
-  ``accuracy.png``, as the built-in ServerApp writes them, e.g. from
-  ``on_round_end``).
+  (:class:`ModelPair`, :class:`EdgeModel`); the paper's models
+  (:func:`build_model`, :data:`SERVER_MODELS`, :class:`EdgeResNet`,
+  :class:`ServerResNet`, :class:`FullResNet`) and the KD loss (:func:`ce_kd_loss`);
+- :class:`Settings` (every option with its default and documentation;
+  :data:`DEFAULTS`; ``RunConfig`` is the same type), :class:`ResultsWriter`;
+- the errors: :class:`ConfigError`, :class:`PayloadError`,
+  :class:`NoProgressError`, :class:`DataUnavailableError`, :class:`PartitionError`.
 
-The core (models, distill, edge, server, features, rounds, data, accounting,
-config, results) is plain PyTorch; the Flower layer (strategy, compat, records,
-client_app, server_app) is thin and imports the core, never the reverse. Names are
-imported on first use, so ``import flwr_fedgkt.models`` loads no Flower code.
+The legacy Flower API (``NumPyClient``, legacy ``Strategy``) is
+:mod:`flwr_fedgkt.legacy`. The core (models, distill, edge, server, codec,
+validation, store, rounds, data, accounting, settings, results) is plain
+PyTorch; the Flower layer (strategy, pipeline, legacy, records, client,
+client_app, server_app) is thin and imports the core, never the reverse. Names
+are imported on first use, so ``import flwr_fedgkt.models`` loads no Flower code.
 """
 
 from __future__ import annotations
@@ -33,95 +35,95 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FedGKT": "strategy",
-    "LegacyFedGKT": "compat",
-    "FedGKTNumPyClient": "compat",
+    "PipelinedFedGKT": "pipeline",
     "FedGKTClient": "client",
-    "EdgeNode": "node",
-    "EdgeSettings": "node",
-    "RoundEngine": "rounds",
-    "RoundLog": "rounds",
+    "default_node_key": "client",
+    "key_reply": "client",
     "ServerTrainer": "server",
-    "EdgeTrainer": "edge",
-    "LogitTable": "edge",
-    "build_model": "models",
+    "FeatureStore": "store",
     "cut_model": "cut",
     "ModelPair": "cut",
     "EdgeModel": "cut",
+    "build_model": "models",
     "SERVER_MODELS": "models",
     "EdgeResNet": "models",
     "ServerResNet": "models",
     "FullResNet": "models",
     "ce_kd_loss": "distill",
-    "kd_loss": "distill",
-    "encode_features": "features",
-    "decode_features": "features",
-    "FEATURE_DTYPES": "features",
-    "FeatureStore": "features",
-    "PayloadError": "features",
-    "RunConfig": "config",
+    "Settings": "settings",
+    "RunConfig": "settings",
+    "DEFAULTS": "settings",
     "ResultsWriter": "results",
+    "ConfigError": "settings",
+    "PayloadError": "codec",
+    "NoProgressError": "recorder",
+    "DataUnavailableError": "data",
+    "PartitionError": "data",
+}
+# importable from here for code written against earlier versions; not the API
+_INTERNAL = {
+    "EdgeNode": "node",
+    "EdgeSettings": "node",
+    "RoundEngine": "rounds",
+    "RoundLog": "recorder",
+    "EdgeTrainer": "edge",
+    "LogitTable": "edge",
+    "kd_loss": "distill",
+    "encode_features": "codec",
+    "decode_features": "codec",
+    "FEATURE_DTYPES": "codec",
     "SampleSet": "data",
 }
 
 __all__ = [
+    "ConfigError",
+    "DEFAULTS",
+    "DataUnavailableError",
     "EdgeModel",
-    "EdgeNode",
     "EdgeResNet",
-    "EdgeSettings",
-    "EdgeTrainer",
-    "FEATURE_DTYPES",
     "FeatureStore",
     "FedGKT",
     "FedGKTClient",
-    "FedGKTNumPyClient",
     "FullResNet",
-    "LegacyFedGKT",
-    "LogitTable",
     "ModelPair",
+    "NoProgressError",
+    "PartitionError",
     "PayloadError",
-    "RoundEngine",
+    "PipelinedFedGKT",
     "ResultsWriter",
-    "RoundLog",
     "RunConfig",
     "SERVER_MODELS",
-    "SampleSet",
     "ServerResNet",
     "ServerTrainer",
+    "Settings",
     "build_model",
     "ce_kd_loss",
     "cut_model",
-    "decode_features",
-    "encode_features",
-    "kd_loss",
+    "default_node_key",
+    "key_reply",
 ]
 
 if TYPE_CHECKING:
-    from .client import FedGKTClient
-    from .compat import FedGKTNumPyClient, LegacyFedGKT
-    from .config import RunConfig
+    from .client import FedGKTClient, default_node_key, key_reply
+    from .codec import PayloadError
     from .cut import EdgeModel, ModelPair, cut_model
-    from .data import SampleSet
-    from .distill import ce_kd_loss, kd_loss
-    from .edge import EdgeTrainer, LogitTable
-    from .features import (
-        FEATURE_DTYPES,
-        FeatureStore,
-        PayloadError,
-        decode_features,
-        encode_features,
-    )
+    from .data import DataUnavailableError, PartitionError
+    from .distill import ce_kd_loss
     from .models import SERVER_MODELS, EdgeResNet, FullResNet, ServerResNet, build_model
-    from .node import EdgeNode, EdgeSettings
+    from .pipeline import PipelinedFedGKT
+    from .recorder import NoProgressError
     from .results import ResultsWriter
-    from .rounds import RoundEngine, RoundLog
     from .server import ServerTrainer
+    from .settings import DEFAULTS, ConfigError, RunConfig, Settings
+    from .store import FeatureStore
     from .strategy import FedGKT
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    module = _EXPORTS.get(name) or _INTERNAL.get(name)
+    if module is None:
         raise AttributeError(f"module 'flwr_fedgkt' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 

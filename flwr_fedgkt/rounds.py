@@ -36,17 +36,15 @@ from torch import nn
 from .checkpoint import rng_state, set_rng_state
 from .codec import NodeKey, PayloadError, check_dtype_name
 from .compression import check_compression
-from .config import RunConfig
 from .precision import TRAINING_PRECISIONS
 from .recorder import NoProgressError, RoundLog, RoundRecorder, failure_line
 from .registry import NodeRegistry
 from .server import ServerTrainer, output_classes
 from .server_step import ServerStep, TrainingJob
+from .settings import DEFAULTS, RunConfig
 from .store import FeatureStore
 from .validation import (
     COMPRESSION_KEY,
-    MAX_FEATURE_ABS,
-    MAX_LOGIT_ABS,
     NODE_KEY,
     PRECISION_KEY,
     AcceptedReply,
@@ -95,22 +93,22 @@ class RoundEngine:
         self,
         trainer: ServerTrainer | nn.Module,
         *,
-        server_epochs: int = 1,
-        feature_dtype: str = "float32",
+        server_epochs: int = DEFAULTS.server_epochs,
+        feature_dtype: str = DEFAULTS.feature_dtype,
         feature_shape: tuple[int, ...] | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
-        max_reply_bytes: int = 0,
+        max_reply_bytes: int = DEFAULTS.max_reply_bytes,
         max_staleness: int | None = None,
         store: FeatureStore | None = None,
         checkpoint_dir: str | Path | None = None,
-        freeze_extractor: bool = False,
+        freeze_extractor: bool = DEFAULTS.freeze_extractor,
         freeze_after: int | None = None,
-        compression: str = "zstd",
-        max_feature_abs: float = MAX_FEATURE_ABS,
-        max_logit_abs: float = MAX_LOGIT_ABS,
+        compression: str = DEFAULTS.compression,
+        max_feature_abs: float = DEFAULTS.max_feature_abs,
+        max_logit_abs: float = DEFAULTS.max_logit_abs,
         global_sample_ids: bool = False,
-        seed: int = 0,
-        max_idle_rounds: int = 3,
+        seed: int = DEFAULTS.seed,
+        max_idle_rounds: int = DEFAULTS.max_idle_rounds,
     ) -> None:
         check_dtype_name(feature_dtype)
         check_compression(compression)

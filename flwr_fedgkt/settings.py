@@ -27,6 +27,7 @@ from .compression import COMPRESSIONS
 from .data import DATASET_NAMES, PARTITIONERS
 from .models import COMPACT, EDGE_MODEL, SERVER_MODELS
 from .precision import PRECISIONS
+from .validation.payload import MAX_FEATURE_ABS, MAX_LOGIT_ABS
 
 __all__ = ["DEFAULTS", "ConfigError", "RunConfig", "Settings", "boolean", "option_table"]
 
@@ -183,12 +184,12 @@ class Settings:
         "`deployable_model.pt` (extractor + server model)",
     )
     max_feature_abs: float = option(
-        1e4,
+        MAX_FEATURE_ABS,
         "replies whose decoded features exceed this magnitude are rejected (see [What one "
         "node can and cannot do](#what-one-node-can-and-cannot-do))",
     )
     max_logit_abs: float = option(
-        1e4,
+        MAX_LOGIT_ABS,
         "replies whose edge logits exceed this magnitude are rejected (honest edges stay "
         "below 100)",
     )

@@ -1,0 +1,169 @@
+"""Every option is written once (flwr_fedgkt.settings.Settings): pyproject's run
+config, the README's option table and the defaults of every layer (the
+strategies, the client, the server trainer, the round engine, the edge settings)
+must agree with it."""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from dataclasses import fields
+
+import pytest
+from flower_processes import REPO
+
+from flwr_fedgkt.client import FedGKTClient
+from flwr_fedgkt.node import EdgeSettings
+from flwr_fedgkt.rounds import RoundEngine
+from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import DEFAULTS, ConfigError, Settings, option_table
+from flwr_fedgkt.strategy import FedGKT
+
+# Each layer's parameter name -> the option it takes its default from
+SHARED = {
+    FedGKT: {
+        "server_epochs": "server_epochs",
+        "feature_dtype": "feature_dtype",
+        "fraction_train": "fraction_train",
+        "fraction_evaluate": "fraction_evaluate",
+        "min_train_nodes": "min_train_nodes",
+        "min_evaluate_nodes": "min_evaluate_nodes",
+        "min_available_nodes": "min_available_nodes",
+        "max_reply_bytes": "max_reply_bytes",
+        "freeze_extractor": "freeze_extractor",
+        "compression": "compression",
+        "max_feature_abs": "max_feature_abs",
+        "max_logit_abs": "max_logit_abs",
+        "seed": "seed",
+        "query_timeout": "query_timeout",
+        "max_idle_rounds": "max_idle_rounds",
+    },
+    RoundEngine: {
+        "server_epochs": "server_epochs",
+        "feature_dtype": "feature_dtype",
+        "max_reply_bytes": "max_reply_bytes",
+        "freeze_extractor": "freeze_extractor",
+        "compression": "compression",
+        "max_feature_abs": "max_feature_abs",
+        "max_logit_abs": "max_logit_abs",
+        "seed": "seed",
+        "max_idle_rounds": "max_idle_rounds",
+    },
+    ServerTrainer: {
+        "model_name": "server_model",
+        "lr": "server_lr",
+        "batch_size": "server_batch_size",
+        "temperature": "temperature",
+        "alpha": "alpha",
+        "seed": "seed",
+        "device": "device",
+        "precision": "precision",
+    },
+    FedGKTClient: {
+        "epochs": "client_epochs",
+        "lr": "client_lr",
+        "batch_size": "batch_size",
+        "temperature": "temperature",
+        "alpha": "alpha",
+        "freeze_extractor": "freeze_extractor",
+        "device": "device",
+        "seed": "seed",
+        "precision": "precision",
+    },
+    EdgeSettings: {
+        "epochs": "client_epochs",
+        "lr": "client_lr",
+        "batch_size": "batch_size",
+        "temperature": "temperature",
+        "alpha": "alpha",
+    },
+}
+# Options whose "unset" is spelled None in the API and -1 in the run config
+NONE_IS_MINUS_ONE = {"max_staleness", "freeze_after"}
+
+
+def _disagreements(layer, names: dict[str, str], defaults: Settings) -> list[str]:
+    params = inspect.signature(layer).parameters
+    wrong = []
+    for param, option in names.items():
+        assert param in params, f"{layer.__name__} has no parameter {param!r}"
+        if params[param].default != getattr(defaults, option):
+            wrong.append(f"{layer.__name__}.{param}={params[param].default!r}")
+    for option in NONE_IS_MINUS_ONE & set(params):
+        if getattr(defaults, option) == -1 and params[option].default is not None:
+            wrong.append(f"{layer.__name__}.{option}={params[option].default!r}")
+    return wrong
+
+
+@pytest.mark.parametrize("layer", list(SHARED), ids=lambda layer: layer.__name__)
+def test_every_layer_takes_the_settings_defaults(layer) -> None:
+    # Execute
+    wrong = _disagreements(layer, SHARED[layer], DEFAULTS)
+    # Assert
+    assert wrong == []
+
+
+def test_a_layer_default_that_disagrees_is_caught() -> None:
+    # Prepare: the settings as they would be if one option's default changed
+    changed = Settings(seed=DEFAULTS.seed + 1, feature_dtype="float16")
+    # Execute
+    wrong = _disagreements(FedGKT, SHARED[FedGKT], changed)
+    # Assert
+    assert sorted(wrong) == ["FedGKT.feature_dtype='int8'", "FedGKT.seed=42"]
+
+
+def test_the_legacy_strategy_takes_the_settings_defaults() -> None:
+    # Prepare
+    from flwr_fedgkt.legacy import LegacyFedGKT
+
+    params = inspect.signature(LegacyFedGKT).parameters
+    # Execute
+    wrong = [
+        name
+        for name in (
+            "fraction_train",
+            "fraction_evaluate",
+            "min_train_nodes",
+            "min_evaluate_nodes",
+            "min_available_nodes",
+            "query_timeout",
+        )
+        if name in params and params[name].default != getattr(DEFAULTS, name)
+    ]
+    # Assert: its other options go to the round engine, whose defaults are checked above
+    assert wrong == []
+
+
+def test_pyproject_run_config_is_the_settings_defaults() -> None:
+    # Prepare
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    # Execute
+    expected = DEFAULTS.to_dict()
+    # Assert: the same keys, the same values
+    assert sorted(table) == sorted(expected)
+    assert {k: v for k, v in table.items() if expected[k] != v} == {}
+
+
+def test_readme_option_table_is_generated_from_the_settings() -> None:
+    # Prepare
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("| key | default | meaning |")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    # Execute
+    table = lines[start:end]
+    # Assert: row for row, in the settings' order (regenerate with
+    # `python -m flwr_fedgkt.settings`)
+    assert table == option_table().splitlines()
+
+
+def test_every_option_has_one_line_of_documentation() -> None:
+    # Execute
+    docs = {f.name: f.metadata.get("doc", "") for f in fields(Settings)}
+    # Assert
+    assert all(doc and "\n" not in doc for doc in docs.values()), docs
+
+
+def test_a_bad_option_value_is_named() -> None:
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="'query-timeout' = 5000.0: must be positive and at most"):
+        Settings.from_mapping({"query-timeout": 5000.0})
