@@ -29,7 +29,8 @@ import torch
 
 from flwr_fedgkt.data import load_partition
 from flwr_fedgkt.distill import ce_kd_loss
-from flwr_fedgkt.edge import EdgeTrainer, LogitTable, training_batches
+from flwr_fedgkt.edge import EdgeTrainer, LogitTable
+from flwr_fedgkt.edge_data import training_batches
 
 REQUIRED_RATIO = 3.0
 

@@ -6,11 +6,10 @@ id**, never by batch position), then extract features, logits, labels and sample
 over the training split with the model in eval mode.
 
 The edge model is any ``nn.Module`` whose ``forward`` returns ``(logits,
-features)`` (the paper's ResNet-8 by default). Data is a
-:class:`~flwr_fedgkt.data.SampleSet` (images held as one tensor, augmented per
-batch) or any ``torch.utils.data.Dataset`` / sequence of ``(x, y)`` or
-``(x, y, sample_id)`` items (the item's index is its sample id when it has none);
-such a data set augments in its own ``__getitem__``, as torchvision transforms do.
+features)`` (the paper's ResNet-8 by default). Data is any
+:data:`~flwr_fedgkt.edge_data.EdgeData` (a :class:`~flwr_fedgkt.data.SampleSet`,
+or any data set or sequence of ``(x, y)`` / ``(x, y, sample_id)`` items), read in
+batches by :mod:`flwr_fedgkt.edge_data`.
 
 Training may augment each batch per sample (the training split's own
 ``augmentation``, e.g. :class:`flwr_fedgkt.data.RandomCropFlip`, or one passed in);
@@ -24,7 +23,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .compression import compress
-from .data import Augmentation, SampleSet
+from .data import Augmentation
 from .distill import DistillLoss, ce_kd_loss, kd_loss
+from .edge_data import EdgeData, ordered_batches, training_batches
 from .features import encode_features, encoded_digest
 from .models import seeded_model
 from .precision import autocast, loss_scaler, resolve_precision
@@ -52,13 +51,10 @@ from .training import (
 __all__ = [
     "EdgeData",
     "OptimizerFactory",
-    "IdentifiedSamples",
     "LogitTable",
     "Extracted",
     "EdgeTrainer",
-    "edge_generator",
     "resolve_device",
-    "training_batches",
     "train_metrics",
     "evaluate_metrics",
     "extractor_of",
@@ -70,93 +66,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def edge_generator(seed: int, partition_id: int, server_round: int) -> torch.Generator:
-    """The shuffling RNG of one node's edge training in one round: different per
-    node and round, reproducible for a given seed."""
-    return torch.Generator().manual_seed(hash((seed, partition_id, server_round)) % 2**63)
-
-
-EdgeData = SampleSet | Dataset[Any] | Sequence[Any]
-"""A node's data: a :class:`~flwr_fedgkt.data.SampleSet`, or any data set or
-sequence of ``(x, y)`` / ``(x, y, sample_id)`` items."""
-
-
-class IdentifiedSamples(Dataset[tuple[Any, Tensor, Tensor]]):
-    """Any data set of ``(x, y)`` or ``(x, y, sample_id)`` items as ``(x, y, id)``
-    items: the id is the item's own when it has one, else its index.
-
-    Labels and ids become ``int64`` scalars. Anything else is a ValueError that
-    names the item.
-    """
-
-    def __init__(self, data: Dataset[Any] | Sequence[Any]) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, Tensor, Tensor]:
-        item = self.data[index]
-        if not isinstance(item, tuple | list) or len(item) not in (2, 3):
-            raise ValueError(
-                f"item {index} of the data set is a {type(item).__name__}; expected "
-                "(x, y) or (x, y, sample_id)"
-            )
-        sample_id = item[2] if len(item) == 3 else index
-        return item[0], torch.as_tensor(item[1], dtype=torch.long), _as_id(sample_id)
-
-
-def _as_id(value: Any) -> Tensor:
-    tensor = torch.as_tensor(value)
-    if tensor.numel() != 1 or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
-        raise ValueError(f"a sample id must be one integer, got {value!r}")
-    return tensor.reshape(()).to(torch.long)
-
-
-def _loader(
-    data: EdgeData, batch_size: int, shuffle: bool, generator: torch.Generator | None
-) -> DataLoader[Any]:
-    dataset: Dataset[Any]
-    if isinstance(data, SampleSet):
-        dataset = TensorDataset(data.images, data.labels, data.ids)
-    else:
-        dataset = IdentifiedSamples(data)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
-
-
-def _in_order(data: EdgeData, batch_size: int) -> Iterator[tuple[Any, Tensor, Tensor]]:
-    """``(inputs, labels, ids)`` batches of ``data`` in its order, never augmented
-    (a ``SampleSet`` is sliced, without a DataLoader)."""
-    if not isinstance(data, SampleSet):
-        yield from _loader(data, batch_size, False, None)
-        return
-    for start in range(0, len(data), batch_size):
-        rows = slice(start, start + batch_size)
-        yield data.images[rows], data.labels[rows], data.ids[rows]
-
-
-def training_batches(
-    data: EdgeData,
-    batch_size: int,
-    generator: torch.Generator | None = None,
-    augment: Augmentation | None = None,
-) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """One epoch of shuffled ``(inputs, labels, ids)`` batches, on the CPU.
-
-    Every batch's inputs are augmented per sample with ``augment``, or else with
-    ``data.augmentation`` when ``data`` is a :class:`SampleSet` that has one,
-    drawing from ``generator``; labels and ids are left as they are, aligned with
-    their inputs.
-    """
-    loader = _loader(data, batch_size, True, generator)
-    if augment is None and isinstance(data, SampleSet):
-        augment = data.augmentation
-    for images, labels, ids in loader:
-        if augment is not None:
-            images = augment(images, generator)
-        yield images, labels, ids
 
 
 class LogitTable:
@@ -408,7 +317,7 @@ class EdgeTrainer:
         (a ``SampleSet`` never augmented). ValueError when two samples share an id."""
         self.model.eval()
         feats, logits, labels, ids = [], [], [], []
-        for x, y, i in _in_order(data, batch_size):
+        for x, y, i in ordered_batches(data, batch_size):
             out, f = self.model(x.to(self.device))
             feats.append(f.float().cpu())
             logits.append(out.float().cpu())

@@ -15,7 +15,9 @@ from typing import Any
 
 from .config import RunConfig
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
-from .node import MemoryStateStore, load_node_partition, partition_node
+from .edge_state import MemoryStateStore
+from .faces import engine_settings
+from .node import load_node_partition, partition_node
 from .rounds import NODE_KEY, ReplyParts, RoundEngine
 from .server import ServerTrainer
 
@@ -59,7 +61,7 @@ def run_local(
     ]
     on_round_end = (lambda record: print(record, flush=True)) if verbose else None
     trainer = ServerTrainer.from_run_config(config, num_classes)
-    engine = RoundEngine(trainer, on_round_end=on_round_end, **RoundEngine.settings(config))
+    engine = RoundEngine(trainer, on_round_end=on_round_end, **engine_settings(config))
     engine.connected = lambda: range(num_partitions)
     dtype = config.feature_dtype
     for server_round in range(1, config.num_server_rounds + 1):

@@ -31,15 +31,16 @@ import io
 from collections.abc import Collection
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import SType
 
+from .codec import PayloadError, read_npy_header
 from .edge import Extracted
-from .features import read_npy_header
 from .node import RoundInstructions
-from .validation import COMPRESSION_KEY, NODE_KEY, PRECISION_KEY
+from .validation import COMPRESSION_KEY, NODE_KEY, PRECISION_KEY, ReplyParts
 
 __all__ = [
+    "MessageReply",
     "FEATURES_KEY",
     "LOGITS_KEY",
     "METRICS_KEY",
@@ -123,3 +124,29 @@ def arrays_bytes(content: RecordDict) -> int:
 
 def round_config(values: dict[str, int | float | str]) -> ConfigRecord:
     return ConfigRecord(dict(values))
+
+
+class MessageReply:
+    """A reply Message, read as the engine reads replies (:class:`ReplyReader`)."""
+
+    def __init__(self, msg: Message) -> None:
+        self.msg = msg
+        self.node_id = msg.metadata.src_node_id
+        self.nbytes = arrays_bytes(msg.content)
+
+    def read(self) -> ReplyParts:
+        """The meta values, arrays (the uploaded features as views of the message's
+        bytes) and metrics; a missing record raises PayloadError.
+
+        Records and arrays other than those in :mod:`flwr_fedgkt.records` are ignored.
+        """
+        content = self.msg.content
+        for key, records, kind in (
+            (FEATURES_KEY, content.array_records, "ArrayRecord"),
+            (META_KEY, content.config_records, "ConfigRecord"),
+            (METRICS_KEY, content.metric_records, "MetricRecord"),
+        ):
+            if key not in records:
+                raise PayloadError(f"missing {kind} {key!r}")
+        arrays = record_arrays(content.array_records[FEATURES_KEY], views=("features",))
+        return content.config_records[META_KEY], arrays, content.metric_records[METRICS_KEY]

@@ -25,23 +25,22 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from torch import nn
 
 from .checkpoint import rng_state, set_rng_state
-from .codec import NodeKey, PayloadError, check_dtype_name
+from .codec import NodeKey, check_dtype_name
 from .compression import check_compression
+from .membership import Membership
 from .precision import TRAINING_PRECISIONS
 from .recorder import NoProgressError, RoundLog, RoundRecorder, failure_line
-from .registry import NodeRegistry
 from .server import ServerTrainer, output_classes
 from .server_step import ServerStep, TrainingJob
-from .settings import DEFAULTS, RunConfig
+from .settings import DEFAULTS
 from .store import FeatureStore
 from .validation import (
     COMPRESSION_KEY,
@@ -52,7 +51,6 @@ from .validation import (
     ReplyParts,
     ReplyReader,
     ReplyValidator,
-    validate_node_key,
 )
 
 __all__ = [
@@ -60,7 +58,6 @@ __all__ = [
     "NODE_KEY",
     "PRECISION_KEY",
     "AcceptedReply",
-    "HoldsEngine",
     "NoProgressError",
     "ReplyParts",
     "ReplyReader",
@@ -139,11 +136,9 @@ class RoundEngine:
         self.feature_shape = tuple(feature_shape)
         self.freeze_after = 0 if freeze_extractor else freeze_after
         self.compression = compression
-        self.registry = NodeRegistry(global_sample_ids)
-        self.sampler = random.Random(seed)
-        self.keyless: set[int] = set()  # nodes that could not say their key
+        self.members = Membership(global_sample_ids, seed)
+        self.registry = self.members.registry
         self.round_offset = 0  # rounds done before a resume
-        self.connected: Callable[[], Collection[int]] = tuple
         self.recorder = RoundRecorder(on_round_end, checkpoints, max_idle_rounds)
         self.step = ServerStep(trainer, store, server_epochs, max_staleness, self.recorder.reject)
         self.validator = ReplyValidator(
@@ -156,35 +151,10 @@ class RoundEngine:
             max_logit_abs=max_logit_abs,
             registry=self.registry,
             held_payload=self.step.held_payload,
-            connected=lambda: self.connected(),
+            connected=lambda: self.members.connected(),
         )
         self.logs: dict[int, RoundLog] = {}  # the open rounds' logs
         self._latest = RoundLog(round=0)
-
-    @staticmethod
-    def settings(config: RunConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
-        """The engine's keyword arguments a run's config asks for (besides the
-        trainer: :meth:`ServerTrainer.from_run_config`). The built-in data sets
-        number samples globally. With ``output_dir``, checkpoints go there and so
-        does the disk store."""
-        out = None if output_dir is None else Path(output_dir)
-        disk = config.feature_store == "disk" and out is not None
-        return {
-            "server_epochs": config.server_epochs,
-            "feature_dtype": config.feature_dtype,
-            "max_reply_bytes": config.max_reply_bytes,
-            "max_staleness": None if config.max_staleness < 0 else config.max_staleness,
-            "store": FeatureStore(out / "feature-store" if disk and out is not None else None),
-            "checkpoint_dir": out,
-            "freeze_extractor": config.freeze_extractor,
-            "freeze_after": None if config.freeze_after < 0 else config.freeze_after,
-            "compression": config.compression,
-            "max_feature_abs": config.max_feature_abs,
-            "max_logit_abs": config.max_logit_abs,
-            "global_sample_ids": True,
-            "seed": config.seed,
-            "max_idle_rounds": config.max_idle_rounds,
-        }
 
     # -- views ------------------------------------------------------------------------
     @property
@@ -204,6 +174,24 @@ class RoundEngine:
         return self.recorder.history
 
     @property
+    def connected(self) -> Callable[[], Collection[int]]:
+        """Gives the node ids connected now (the face sets it)."""
+        return self.members.connected
+
+    @connected.setter
+    def connected(self, connected: Callable[[], Collection[int]]) -> None:
+        self.members.connected = connected
+
+    @property
+    def on_round_end(self) -> Callable[[dict[str, Any]], None] | None:
+        """Called with each finished round's record."""
+        return self.recorder.on_round_end
+
+    @on_round_end.setter
+    def on_round_end(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.recorder.on_round_end = callback
+
+    @property
     def current(self) -> RoundLog:
         """The log of the newest round opened (for inspection)."""
         return self._latest
@@ -221,98 +209,6 @@ class RoundEngine:
         return self.step.server_epochs
 
     # -- configuration -----------------------------------------------------------------
-    def summary(self) -> None:
-        """Log the engine's settings (the strategy's summary)."""
-        trainer = self.trainer
-        logger.info("\t└──> Group knowledge transfer:")
-        logger.info(
-            "\t\t├── Server model: %s (%d params) on %s",
-            trainer.model_name,
-            trainer.num_parameters,
-            trainer.device,
-        )
-        logger.info(
-            "\t\t├── Server epochs per round: %d | KD T=%.2f alpha=%.2f | precision %s",
-            self.step.server_epochs,
-            trainer.temperature,
-            trainer.alpha,
-            trainer.precision,
-        )
-        logger.info(
-            "\t\t├── Features: %s, shape %s, stored %s",
-            self.feature_dtype,
-            "x".join(map(str, self.feature_shape)),
-            "in memory" if self.store.directory is None else f"on disk ({self.store.directory})",
-        )
-        if self.freeze_after is None:
-            frozen = "never"
-        elif self.freeze_after == 0:
-            frozen = "from the start"
-        else:
-            frozen = f"after round {self.freeze_after}"
-        logger.info(
-            "\t\t├── Compression: %s | edge extractor frozen: %s | unchanged features "
-            "are not sent again",
-            self.compression,
-            frozen,
-        )
-        logger.info(
-            "\t\t├── Max |feature|: %g | max |edge logit|: %g | global sample ids: %s",
-            self.max_feature_abs,
-            self.validator.max_logit_abs,
-            "yes" if self.registry.global_sample_ids else "no",
-        )
-        logger.info(
-            "\t\t└── Max reply bytes: %s | max staleness: %s | checkpoints: %s",
-            self.max_reply_bytes or "unlimited",
-            "unlimited" if self.step.max_staleness is None else f"{self.step.max_staleness} rounds",
-            self.recorder.checkpoint_dir or "off",
-        )
-
-    # -- configure: sampling and what each node gets --------------------------------------
-    def sample(self, node_ids: Collection[int], size: int) -> list[int]:
-        """``size`` of the connected ``node_ids``, drawn from the engine's generator
-        (seeded by ``seed``). Nodes whose key the server knows are drawn by key
-        (node ids change when a federation restarts, keys do not), the others by
-        node id after them: the same keys (or node ids) give the same sample in
-        every run, and a resumed run samples as the uninterrupted one."""
-        keyed = sorted((k, n) for n in node_ids if (k := self.registry.key_of(n)) is not None)
-        candidates = [n for _, n in keyed] + self.unkeyed(node_ids)
-        return sorted(self.sampler.sample(candidates, size))
-
-    def unkeyed(self, node_ids: Collection[int]) -> list[int]:
-        """The ``node_ids`` whose node key the server does not know yet."""
-        return sorted(n for n in node_ids if self.registry.key_of(n) is None)
-
-    def keys_to_ask(self, node_ids: Collection[int]) -> list[int]:
-        """The ``node_ids`` to ask for their key: those whose key the server does
-        not know, but for the ones that could not say it before
-        (:meth:`no_key`)."""
-        return [n for n in self.unkeyed(node_ids) if n not in self.keyless]
-
-    def no_key(self, node_ids: Collection[int]) -> None:
-        """These nodes could not say their key (e.g. a ClientApp without a query
-        handler): they are not asked again, and are bound to the key of their
-        first accepted reply."""
-        self.keyless.update(node_ids)
-
-    def learn_key(self, node_id: int, key: Any) -> NodeKey | None:
-        """Bind ``node_id`` to the node key it answered a key query with, so that it
-        is sampled by key and gets its own server logits from its first round on
-        (also the first round of a resumed run, whose node ids are new). A key that
-        is not valid, or that another connected node holds, is logged and not
-        bound (None)."""
-        try:
-            key = validate_node_key(key)
-            self.registry.check_binding(key, node_id, self.connected())
-        except PayloadError as err:
-            logger.warning("node %s's key is not taken: %s", node_id, err)
-            return None
-        moved = self.registry.commit(key, node_id)
-        if moved is not None:
-            logger.info("node key %r moved from node %d (gone) to node %d", key, moved, node_id)
-        return key
-
     def begin_round(self, server_round: int) -> RoundLog:
         """Open the log of round ``server_round`` (at the start of its training)."""
         log = self.recorder.open(server_round)
@@ -447,7 +343,7 @@ class RoundEngine:
         return {
             **self.step.state_dict(),
             "rng": rng_state(),
-            "sampler": self.sampler.getstate(),
+            "sampler": self.members.sampler.getstate(),
             "nodes": self.registry.state(),
             "history": self.history,
         }
@@ -457,58 +353,7 @@ class RoundEngine:
         self.step.load_state_dict(state)
         set_rng_state(state["rng"])
         if state.get("sampler") is not None:
-            self.sampler.setstate(state["sampler"])
+            self.members.sampler.setstate(state["sampler"])
         self.registry.restore(state.get("nodes", {}))
         self.recorder.history = list(state["history"])
         self.round_offset = int(state["round"])
-
-
-class HoldsEngine:
-    """What both Flower faces share: a :class:`RoundEngine` (``self.engine``), the
-    views users read off a strategy, and the constructor from a run's config."""
-
-    engine: RoundEngine
-
-    @classmethod
-    def from_run_config(
-        cls,
-        config: RunConfig,
-        num_classes: int,
-        output_dir: str | Path | None = None,
-        on_round_end: Callable[[dict[str, Any]], None] | None = None,
-    ) -> Self:
-        """The strategy a run's config asks for: the paper's server model by name,
-        Flower's sampling knobs and the engine's settings
-        (:meth:`RoundEngine.settings`), the same for every face."""
-        return cls(  # type: ignore[call-arg]
-            ServerTrainer.from_run_config(config, num_classes),
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate,
-            min_train_nodes=config.min_train_nodes,
-            min_evaluate_nodes=config.min_evaluate_nodes,
-            min_available_nodes=config.min_available_nodes,
-            query_timeout=config.query_timeout,
-            on_round_end=on_round_end,
-            **{**RoundEngine.settings(config, output_dir), **cls.face_settings(config)},
-        )
-
-    @classmethod
-    def face_settings(cls, config: RunConfig) -> dict[str, Any]:
-        """Keyword arguments of one face's own, or in place of the engine's
-        (none here)."""
-        return {}
-
-    @property
-    def trainer(self) -> ServerTrainer:
-        """The server model with its optimizer."""
-        return self.engine.trainer
-
-    @property
-    def store(self) -> FeatureStore:
-        """The features the server keeps, by node key."""
-        return self.engine.store
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One record per finished round (what ``results.json`` holds)."""
-        return self.engine.history

@@ -5,6 +5,9 @@ with ``CE + alpha * KD`` (KD against each sample's edge logits), shuffled across
 clients; it then scores each client's features to give that client its server logits
 for the next round.
 
+Which model the server trains is :mod:`flwr_fedgkt.server_model`'s business; how a
+step that is not finite is kept out of training, :mod:`flwr_fedgkt.nonfinite`'s.
+
 This module imports no Flower code.
 """
 
@@ -20,18 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import RunConfig
 from .distill import ce_kd_loss
 from .edge import resolve_device
 from .features import Batch, FeatureStore, NodeKey
-from .models import (
-    COMPACT,
-    SERVER_MODELS,
-    count_parameters,
-    feature_shape_of,
-    seeded_model,
-)
+from .models import count_parameters
+from .nonfinite import culprits, gradients_finite, restore_buffers, saved_buffers, without
 from .precision import autocast, loss_scaler, resolve_precision
+from .server_model import output_classes, server_model, to_device
+from .settings import DEFAULTS, RunConfig
 from .training import (
     EpochTotals,
     LRScheduleFactory,
@@ -41,6 +40,7 @@ from .training import (
     train_epochs,
 )
 
+# output_classes: re-exported from server_model for the round engine's import
 __all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
 
 logger = logging.getLogger("flwr.fedgkt")
@@ -49,63 +49,59 @@ PROGRESS_SECONDS = 5.0
 """A server epoch that takes longer than this gets a log line of its own."""
 
 
-def _norms(tensors: list[Tensor]) -> list[Tensor]:
-    """The L2 norm of each tensor (a non-finite entry gives a non-finite norm)."""
-    if hasattr(torch, "_foreach_norm"):  # one fused call where torch has it
-        return list(torch._foreach_norm(tensors))
-    return [t.norm() for t in tensors]
-
-
 class NonFiniteOutput(ArithmeticError):
     """The server model's output on a node's features is not finite."""
 
 
-def _to_device(features: Tensor, device: torch.device) -> Tensor:
-    """Features on ``device``; image-like (4-D) ones channels-last. For a GPU the
-    batch is copied from pinned (page-locked) memory without blocking, so the copy
-    overlaps the GPU's work; on a CPU nothing is pinned or copied."""
-    if device.type == "cuda":
-        features = features.pin_memory()
-        if features.dim() == 4:
-            return features.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return features.to(device, non_blocking=True)
-    if features.dim() == 4:
-        return features.to(device, memory_format=torch.channels_last)
-    return features.to(device)
+LRSchedules = tuple[
+    torch.optim.lr_scheduler.LRScheduler | None,
+    torch.optim.lr_scheduler.ReduceLROnPlateau | None,
+]
+"""A trainer's learning-rate schedule (stepped per epoch) and plateau rule (stepped
+per call of :meth:`ServerTrainer.train`): one of them or neither."""
 
 
-@torch.no_grad()
-def output_classes(model: nn.Module, feature_shape: tuple[int, ...]) -> int:
-    """How many logits ``model`` gives for one sample of features ``feature_shape``
-    (a forward pass on zeros in eval mode; the model's mode is restored)."""
-    training = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        out = model(torch.zeros(2, *feature_shape, device=device))
-    except Exception as err:
-        raise ValueError(
-            f"the server model does not take features of shape {tuple(feature_shape)}: {err}"
-        ) from err
-    finally:
-        model.train(training)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the server model must map a batch of features to logits, gave {shape}")
-    return int(out.shape[1])
+def _cosine_decay(
+    optimizer: torch.optim.Optimizer, total_epochs: int, lr: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A cosine decay of the learning rate to 5 % of ``lr`` over ``total_epochs``."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=total_epochs, eta_min=0.05 * lr
+    )
 
 
-def _without(batch: Batch, excluded: Mapping[NodeKey, str]) -> Batch:
-    """``batch`` without the rows of the ``excluded`` nodes."""
-    keep = [i for i, owner in enumerate(batch.owners) if owner not in excluded]
-    if len(keep) == len(batch.owners):
-        return batch
-    index = torch.tensor(keep, dtype=torch.long)
-    return Batch(
-        batch.features[index],
-        batch.labels[index],
-        batch.edge_logits[index],
-        [batch.owners[i] for i in keep],
+def _lr_schedules(
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    total_epochs: int | None,
+    lr_schedule: LRScheduleFactory | None,
+) -> LRSchedules:
+    """``lr_schedule``'s schedule when given, else a cosine decay over
+    ``total_epochs`` when given, else the plateau rule (the learning rate halved
+    when the training loss has not improved for 4 calls in a row)."""
+    if lr_schedule is not None:
+        return lr_schedule(optimizer), None
+    if total_epochs:
+        return _cosine_decay(optimizer, total_epochs, lr), None
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.5, patience=3
+    )
+    return None, plateau
+
+
+def _log_epoch(number: int, epochs: int, totals: EpochTotals, seconds: float) -> None:
+    """The log line of a long server epoch: its loss parts and speed."""
+    means = totals.means()
+    logger.info(
+        "server epoch %d/%d: loss %.4f (CE %.4f, KD %.4f) | %d samples in %.1f s (%.0f samples/s)",
+        number,
+        epochs,
+        means["loss"],
+        means["ce"],
+        means["kd"],
+        totals.seen,
+        seconds,
+        totals.seen / seconds,
     )
 
 
@@ -146,8 +142,8 @@ class ServerTrainer:
         One sample's feature shape (the built-in models': 16 x 32 x 32); with
         ``model`` and no ``num_classes``, the class count is read off the model's
         output on features of this shape. The strategy validates replies against it.
-    lr : float (default: 0.001)
-        Adam learning rate.
+    lr : float (default: 0.003)
+        Adam learning rate (the run config's ``server-lr``).
     weight_decay : float (default: 5e-4)
         Adam weight decay.
     temperature : float (default: 3.0)
@@ -156,17 +152,18 @@ class ServerTrainer:
         Weight of the KD term against the edge logits.
     batch_size : int (default: 64)
         Server training batch size.
-    seed : int (default: 0)
+    seed : int (default: 42)
         Seeds the built-in model's initialisation and the shuffling (a ``model``
         of your own is used as you built it: seed it yourself).
     total_epochs : int | None (default: None)
         Server epochs of the whole run (rounds x server epochs). When given, the
         learning rate follows a cosine decay to 5% of ``lr`` over them, so the last
-        rounds train with a small step; otherwise it is halved whenever the
-        training loss stalls for 3 rounds (unless ``lr_schedule`` is given).
+        rounds train with a small step (a strategy sets them when its run starts:
+        :meth:`decay_over`); until then it is halved when the training loss has
+        not improved for 4 epochs in a row (``ReduceLROnPlateau(patience=3)``).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
-    precision : str (default: "float32")
+    precision : str (default: "auto")
         ``float32``, ``bfloat16`` (autocast, float32 master weights; losses and
         softmaxes in float32), ``float16`` (the same with a gradient scaler; for
         GPUs) or ``auto`` (bfloat16 where this process's device runs it
@@ -185,64 +182,38 @@ class ServerTrainer:
     def __init__(
         self,
         num_classes: int | None = None,
-        model_name: str = "resnet55",
-        lr: float = 0.001,
+        model_name: str = DEFAULTS.server_model,
+        lr: float = DEFAULTS.server_lr,
         weight_decay: float = 5e-4,
-        temperature: float = 3.0,
-        alpha: float = 1.0,
-        batch_size: int = 64,
-        seed: int = 0,
-        device: str = "auto",
+        temperature: float = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
+        batch_size: int = DEFAULTS.server_batch_size,
+        seed: int = DEFAULTS.seed,
+        device: str = DEFAULTS.device,
         total_epochs: int | None = None,
         model: nn.Module | None = None,
         feature_shape: tuple[int, ...] | None = None,
         optimizer: OptimizerFactory | None = None,
-        precision: str = "float32",
+        precision: str = DEFAULTS.precision,
         lr_schedule: LRScheduleFactory | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if model is None:
-            if model_name.removesuffix(COMPACT) not in SERVER_MODELS:
-                raise ValueError(
-                    f"server model must be one of {', '.join(SERVER_MODELS)} (or their "
-                    f"{COMPACT} variants), got {model_name!r}"
-                )
-            if num_classes is None:
-                raise ValueError("num_classes is required for a built-in server model")
-            model = seeded_model(model_name, num_classes, seed)
-            feature_shape = feature_shape or feature_shape_of(model_name)
-        else:
-            model_name = type(model).__name__
-            if num_classes is None:
-                if feature_shape is None:
-                    raise ValueError("give num_classes or feature_shape for your own server model")
-                num_classes = output_classes(model, feature_shape)
-        self.model = model.to(self.device)
+        chosen = server_model(num_classes, model_name, model, feature_shape, seed)
+        self.model = chosen.module.to(self.device)
         # channels-last convolutions run ~1.5x faster on the CPU and suit CUDA too
         self.model.to(memory_format=torch.channels_last)
-        self.num_classes = num_classes
-        self.feature_shape: tuple[int, ...] | None = (
-            None if feature_shape is None else tuple(feature_shape)
-        )
-        self.model_name = model_name
+        self.num_classes = chosen.num_classes
+        self.feature_shape = chosen.feature_shape
+        self.model_name = chosen.name
         self.progress_seconds = PROGRESS_SECONDS  # epochs longer than this are logged
         self.temperature = temperature
         self.alpha = alpha
         self.batch_size = batch_size
         self.optimizer = make_optimizer(self.model.parameters(), lr, optimizer, weight_decay)
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-        self.plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
-        if lr_schedule is not None:
-            self.scheduler = lr_schedule(self.optimizer)
-        elif total_epochs:
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.optimizer, T_max=total_epochs, eta_min=0.05 * lr
-            )
-        else:
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min", factor=0.5, patience=3
-            )
+        self.scheduler, self.plateau = _lr_schedules(self.optimizer, lr, total_epochs, lr_schedule)
+        self.lr = lr
+        self._scheduler_state: dict[str, Any] | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.scaler = loss_scaler(self.precision, self.device)  # float16 only
 
@@ -281,11 +252,25 @@ class ServerTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        elif state.get("scheduler") is not None:  # a schedule set later (decay_over)
+            self._scheduler_state = state["scheduler"]
         if self.plateau is not None and state.get("plateau") is not None:
             self.plateau.load_state_dict(state["plateau"])
         self.generator.set_state(state["generator"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+    def decay_over(self, total_epochs: int) -> None:
+        """Let the learning rate follow a cosine decay to 5 % of ``lr`` over
+        ``total_epochs`` server epochs (the run's), unless a schedule is set
+        already (``total_epochs`` or ``lr_schedule`` at construction). A
+        strategy calls this when its run starts."""
+        if self.scheduler is not None or total_epochs < 1:
+            return
+        self.plateau = None
+        self.scheduler = _cosine_decay(self.optimizer, total_epochs, self.lr)
+        if self._scheduler_state is not None:  # resumed before the run started
+            self.scheduler.load_state_dict(self._scheduler_state)
 
     @property
     def num_parameters(self) -> int:
@@ -298,9 +283,9 @@ class ServerTrainer:
 
         The model and optimizer never take a step whose loss or gradients are not
         finite: such a step is skipped, its batch's nodes are checked one by one in
-        float32 (:meth:`_culprits`), and a node whose samples alone give a
-        non-finite loss or gradient is excluded for the rest of the call
-        (``result.excluded``). In float16 a step whose scaled gradients overflow is
+        float32 (:func:`~flwr_fedgkt.nonfinite.culprits`), and a node whose samples
+        alone give a non-finite loss or gradient is excluded for the rest of the
+        call (``result.excluded``). In float16 a step whose scaled gradients overflow is
         skipped too and the loss scale lowered; it excludes nobody unless a node's
         samples fail in float32 as well.
         """
@@ -311,7 +296,7 @@ class ServerTrainer:
         def batches() -> Iterator[Batch]:
             for batch in store.batches(self.batch_size, self.generator, nodes):
                 if excluded:
-                    batch = _without(batch, excluded)
+                    batch = without(batch, excluded)
                 if len(batch.labels) >= 2:  # BatchNorm needs more than one sample
                     yield batch
 
@@ -334,19 +319,7 @@ class ServerTrainer:
             epoch["number"] += 1
             seconds = time.perf_counter() - epoch["began"]
             if totals.seen and seconds > self.progress_seconds:
-                means = totals.means()
-                logger.info(
-                    "server epoch %d/%d: loss %.4f (CE %.4f, KD %.4f) | %d samples in "
-                    "%.1f s (%.0f samples/s)",
-                    epoch["number"],
-                    epochs,
-                    means["loss"],
-                    means["ce"],
-                    means["kd"],
-                    totals.seen,
-                    seconds,
-                    totals.seen / seconds,
-                )
+                _log_epoch(int(epoch["number"]), epochs, totals, seconds)
             epoch["began"] = time.perf_counter()
 
         totals = train_epochs(epochs, batches, step, epoch_end)
@@ -370,8 +343,8 @@ class ServerTrainer:
         before; in float16 the loss scale lowered) when the loss or a gradient is
         not finite. ``check``: in float32 and unscaled, whatever the precision."""
         self.model.train()
-        buffers = self._buffers()
-        feats = _to_device(batch.features, self.device)
+        buffers = saved_buffers(self.model)
+        feats = to_device(batch.features, self.device)
         labels = batch.labels.to(self.device)
         scaled = self.scaler.is_enabled() and not check
         self.optimizer.zero_grad(set_to_none=True)
@@ -388,49 +361,24 @@ class ServerTrainer:
                 self.scaler.unscale_(self.optimizer)
             else:
                 parts.loss.backward()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(torch.stack(_norms(grads))).all())
+            finite = gradients_finite(self.model)
             if scaled and not finite:
                 self.scaler.update()  # lowers the scale for the next step
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
-            self._restore_buffers(buffers)
+            restore_buffers(self.model, buffers)
             return None
         return parts, logits.detach(), labels
 
-    def _buffers(self) -> list[Tensor]:
-        """A copy of the model's buffers (its BatchNorm statistics)."""
-        return [b.detach().clone() for b in self.model.buffers()]
-
-    @torch.no_grad()
-    def _restore_buffers(self, saved: list[Tensor]) -> None:
-        """Put back the buffers :meth:`_buffers` copied."""
-        for buffer, copy in zip(self.model.buffers(), saved, strict=True):
-            buffer.copy_(copy)
-
     def _culprits(self, batch: Batch) -> dict[NodeKey, str]:
         """The nodes of a batch whose samples alone give a non-finite loss or
-        gradient (a forward and backward pass per node; nothing is updated)."""
-        culprits: dict[NodeKey, str] = {}
-        buffers = self._buffers()
-        owners = np.asarray(batch.owners, dtype=object)
-        for node in dict.fromkeys(batch.owners):
-            rows = torch.from_numpy(np.flatnonzero(owners == node))
-            if len(rows) == 1:  # BatchNorm needs two samples: check the row twice
-                rows = torch.cat([rows, rows])
-            part = Batch(
-                batch.features[rows],
-                batch.labels[rows],
-                batch.edge_logits[rows],
-                [node] * len(rows),
-            )
-            if self._forward_backward(part, check=True) is None:
-                culprits[node] = (
-                    "its features give a non-finite loss or gradient in server training"
-                )
-        self.optimizer.zero_grad(set_to_none=True)
-        self._restore_buffers(buffers)  # the checks' BatchNorm statistics are not training's
-        return culprits
+        gradient in float32 (a forward and backward pass per node; nothing is
+        updated)."""
+
+        def fails(part: Batch) -> bool:
+            return self._forward_backward(part, check=True) is None
+
+        return culprits(batch, fails, self.model, self.optimizer)
 
     @torch.no_grad()
     def predict(self, features: Tensor, batch_size: int = 256) -> Tensor:
@@ -439,7 +387,7 @@ class ServerTrainer:
         out = []
         with autocast(self.precision, self.device):
             for i in range(0, len(features), batch_size):
-                batch = _to_device(features[i : i + batch_size].float(), self.device)
+                batch = to_device(features[i : i + batch_size].float(), self.device)
                 out.append(self.model(batch).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 

@@ -24,8 +24,8 @@ from .edge import extractor_of
 from .models import build_model, extractor_and_server
 from .node import check_node_data, edge_model_factory
 from .pipeline import PipelinedFedGKT
-from .results import ResultsWriter
 from .recorder import NoProgressError
+from .results import ResultsWriter
 from .strategy import FedGKT, wait_for_nodes
 
 app = ServerApp()

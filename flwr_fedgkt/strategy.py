@@ -34,52 +34,24 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import nn
 
+from .faces import HoldsEngine, log_engine_summary
 from .records import (
     CONFIG_KEY,
-    FEATURES_KEY,
     LOGITS_KEY,
     META_KEY,
-    METRICS_KEY,
     NODE_KEY,
     QUERY_KEY,
+    MessageReply,
     arrays_bytes,
     logits_record,
-    record_arrays,
 )
-from .rounds import AcceptedReply, HoldsEngine, ReplyParts, RoundEngine, sample_size
+from .rounds import AcceptedReply, RoundEngine, sample_size
 from .server import ServerTrainer
 from .settings import DEFAULTS
 from .store import FeatureStore
 from .training import LRScheduleFactory, OptimizerFactory
-from .codec import PayloadError
 
-__all__ = ["FedGKT", "MessageReply", "wait_for_nodes"]
-
-
-class MessageReply:
-    """A reply Message, read as the engine reads replies (:class:`ReplyReader`)."""
-
-    def __init__(self, msg: Message) -> None:
-        self.msg = msg
-        self.node_id = msg.metadata.src_node_id
-        self.nbytes = arrays_bytes(msg.content)
-
-    def read(self) -> ReplyParts:
-        """The meta values, arrays (the uploaded features as views of the message's
-        bytes) and metrics; a missing record raises PayloadError.
-
-        Records and arrays other than those in :mod:`flwr_fedgkt.records` are ignored.
-        """
-        content = self.msg.content
-        for key, records, kind in (
-            (FEATURES_KEY, content.array_records, "ArrayRecord"),
-            (META_KEY, content.config_records, "ConfigRecord"),
-            (METRICS_KEY, content.metric_records, "MetricRecord"),
-        ):
-            if key not in records:
-                raise PayloadError(f"missing {kind} {key!r}")
-        arrays = record_arrays(content.array_records[FEATURES_KEY], views=("features",))
-        return content.config_records[META_KEY], arrays, content.metric_records[METRICS_KEY]
+__all__ = ["FedGKT", "learn_keys", "load_initial_arrays", "wait_for_nodes"]
 
 
 def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
@@ -94,6 +66,35 @@ def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
         )
         time.sleep(1)
     return node_ids
+
+
+def learn_keys(grid: Grid, engine: RoundEngine, node_ids: Collection[int], timeout: float) -> None:
+    """Ask the nodes among ``node_ids`` whose key the server does not know for it
+    (a ``query`` Message; :meth:`FedGKTClient.query <flwr_fedgkt.client.FedGKTClient.query>`
+    answers it), so that nodes are sampled by key and a resumed run's first
+    round sends every node its server logits. A node that cannot answer (a
+    ClientApp without a query handler) is not asked again; it gets its key
+    bound by its first training reply."""
+    unknown = engine.members.keys_to_ask(node_ids)
+    if not unknown:
+        return
+    messages = [
+        Message(
+            content=RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: NODE_KEY})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node_id,
+        )
+        for node_id in unknown
+    ]
+    answered = set()
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node_id = reply.metadata.src_node_id
+        if reply.has_error() or META_KEY not in reply.content.config_records:
+            continue
+        answered.add(node_id)
+        engine.members.learn_key(node_id, reply.content.config_records[META_KEY].get(NODE_KEY))
+    engine.members.no_key(set(unknown) - answered)
+    log(INFO, "node keys: %d asked, %d answered", len(unknown), len(answered))
 
 
 _SERVER_TRAINING = {  # FedGKT's argument: ServerTrainer's
@@ -154,11 +155,9 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         Sample ids are unique across all nodes (as in the built-in data sets): an
         id that one node key holds cannot be uploaded under another.
 
-    Every reply names its node's stable key (``node-key``); the server keeps
-    features, server logits and staleness per key, so a node that reconnects
-    under a new Flower node id continues where it was. Only what changed
-    travels: a node whose features have the digest the server names
-    (``held-features``) sends only ids and logits.
+    The server keeps features and server logits per node key (``node-key``), so
+    a node that reconnects under a new node id continues where it was; a node
+    whose features have the digest the server names sends only ids and logits.
 
     ``start(initial_arrays=...)``: an ``ArrayRecord`` holding a ``state_dict`` is
     the server model's starting weights; an empty one keeps the model as built.
@@ -215,10 +214,11 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             "precision": precision,
             "device": device,
         }
-        training: dict[str, Any] = {_SERVER_TRAINING[k]: v for k, v in given.items() if v is not None}
+        given = {k: v for k, v in given.items() if v is not None}
+        training = {_SERVER_TRAINING[k]: v for k, v in given.items()}
         if isinstance(trainer, ServerTrainer):
-            if training:
-                names = ", ".join(k for k, v in given.items() if v is not None)
+            if given:
+                names = ", ".join(given)
                 raise ValueError(
                     f"{names}: give these to your ServerTrainer, or pass the bare server model"
                 )
@@ -264,7 +264,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             self.min_evaluate_nodes,
             self.min_available_nodes,
         )
-        self.engine.summary()
+        log_engine_summary(self.engine)
 
     # -- sampling ------------------------------------------------------------------
     def _connected(self) -> Collection[int]:
@@ -278,36 +278,8 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         if size == 0:
             return []
         node_ids = wait_for_nodes(grid, max(self.min_available_nodes, size))
-        self._learn_keys(grid, node_ids)
-        return self.engine.sample(node_ids, size)
-
-    def _learn_keys(self, grid: Grid, node_ids: Collection[int]) -> None:
-        """Ask the nodes whose key the server does not know for it (a ``query``
-        Message; :meth:`FedGKTClient.query <flwr_fedgkt.client.FedGKTClient.query>`
-        answers it), so that nodes are sampled by key and a resumed run's first
-        round sends every node its server logits. A node that cannot answer (a
-        ClientApp without a query handler) is not asked again; it gets its key
-        bound by its first training reply."""
-        unknown = self.engine.keys_to_ask(node_ids)
-        if not unknown:
-            return
-        messages = [
-            Message(
-                content=RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: NODE_KEY})}),
-                message_type=MessageType.QUERY,
-                dst_node_id=node_id,
-            )
-            for node_id in unknown
-        ]
-        answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
-            node_id = reply.metadata.src_node_id
-            if reply.has_error() or META_KEY not in reply.content.config_records:
-                continue
-            answered.add(node_id)
-            self.engine.learn_key(node_id, reply.content.config_records[META_KEY].get(NODE_KEY))
-        self.engine.no_key(set(unknown) - answered)
-        log(INFO, "node keys: %d asked, %d answered", len(unknown), len(answered))
+        learn_keys(grid, self.engine, node_ids, self.query_timeout)
+        return self.engine.members.sample(node_ids, size)
 
     def _accept(
         self, replies: Iterable[Message], server_round: int, training: bool
@@ -426,16 +398,22 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         )
 
     def prepare(self, initial_arrays: ArrayRecord, num_rounds: int) -> None:
-        """Before the first round: load ``initial_arrays`` into the server model
-        (a ValueError names the keys or shapes that do not fit) and set the
-        learning-rate horizon to the run's server epochs."""
-        if len(initial_arrays) > 0:
-            try:
-                self.trainer.model.load_state_dict(initial_arrays.to_torch_state_dict())
-            except (RuntimeError, KeyError) as err:
-                raise ValueError(
-                    f"initial_arrays is not a state_dict of the server model "
-                    f"({self.trainer.model_name}): {err}"
-                ) from None
+        """Before the first round: the server model's starting weights from
+        ``initial_arrays`` (:func:`load_initial_arrays`) and its learning-rate
+        horizon, the run's server epochs."""
+        load_initial_arrays(self.trainer, initial_arrays)
         total_rounds = self.engine.round_offset + num_rounds
         self.trainer.decay_over(total_rounds * self.engine.server_epochs)
+
+
+def load_initial_arrays(trainer: ServerTrainer, initial_arrays: ArrayRecord) -> None:
+    """Load ``initial_arrays`` into the server model when it holds any (a
+    ValueError names the keys or shapes that do not fit)."""
+    if len(initial_arrays) == 0:
+        return
+    try:
+        trainer.model.load_state_dict(initial_arrays.to_torch_state_dict())
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(
+            f"initial_arrays is not a state_dict of the server model ({trainer.model_name}): {err}"
+        ) from None

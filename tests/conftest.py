@@ -62,8 +62,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
+def set_task_identity(monkeypatch: pytest.MonkeyPatch):
     """Give this process the identity a ServerApp/ClientApp process would have."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -71,6 +70,12 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     return TaskIdentity
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Give this process the identity a ServerApp/ClientApp process would have."""
+    return set_task_identity(monkeypatch)
 
 
 @pytest.fixture(scope="session")

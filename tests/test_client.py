@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 from torch import Tensor, nn
 
 from flwr_fedgkt import FedGKTClient
-from flwr_fedgkt.edge import training_batches
+from flwr_fedgkt.edge_data import training_batches
+from flwr_fedgkt.precision import resolve_precision
 from flwr_fedgkt.records import FEATURES_KEY, LOGITS_KEY, META_KEY, METRICS_KEY, logits_record
 from flwr_fedgkt.records import record_arrays as arrays_of
 
@@ -74,7 +75,8 @@ def test_a_list_of_pairs_uploads_features_of_its_own_shape_with_index_ids() -> N
     assert arrays["logits"].shape == (12, CLASSES)
     meta = reply.content.config_records[META_KEY]
     assert meta["node-key"] == "7" and meta["server-round"] == 1
-    assert meta["precision"] == "float32"  # the default; the reply says what it used
+    # the default (auto, as resolved on this machine); the reply says what it used
+    assert meta["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert reply.content.metric_records[METRICS_KEY]["num-examples"] == 12
 
 
@@ -165,7 +167,7 @@ def test_without_a_node_key_or_partition_id_the_error_says_what_to_pass() -> Non
 
 def test_items_of_another_form_are_named() -> None:
     client = FedGKTClient(EdgeMLP, [torch.zeros(4)] * 3)
-    with pytest.raises(ValueError, match=r"item 0 .*\(x, y\)"):
+    with pytest.raises(ValueError, match=r"item \d+ .*\(x, y\)"):
         client.train(_message(1), _context())
 
 

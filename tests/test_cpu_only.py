@@ -44,8 +44,8 @@ def test_a_round_on_a_machine_without_cuda_makes_no_cuda_call(monkeypatch, task_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_batches_come_from_pinned_memory() -> None:
-    from flwr_fedgkt.server import _to_device
+    from flwr_fedgkt.server_model import to_device
 
-    batch = _to_device(torch.ones(4, 16, 8, 8), torch.device("cuda"))
+    batch = to_device(torch.ones(4, 16, 8, 8), torch.device("cuda"))
     assert batch.is_cuda and batch.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(ServerTrainer(10, device="cuda").model, torch.nn.Module)

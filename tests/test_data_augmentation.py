@@ -7,7 +7,8 @@ import torch
 import torchvision.transforms.v2.functional as tvf
 
 from flwr_fedgkt.data import RandomCropFlip, SampleSet
-from flwr_fedgkt.edge import EdgeTrainer, LogitTable, training_batches
+from flwr_fedgkt.edge import EdgeTrainer, LogitTable
+from flwr_fedgkt.edge_data import training_batches
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

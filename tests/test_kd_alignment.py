@@ -101,7 +101,7 @@ def test_each_server_logit_row_is_the_eval_mode_prediction_on_that_ids_features(
     task_identity,
 ) -> None:
     # Prepare: two nodes upload features under unsorted, non-positional ids
-    trainer = ServerTrainer(NUM_CLASSES, batch_size=8, seed=0, device="cpu")
+    trainer = ServerTrainer(NUM_CLASSES, batch_size=8, seed=0, device="cpu", precision="float32")
     strategy = FedGKT(trainer, feature_dtype="float32", feature_shape=SHAPE)
     uploads = {101: (IDS_A, _features(len(IDS_A), 1)), 202: (IDS_B, _features(len(IDS_B), 2))}
     # Execute: one round of server training, then the next round's messages
@@ -125,7 +125,7 @@ def test_each_server_logit_row_is_the_eval_mode_prediction_on_that_ids_features(
 
 def test_the_edge_finds_each_samples_server_logits_by_id_after_the_wire(task_identity) -> None:
     # Prepare: as above, one round of server training with unordered ids
-    trainer = ServerTrainer(NUM_CLASSES, batch_size=8, seed=0, device="cpu")
+    trainer = ServerTrainer(NUM_CLASSES, batch_size=8, seed=0, device="cpu", precision="float32")
     strategy = FedGKT(trainer, feature_dtype="float32", feature_shape=SHAPE)
     ids, features = IDS_A, _features(len(IDS_A), 1)
     uploads = {101: (ids, features), 202: (IDS_B, _features(len(IDS_B), 2))}
@@ -170,7 +170,7 @@ def _train_one_step(trainer: ServerTrainer) -> None:
 
 def test_predict_uses_running_statistics_not_the_batchs_own() -> None:
     # Prepare: a trained model left in train mode, as training leaves it
-    trainer = ServerTrainer(NUM_CLASSES, batch_size=8, seed=0, device="cpu")
+    trainer = ServerTrainer(NUM_CLASSES, batch_size=8, seed=0, device="cpu", precision="float32")
     _train_one_step(trainer)
     trainer.model.train()
     features = _features(6, 7)
@@ -254,7 +254,14 @@ def test_server_training_distills_from_the_edge_logits() -> None:
     # the label, so the KD term pulls against the cross entropy
     temperature, alpha, lr = 3.0, 1.0, 0.01
     trainer = ServerTrainer(
-        NUM_CLASSES, lr=lr, temperature=temperature, alpha=alpha, batch_size=8, seed=0, device="cpu"
+        NUM_CLASSES,
+        lr=lr,
+        temperature=temperature,
+        alpha=alpha,
+        batch_size=8,
+        seed=0,
+        device="cpu",
+        precision="float32",
     )
     features = _features(8, 3)
     labels = np.arange(8) % NUM_CLASSES

@@ -112,7 +112,7 @@ def test_the_round_log_counts_the_precisions_nodes_trained_in() -> None:
     from flwr_fedgkt.rounds import RoundEngine
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    engine = RoundEngine(model, feature_shape=(4,))
+    engine = RoundEngine(model, feature_shape=(4,), feature_dtype="float32")
     engine.begin_round(1)
 
     def reply(node: int, precision: str) -> LocalReply:

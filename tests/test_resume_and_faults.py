@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import set_task_identity
 from flwr.app import Array, ArrayRecord, Message
 from inprocess import InProcessGrid, node_context
 
@@ -23,6 +24,7 @@ ROUNDS = 4
 def _run_config(state_dir: Path) -> dict:
     return {
         "dataset": "synthetic",
+        "synthetic-samples-per-node": 40,
         "num-server-rounds": ROUNDS,
         "batch-size": 16,
         "server-epochs": 1,
@@ -53,15 +55,24 @@ def _start(strategy: FedGKT, grid: InProcessGrid, num_rounds: int) -> None:
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=num_rounds)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    """The rounds of the uninterrupted run that the resumed runs are compared with
+    (two of four partitions, node ids 101 and 102)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        set_task_identity(monkeypatch)
+        config = _run_config(tmp_path_factory.mktemp("whole-clients"))
+        whole = _strategy(config)
+        _start(whole, _grid(config), ROUNDS)
+    return whole.history
+
+
 def test_a_resumed_run_reaches_the_same_round_4_as_an_uninterrupted_one(
-    task_identity, tmp_path
+    task_identity, tmp_path, uninterrupted
 ) -> None:
-    # Prepare / Execute: an uninterrupted run of four rounds
-    whole_config = _run_config(tmp_path / "whole-clients")
-    whole = _strategy(whole_config)
-    _start(whole, _grid(whole_config), ROUNDS)
-    # ... and a run stopped after round 2, resumed by a new server and new node
-    # contexts (as after a restart), from the checkpoint and the client state dir
+    # Prepare / Execute: (the uninterrupted run of four rounds) and a run stopped
+    # after round 2, resumed by a new server and new node contexts (as after a
+    # restart), from the checkpoint and the client state dir
     split_config = _run_config(tmp_path / "split-clients")
     first = _strategy(split_config, tmp_path / "ckpt")
     _start(first, _grid(split_config), 2)
@@ -74,7 +85,7 @@ def test_a_resumed_run_reaches_the_same_round_4_as_an_uninterrupted_one(
     assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
     for key in ("accuracy", "loss", "edge_accuracy", "server_train_loss"):
         assert resumed.history[-1][key] == pytest.approx(
-            whole.history[-1][key], rel=1e-4, abs=1e-6
+            uninterrupted[-1][key], rel=1e-4, abs=1e-6
         ), key
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == [
         "checkpoint-round-3.pt",
@@ -87,14 +98,11 @@ RESUMED_FIELDS = ("accuracy", "loss", "edge_accuracy", "edge_train_kd", "server_
 
 @pytest.mark.parametrize("node_ahead", [False, True], ids=["in-step", "node-ahead"])
 def test_a_restarted_federation_with_new_node_ids_resumes_exactly(
-    task_identity, tmp_path, node_ahead
+    task_identity, tmp_path, node_ahead, uninterrupted
 ) -> None:
-    # Prepare / Execute: the uninterrupted run
-    whole_config = _run_config(tmp_path / "whole-clients")
-    whole = _strategy(whole_config)
-    _start(whole, _grid(whole_config), ROUNDS)
-    # ... and a run whose server stops after round 2's checkpoint; with node_ahead
-    # the nodes have trained round 3 already (the server died before its end)
+    # Prepare / Execute: (the uninterrupted run) and a run whose server stops
+    # after round 2's checkpoint; with node_ahead the nodes have trained round 3
+    # already (the server died before its end)
     split_config = _run_config(tmp_path / "split-clients")
     first = _strategy(split_config, tmp_path / "ckpt")
     _start(first, _grid(split_config), 3 if node_ahead else 2)
@@ -105,7 +113,7 @@ def test_a_restarted_federation_with_new_node_ids_resumes_exactly(
     _start(resumed, _grid(split_config, first_id=501), ROUNDS - resumed.engine.round_offset)
     # Assert: rounds 3 and 4 equal the uninterrupted run's ...
     assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
-    for expected, got in zip(whole.history[2:], resumed.history[2:], strict=True):
+    for expected, got in zip(uninterrupted[2:], resumed.history[2:], strict=True):
         for key in RESUMED_FIELDS:
             assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (
                 got["round"],
@@ -113,7 +121,7 @@ def test_a_restarted_federation_with_new_node_ids_resumes_exactly(
             )
     # ... and in round 3 every node got its server logits (KD targets) back
     round_3 = resumed.history[2]
-    assert round_3["bytes_down"] == whole.history[2]["bytes_down"] > 0
+    assert round_3["bytes_down"] == uninterrupted[2]["bytes_down"] > 0
     assert round_3["edge_train_kd"] > 0
 
 

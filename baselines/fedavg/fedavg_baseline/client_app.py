@@ -16,7 +16,8 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from flwr_fedgkt.data import Partition
-from flwr_fedgkt.edge import edge_generator, resolve_device
+from flwr_fedgkt.edge import resolve_device
+from flwr_fedgkt.edge_data import edge_generator
 from flwr_fedgkt.models import build_model
 from flwr_fedgkt.node import load_node_partition, partition_ids
 

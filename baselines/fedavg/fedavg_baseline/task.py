@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from flwr_fedgkt.data import SampleSet
 from flwr_fedgkt.distill import ce_kd_loss
-from flwr_fedgkt.edge import training_batches
+from flwr_fedgkt.edge_data import training_batches
 from flwr_fedgkt.training import StepOutcome, optimizer_step, train_epochs
 
 __all__ = ["make_optimizer", "train_model", "evaluate_model"]

@@ -1,0 +1,109 @@
+"""The server's model: a built-in one by name or one of your own, the number of
+classes it gives, and its input features moved onto its device.
+
+:class:`~flwr_fedgkt.server.ServerTrainer` trains and scores the model this
+module picks (:func:`server_model`).
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .models import COMPACT, SERVER_MODELS, feature_shape_of, seeded_model
+
+__all__ = ["ServerModel", "server_model", "output_classes", "to_device"]
+
+
+class ServerModel(NamedTuple):
+    """The server model and what the trainer knows of it."""
+
+    module: nn.Module
+    name: str  # the built-in model's name, or your model's class name
+    num_classes: int
+    feature_shape: tuple[int, ...] | None  # one sample's features, when known
+
+
+def server_model(
+    num_classes: int | None,
+    model_name: str,
+    model: nn.Module | None,
+    feature_shape: tuple[int, ...] | None,
+    seed: int,
+) -> ServerModel:
+    """The built-in model ``model_name`` (seeded with ``seed``) when ``model`` is
+    None, else ``model``; ValueError when the name is not a server model's or the
+    class count can be neither given nor read.
+
+    Parameters
+    ----------
+    num_classes : int | None
+        Size of the classification head; for your own ``model`` it is read off
+        the model's output on features of ``feature_shape`` when None.
+    model_name : str
+        A built-in server model (``resnet55``, ``resnet109`` or their compact
+        variants).
+    model : nn.Module | None
+        Your own server model instead.
+    feature_shape : tuple[int, ...] | None
+        One sample's feature shape (the built-in model's own when None).
+    seed : int
+        Seeds the built-in model's initialisation.
+    """
+    if model is None:
+        if model_name.removesuffix(COMPACT) not in SERVER_MODELS:
+            raise ValueError(
+                f"server model must be one of {', '.join(SERVER_MODELS)} (or their "
+                f"{COMPACT} variants), got {model_name!r}"
+            )
+        if num_classes is None:
+            raise ValueError("num_classes is required for a built-in server model")
+        model = seeded_model(model_name, num_classes, seed)
+        feature_shape = feature_shape or feature_shape_of(model_name)
+    else:
+        model_name = type(model).__name__
+        if num_classes is None:
+            if feature_shape is None:
+                raise ValueError("give num_classes or feature_shape for your own server model")
+            num_classes = output_classes(model, feature_shape)
+    shape = None if feature_shape is None else tuple(feature_shape)
+    return ServerModel(model, model_name, num_classes, shape)
+
+
+@torch.no_grad()
+def output_classes(model: nn.Module, feature_shape: tuple[int, ...]) -> int:
+    """How many logits ``model`` gives for one sample of features ``feature_shape``
+    (a forward pass on zeros in eval mode; the model's mode is restored)."""
+    training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        out = model(torch.zeros(2, *feature_shape, device=device))
+    except Exception as err:
+        raise ValueError(
+            f"the server model does not take features of shape {tuple(feature_shape)}: {err}"
+        ) from err
+    finally:
+        model.train(training)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the server model must map a batch of features to logits, gave {shape}")
+    return int(out.shape[1])
+
+
+def to_device(features: Tensor, device: torch.device) -> Tensor:
+    """Features on ``device``; image-like (4-D) ones channels-last. For a GPU the
+    batch is copied from pinned (page-locked) memory without blocking, so the copy
+    overlaps the GPU's work; on a CPU nothing is pinned or copied."""
+    if device.type == "cuda":
+        features = features.pin_memory()
+        if features.dim() == 4:
+            return features.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return features.to(device, non_blocking=True)
+    if features.dim() == 4:
+        return features.to(device, memory_format=torch.channels_last)
+    return features.to(device)
