@@ -99,12 +99,21 @@ class NoProgressError(RuntimeError):
     """No node replied usefully in ``max_idle_rounds`` rounds in a row: the run
     stops (the built-in ServerApp records ``"status": "no-progress"``)."""
 
-    def __init__(self, rounds: int, reasons: Mapping[str, int]) -> None:
+    def __init__(self, rounds: int, reasons: Mapping[str, int], fix: str = "") -> None:
         self.rounds = rounds
         self.reasons = dict(reasons)
-        super().__init__(
-            f"no node replied usefully in {rounds} rounds in a row: {counted(self.reasons)}"
-        )
+        if fix:  # one error on every node: it names itself and the fix
+            message = f"{fix}: {counted(self.reasons)}"
+        else:
+            message = f"no node replied usefully in {rounds} rounds in a row: {counted(reasons)}"
+        super().__init__(message)
+
+
+SAME_ERROR_FIX = (
+    "every sampled node's ClientApp raised the same error in the run's first round, "
+    "which will not go away by itself (its data, its model or its code); fix it and "
+    "start the run again"
+)
 
 
 def counted(reasons: Mapping[str, int]) -> str:
@@ -119,6 +128,13 @@ def idle_reasons(log: RoundLog) -> dict[str, int]:
         reason = str(entry["reason"])
         counts[reason] = counts.get(reason, 0) + 1
     return counts
+
+
+def raised_error(line: str) -> bool:
+    """Whether a failure line (:func:`failure_line`) is an exception a ClientApp
+    raised (``ValueError: ...``), not a timeout or a lost node."""
+    match = _EXCEPTION_LINE.match(line)
+    return match is not None and not match.group(1).endswith(_WRAPPERS)
 
 
 def failure_line(reason: str | None) -> str:
@@ -171,6 +187,7 @@ class RoundRecorder:
         self.idle_rounds = 0  # rounds in a row in which no node replied usefully
         self.idle_reasons: dict[str, int] = {}
         self.began: float | None = None  # when this process began its first round
+        self.same_error = False  # every node raised one error in the first round
 
     def open(self, server_round: int) -> RoundLog:
         """A new log for round ``server_round`` (at the start of its training)."""
@@ -211,6 +228,14 @@ class RoundRecorder:
             return
         self.idle_rounds += 1
         self.idle_reasons = idle_reasons(log)
+        reasons = {str(f["reason"]) for f in log.failed_nodes}
+        if (
+            not self.history  # the run's first round
+            and not log.rejected_replies
+            and len(reasons) == 1
+            and raised_error(next(iter(reasons)))
+        ):
+            self.same_error = True
         logger.warning(
             "round %d: no node replied usefully (%d round(s) in a row): %s",
             log.round,
@@ -254,6 +279,8 @@ class RoundRecorder:
             save_checkpoint(self.checkpoint_dir, log.round, state())
             if checkpointed is not None:
                 checkpointed()
+        if self.same_error:
+            raise NoProgressError(self.idle_rounds, self.idle_reasons, SAME_ERROR_FIX)
         if self.max_idle_rounds and self.idle_rounds >= self.max_idle_rounds:
             raise NoProgressError(self.idle_rounds, self.idle_reasons)
         return record

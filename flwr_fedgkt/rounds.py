@@ -229,12 +229,15 @@ class RoundEngine:
 
     def round_config(self, server_round: int, held: str = "") -> dict[str, Any]:
         """The settings every instruction carries: the two each reply must echo
-        back, the round's compression, whether the extractor is frozen, and the
-        digest of the features the server holds for the node (``held``; a node
-        whose features have this digest sends none)."""
+        back, the feature shape the server takes (``16x32x32``: a node checks its
+        features against it before it sends them), the round's compression,
+        whether the extractor is frozen, and the digest of the features the server
+        holds for the node (``held``; a node whose features have this digest
+        sends none)."""
         return {
             "server-round": server_round,
             "feature-dtype": self.feature_dtype,
+            "feature-shape": "x".join(map(str, self.feature_shape)),
             COMPRESSION_KEY: self.compression,
             "freeze-extractor": self.frozen(server_round),
             "held-features": held,

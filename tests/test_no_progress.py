@@ -45,12 +45,16 @@ def test_a_wrapped_traceback_becomes_the_exceptions_one_line() -> None:
 
 
 def _raise(msg, context):
-    raise RuntimeError("no data on this node")
+    raise RuntimeError(f"no data on node {context.node_id}")
 
 
-def _run_failing_nodes(tmp_path, **config) -> dict:
-    """The built-in ServerApp's main over two nodes whose training always raises;
-    its results.json."""
+def _raise_alike(msg, context):
+    raise ValueError("item 0 of the data set is a dict without 'img' (keys: image, label)")
+
+
+def _run_failing_nodes(tmp_path, handler=_raise, **config) -> dict:
+    """The built-in ServerApp's main over two nodes whose training always raises
+    (by default each its own error); its results.json."""
     out = tmp_path / "out"
     run_config = {
         "dataset": "synthetic",
@@ -61,7 +65,7 @@ def _run_failing_nodes(tmp_path, **config) -> dict:
         **config,
     }
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
-    grid = InProcessGrid(contexts, handlers={(n, "train"): _raise for n in contexts})
+    grid = InProcessGrid(contexts, handlers={(n, "train"): handler for n in contexts})
     context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
@@ -77,7 +81,10 @@ def test_a_run_in_which_every_node_fails_stops_with_status_no_progress(
     # Assert: two rounds, then the run ended, with the reasons and their counts
     assert results["status"] == "no-progress"
     assert [r["round"] for r in results["rounds"]] == [1, 2]
-    assert results["no_progress_reasons"] == {"RuntimeError: no data on this node": 2}
+    assert results["no_progress_reasons"] == {
+        "RuntimeError: no data on node 10": 1,
+        "RuntimeError: no data on node 11": 1,
+    }
     assert "2 rounds in a row" in results["error"]
     assert not (tmp_path / "out" / "final_model.pt").exists()
     assert "no node replied usefully" in caplog.text
@@ -89,3 +96,37 @@ def test_without_a_limit_the_run_goes_on(task_identity, tmp_path, max_idle_round
         tmp_path, **{"num-server-rounds": 3, "max-idle-rounds": max_idle_rounds}
     )
     assert results["status"] == "completed" and len(results["rounds"]) == 3
+
+
+@pytest.mark.parametrize("max_idle_rounds", [0, 3])
+def test_one_error_on_every_node_in_round_1_stops_the_run_after_round_1(
+    task_identity, tmp_path, caplog, max_idle_rounds
+) -> None:
+    # Prepare / Execute: every node's ClientApp raises the same error
+    results = _run_failing_nodes(
+        tmp_path, _raise_alike, **{"num-server-rounds": 5, "max-idle-rounds": max_idle_rounds}
+    )
+    # Assert: one round, then one line naming the error and what to do
+    assert results["status"] == "no-progress"
+    assert [r["round"] for r in results["rounds"]] == [1]
+    assert results["error"].count("\n") == 0
+    assert "the same error" in results["error"] and "fix it" in results["error"]
+    assert "ValueError: item 0 of the data set is a dict without 'img'" in results["error"]
+
+
+def test_nodes_that_time_out_alike_are_not_a_node_error(task_identity, tmp_path) -> None:
+    # Prepare: every node is silent (no reply within the round's timeout)
+    run_config = {"dataset": "synthetic", "batch-size": 16, "seed": 3, "device": "cpu"}
+    run_config["output-dir"] = str(tmp_path / "out")
+    run_config["num-server-rounds"] = 2
+    run_config["max-idle-rounds"] = 0
+    contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
+    grid = InProcessGrid(contexts, silent=set(contexts))
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    # Execute
+    server_app.main(grid, context)
+    # Assert: a lost or slow node may come back: the run goes on
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["status"] == "completed" and len(results["rounds"]) == 2
