@@ -69,7 +69,7 @@ def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
                     )
                 )
             run_config = (
-                "num-server-rounds=3 dataset='synthetic' synthetic-samples-per-node=100 "
+                "num-server-rounds=3 dataset='synthetic' synthetic-samples-per-node=40 "
                 "server-epochs=1 batch-size=16 feature-dtype='float16' pipeline=true "
                 f"seed=2 output-dir='{out}'"
             )

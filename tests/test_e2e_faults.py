@@ -6,21 +6,21 @@ import json
 import math
 
 import pytest
-from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
+from flower_processes import REPO, flwr_run
 
 pytestmark = pytest.mark.e2e
 
 
-def test_hostile_and_crashing_nodes_do_not_stop_the_run(tmp_path) -> None:
+FAULTY = REPO / "tests" / "apps" / "faulty"
+
+
+def test_hostile_and_crashing_nodes_do_not_stop_the_run(flower_federation) -> None:
     # Prepare: six nodes with the default int8 features; partition 2 sends labels
     # out of range, 3 raises, 4 sends a list-valued metric, 5 an int8 scale of 1e37
-    out = tmp_path / "out"
-    with flower_environment(tmp_path) as env:
-        start_local_superlink(env, tmp_path / "superlink.log")
-        # Execute
-        result = flwr_run(
-            env, REPO / "tests" / "apps" / "faulty", f"output-dir='{out}'", num_supernodes=6
-        )
+    env, home = flower_federation
+    out = home / "faulty"
+    # Execute
+    result = flwr_run(env, FAULTY, f"output-dir='{out}'", num_supernodes=6)
     # Assert
     assert result.returncode == 0, result.stdout[-4000:]
     assert "Exit Code" not in result.stdout, result.stdout[-4000:]
@@ -45,3 +45,22 @@ def test_hostile_and_crashing_nodes_do_not_stop_the_run(tmp_path) -> None:
         assert record["eval_nodes"] == 5  # all but partition 4
         assert math.isfinite(record["accuracy"]) and math.isfinite(record["server_train_loss"])
         assert record["stored_nodes"] == 2
+
+
+def test_one_error_on_every_node_stops_the_run_after_round_1(flower_federation) -> None:
+    # Prepare: every node's ClientApp raises the same ValueError
+    env, home = flower_federation
+    out = home / "same-error"
+    config = (
+        f"output-dir='{out}' every-node-raises=true num-server-rounds=5 "
+        "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=2"
+    )
+    # Execute
+    result = flwr_run(env, FAULTY, config, num_supernodes=2)
+    # Assert: round 1 only, and one line that names the error and the fix
+    written = json.loads((out / "results.json").read_text())
+    assert written["status"] == "no-progress", result.stdout[-4000:]
+    assert [r["round"] for r in written["rounds"]] == [1]
+    assert "\n" not in written["error"] and "fix it" in written["error"]
+    assert "ValueError: item 0 of the data set is a dict without 'img'" in written["error"]
+    assert written["error"] in result.stdout

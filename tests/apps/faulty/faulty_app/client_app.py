@@ -2,7 +2,7 @@
 
 Partition 2 sends labels out of range, 3 raises, 4 sends a list-valued metric (in
 training and evaluation), 5 sends int8 features whose scale is 1e37. Partitions 0
-and 1 behave.
+and 1 behave. With ``every-node-raises = true`` every node raises the same error.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config["partition-id"])
+    if context.run_config.get("every-node-raises"):
+        raise ValueError("item 0 of the data set is a dict without 'img' (keys: image, label)")
     if partition_id == 3:
         raise RuntimeError("simulated crash on partition 3")
     reply = fedgkt.train(msg, context)
