@@ -30,6 +30,17 @@ The handlers only translate Messages; the round itself is
 :class:`flwr_fedgkt.node.EdgeNode`. The edge model and its optimizer live in
 ``context.state`` between rounds (:class:`ContextStateStore`) and, with
 ``state_dir``, also on disk; edge weights never leave the node.
+
+The data may be a flwr-datasets partition as Flower's quickstart loads it (dict
+items ``{"img": ..., "label": ...}``); ``transform`` prepares each image::
+
+    fds = FederatedDataset(dataset="uoft-cs/cifar10", partitioners={"train": 10})
+    partition = fds.load_partition(partition_id)
+    FedGKTClient(EdgeNet, partition, transform=Compose([ToTensor(), Normalize(...)]))
+
+The client reads the first item of its data and puts it through a fresh edge
+model when it is built, so that data or a model that cannot work is a ValueError
+on the node before any round, not an error deep inside its first round.
 """
 
 from __future__ import annotations
@@ -38,14 +49,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from .edge import EdgeData, LogitTable, OptimizerFactory, evaluate_metrics, train_metrics
+from .edge_data import ImageTransform, check_edge_data, readable_data
 from .node import (
     EdgeNode,
     EdgeSettings,
     RoundInstructions,
+    check_feature_shape,
     edge_state_store,
     node_stream,
     pick_round,
@@ -144,11 +158,25 @@ class FedGKTClient:
     train_data : EdgeData
         The node's training data: a ``torch.utils.data.Dataset`` or sequence of
         ``(x, y)`` items (the index is the sample id) or ``(x, y, sample_id)``
-        items, or a :class:`~flwr_fedgkt.data.SampleSet`. Random augmentation in
-        ``__getitem__`` is fine: KD targets follow the sample id. Ids only need to
-        be unique within the node.
+        items; a flwr-datasets / Hugging Face ``datasets.Dataset`` (or any
+        sequence) of dict items such as ``{"img": image, "label": 3}`` (the index
+        is the sample id); or a :class:`~flwr_fedgkt.data.SampleSet`. Random
+        augmentation in ``__getitem__`` is fine: KD targets follow the sample id.
+        Ids only need to be unique within the node. Labels are integer class
+        indices. Images that are PIL images become float tensors in [0, 1]
+        (torchvision's ``to_tensor``), numpy arrays tensors (float64 as float32).
     test_data : EdgeData | None (default: None)
         The node's test data, in the same form; needed by ``evaluate``.
+    image_key : str (default: "img")
+        The key of a dict item's image; with the default, an item without
+        ``img`` has its image read from ``image``.
+    label_key : str (default: "label")
+        The key of a dict item's label (e.g. ``"fine_label"`` for CIFAR-100).
+    transform : Callable[[Any], Any] | None (default: None)
+        Applied to the image of every item (dict or tuple form) before it reaches
+        the model, e.g. torchvision's ``Compose([ToTensor(), Normalize(...)])``;
+        not with a ``SampleSet`` (give it an ``augmentation``). Leave it None
+        when the partition already has one (``partition.with_transform(...)``).
     node_key : str | None (default: None)
         The stable key the server keeps this node's state under (its server
         logits, stored features, sample ids); the node config's ``partition-id``
@@ -182,6 +210,17 @@ class FedGKTClient:
         gradient scaler; for GPUs) or ``auto`` (bfloat16 where this node's
         hardware runs it natively). Replies say which one was used.
 
+    Raises
+    ------
+    ValueError
+        When built, if the first item of ``train_data`` (or of ``test_data``) is
+        not of a form above (the message names the keys a dict item has), its
+        label is not an integer, the edge model (one built for the check, in eval
+        mode, on a batch of that one image) cannot take its image, or the model
+        does not return ``(logits, features)``. In ``train`` and ``evaluate``, if
+        the features are not of the ``feature-shape`` the server's round config
+        names.
+
     Notes
     -----
     ``epochs``, ``lr``, ``batch_size``, ``temperature`` and ``alpha`` are
@@ -196,6 +235,9 @@ class FedGKTClient:
         train_data: EdgeData,
         test_data: EdgeData | None = None,
         *,
+        image_key: str = "img",
+        label_key: str = "label",
+        transform: ImageTransform | None = None,
         node_key: str | None = None,
         epochs: int = DEFAULTS.client_epochs,
         lr: float = DEFAULTS.client_lr,
@@ -220,6 +262,29 @@ class FedGKTClient:
         self.seed = seed
         self.state_dir = state_dir
         self.precision = precision
+        self.image_key = image_key
+        self.label_key = label_key
+        self.transform = transform
+        self._train_samples = self._readable(train_data)
+        self._test_samples = None if test_data is None else self._readable(test_data)
+        self._check_data()
+
+    def _readable(self, data: EdgeData) -> EdgeData:
+        """``data`` as the edge trainer reads it, with this client's keys and
+        transform."""
+        return readable_data(
+            data, image_key=self.image_key, label_key=self.label_key, transform=self.transform
+        )
+
+    def _check_data(self) -> None:
+        """The first item of each split through one fresh edge model
+        (:func:`~flwr_fedgkt.edge_data.check_edge_data`), built without drawing
+        from the global RNG, so that the node's own models are built as before."""
+        with torch.random.fork_rng(devices=[]):
+            model = self.edge_model()
+        check_edge_data(model, self._train_samples, "train_data")
+        if self._test_samples is not None:
+            check_edge_data(model, self._test_samples, "test_data")
 
     def node(self, context: Context) -> EdgeNode:
         """This node's round engine, its edge state in ``context.state`` (and
@@ -256,12 +321,13 @@ class FedGKTClient:
             teacher = LogitTable(arrays["ids"], arrays["logits"])
         node = self.node(context)
         extracted, metrics = node.train(
-            self.train_data,
+            self._train_samples,
             ins.server_round,
             teacher,
             self.settings.for_round(round_config),
             frozen=ins.frozen,
         )
+        check_feature_shape(extracted, ins.feature_shape)
         record = features_record(extracted, ins)
         metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
         meta = {**self._meta(context, ins), PRECISION_KEY: node.precision}
@@ -270,10 +336,11 @@ class FedGKTClient:
     def evaluate(self, msg: Message, context: Context) -> Message:
         """The upload of the test data's features (unless the server holds them
         unchanged) and labels, with the edge model's own accuracy and loss on them."""
-        if self.test_data is None:
+        if self._test_samples is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
         ins = RoundInstructions.from_config(_round_config(msg))
-        extracted, scores = self.node(context).evaluate(self.test_data, ins.server_round)
+        extracted, scores = self.node(context).evaluate(self._test_samples, ins.server_round)
+        check_feature_shape(extracted, ins.feature_shape)
         record = features_record(extracted, ins, with_logits=False)
         metrics = {"num-examples": len(extracted.ids), **evaluate_metrics(scores)}
         return _reply(msg, record, metrics, self._meta(context, ins))

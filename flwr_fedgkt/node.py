@@ -29,7 +29,7 @@ from .compression import check_compression
 from .config import RunConfig, boolean
 from .data import Partition, check_partitions, load_partition
 from .edge import EdgeTrainer, Extracted, LogitTable, OptimizerFactory, resolve_device
-from .edge_data import EdgeData, edge_generator
+from .edge_data import EdgeData, edge_generator, shape_text
 from .edge_state import EdgeStateStore, edge_state_store, pick_round, stale_rounds
 from .models import seeded_model
 from .precision import resolve_precision
@@ -41,6 +41,8 @@ __all__ = [
     "ROUND_KEYS",
     "EdgeSettings",
     "RoundInstructions",
+    "parse_feature_shape",
+    "check_feature_shape",
     "node_stream",
     "EdgeNode",
     "edge_model_factory",
@@ -172,6 +174,11 @@ class RoundInstructions:
     held : str (default: "")
         The digest of the features the server holds for this node (of this split):
         features with that digest are not sent again.
+    feature_shape : tuple[int, ...] | None (default: None)
+        The shape of one sample's features that the server model takes
+        (``feature-shape``, e.g. ``16x32x32``): a node checks its features against
+        it before it replies (:func:`check_feature_shape`). None (a server that
+        does not send it) means no check.
     """
 
     server_round: int
@@ -179,6 +186,7 @@ class RoundInstructions:
     compression: str = "none"
     frozen: bool = False
     held: str = ""
+    feature_shape: tuple[int, ...] | None = None
 
     @classmethod
     def from_config(cls, round_config: Mapping[str, Any], dtype: str = "int8") -> RoundInstructions:
@@ -192,6 +200,35 @@ class RoundInstructions:
             compression=compression,
             frozen=boolean(round_config.get("freeze-extractor", False)),
             held=str(round_config.get("held-features", "")),
+            feature_shape=parse_feature_shape(round_config.get("feature-shape")),
+        )
+
+
+def parse_feature_shape(text: Any) -> tuple[int, ...] | None:
+    """A round config's ``feature-shape`` (``16x32x32``, ``6``) as a tuple; None
+    when absent or empty. ValueError names a value that is not such a shape."""
+    if text is None or str(text).strip() == "":
+        return None
+    parts = str(text).strip().lower().split("x")
+    if not all(part.strip().isdecimal() and int(part) > 0 for part in parts):
+        raise ValueError(
+            f"the round config's feature-shape {text!r} is not a shape such as '16x32x32' or '6'"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def check_feature_shape(extracted: Extracted, expected: tuple[int, ...] | None) -> None:
+    """ValueError when one sample's features in ``extracted`` are not of the shape
+    the server takes (``expected``; None: not known, nothing to check; no
+    samples: nothing to compare)."""
+    if expected is None or len(extracted.ids) == 0:
+        return
+    got = tuple(extracted.features.shape[1:])
+    if got != tuple(expected):
+        raise ValueError(
+            f"features are {shape_text(got)}; the server takes {shape_text(expected)}: cut the "
+            "edge model where the server model starts, or give FedGKT the feature_shape the "
+            "edge produces"
         )
 
 
