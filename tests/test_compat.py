@@ -23,15 +23,15 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from flwr_fedgkt.client_app import evaluate, train
-from flwr_fedgkt.compat import (
+from flwr_fedgkt.data import load_partition
+from flwr_fedgkt.features import encode_features
+from flwr_fedgkt.legacy import (
     EVALUATE_ARRAY_PREFIX,
     FIT_ARRAYS,
     FedGKTNumPyClient,
     LegacyFedGKT,
     samples_from_loader,
 )
-from flwr_fedgkt.data import load_partition
-from flwr_fedgkt.features import encode_features
 from flwr_fedgkt.records import (
     FEATURES_KEY,
     LOGITS_KEY,
@@ -298,6 +298,7 @@ def test_each_client_gets_its_own_fit_instructions_with_its_own_logits(task_iden
     assert second[101].config == {
         "server-round": 2,
         "feature-dtype": "float32",
+        "feature-shape": "16x8x8",
         "compression": "none",
         "freeze-extractor": False,
         "held-features": "",
@@ -434,7 +435,7 @@ def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_log
     # from a checkpoint), and two clients under node ids it has never seen
     legacy = _legacy(min_available_nodes=2)
     ids, logits = np.arange(5, dtype=np.int64), np.ones((5, 10), dtype=np.float32)
-    legacy.engine.server_logits = {"0": (ids, logits)}
+    legacy.engine.step.server_logits = {"0": (ids, logits)}
     proxies = [AnsweringProxy(901, _numpy_client(_context(901, 0)))]
     proxies.append(AnsweringProxy(902, _numpy_client(_context(902, 1))))
     manager = SimpleClientManager()
@@ -455,8 +456,8 @@ def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_log
 def test_the_legacy_server_app_refuses_to_resume_instead_of_starting_afresh(tmp_path) -> None:
     from flwr.app import Context, RecordDict
 
-    from flwr_fedgkt.compat import server_fn
     from flwr_fedgkt.config import ConfigError
+    from flwr_fedgkt.legacy.server_app import server_fn
 
     run_config = {"resume-from": str(tmp_path), "output-dir": str(tmp_path / "out")}
     context = Context(

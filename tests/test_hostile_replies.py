@@ -515,8 +515,8 @@ def test_a_run_that_cannot_resume_leaves_status_failed(task_identity, tmp_path) 
 
 
 def test_the_bounds_come_from_the_run_config_to_both_faces() -> None:
-    from flwr_fedgkt.compat import LegacyFedGKT
     from flwr_fedgkt.config import RunConfig
+    from flwr_fedgkt.legacy import LegacyFedGKT
 
     config = RunConfig.from_mapping({"max-feature-abs": 5.0, "max-reply-bytes": 1234})
     for face in (FedGKT, LegacyFedGKT):

@@ -5,7 +5,7 @@ from flwr.app import ConfigRecord
 from flwr.server.client_manager import SimpleClientManager
 from test_compat import Proxy
 
-from flwr_fedgkt.compat import LegacyFedGKT
+from flwr_fedgkt.legacy import LegacyFedGKT
 from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.strategy import FedGKT
 
