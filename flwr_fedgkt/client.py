@@ -53,8 +53,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from .edge import EdgeData, LogitTable, OptimizerFactory, evaluate_metrics, train_metrics
+from .edge import (
+    EdgeData,
+    LogitTable,
+    OptimizerFactory,
+    evaluate_metrics,
+    extractor_of,
+    train_metrics,
+)
 from .edge_data import ImageTransform, check_edge_data, readable_data
+from .models import module_digest
 from .node import (
     EdgeNode,
     EdgeSettings,
@@ -78,6 +86,7 @@ from .records import (
     record_arrays,
 )
 from .settings import DEFAULTS
+from .validation import EXTRACTOR_KEY
 
 __all__ = ["FedGKTClient", "ContextStateStore", "STATE_KEY", "default_node_key", "key_reply"]
 
@@ -196,7 +205,9 @@ class FedGKTClient:
         set to ``lr``); Adam with weight decay 5e-4 when None.
     freeze_extractor : bool (default: False)
         Never train the model's ``extractor`` (or ``stem``) module, so that the
-        server may keep the node's first upload of features.
+        server may keep the node's first upload of features. Replies name the
+        extractor's digest: with ``edge_model`` built from one seed on every node,
+        the strategy's ``extractor`` checks it and serves one deployable model.
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     seed : int (default: 42)
@@ -330,7 +341,7 @@ class FedGKTClient:
         check_feature_shape(extracted, ins.feature_shape)
         record = features_record(extracted, ins)
         metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
-        meta = {**self._meta(context, ins), PRECISION_KEY: node.precision}
+        meta = {**self._meta(context, ins, node), PRECISION_KEY: node.precision}
         return _reply(msg, record, metrics, meta)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
@@ -339,21 +350,27 @@ class FedGKTClient:
         if self._test_samples is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
         ins = RoundInstructions.from_config(_round_config(msg))
-        extracted, scores = self.node(context).evaluate(self._test_samples, ins.server_round)
+        node = self.node(context)
+        extracted, scores = node.evaluate(self._test_samples, ins.server_round)
         check_feature_shape(extracted, ins.feature_shape)
         record = features_record(extracted, ins, with_logits=False)
         metrics = {"num-examples": len(extracted.ids), **evaluate_metrics(scores)}
-        return _reply(msg, record, metrics, self._meta(context, ins))
+        return _reply(msg, record, metrics, self._meta(context, ins, node))
 
-    def _meta(self, context: Context, ins: RoundInstructions) -> dict[str, Any]:
+    def _meta(self, context: Context, ins: RoundInstructions, node: EdgeNode) -> dict[str, Any]:
         """What every reply echoes back (its round, feature dtype and compression),
-        with the node's key."""
-        return {
+        with the node's key and, for a frozen extractor, its digest (a strategy
+        whose nodes share one extractor checks it)."""
+        meta: dict[str, Any] = {
             "server-round": ins.server_round,
             "feature-dtype": ins.dtype,
             COMPRESSION_KEY: ins.compression,
             NODE_KEY: self.key(context),
         }
+        if self.freeze_extractor:
+            model = node.trainer(before_round=ins.server_round + 1).model
+            meta[EXTRACTOR_KEY] = module_digest(extractor_of(model))
+        return meta
 
 
 def _round_config(msg: Message) -> ConfigRecord:

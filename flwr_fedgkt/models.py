@@ -18,6 +18,7 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -37,6 +38,7 @@ __all__ = [
     "count_parameters",
     "seeded_model",
     "extractor_and_server",
+    "module_digest",
     "EDGE_MODEL",
     "SERVER_MODELS",
     "FULL_MODEL_OF",
@@ -242,3 +244,14 @@ def extractor_and_server(extractor: nn.Module, server: nn.Module) -> nn.Sequenti
     """One model for inference: the edge's feature extractor, then the server
     model (state-dict keys ``extractor.*`` and ``server.*``)."""
     return nn.Sequential(OrderedDict(extractor=extractor, server=server))
+
+
+def module_digest(module: nn.Module) -> str:
+    """A digest of a module's state (its parameters and buffers, in key order):
+    equal for modules built alike from one seed, in any process."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        raw = value.detach().cpu().contiguous().flatten().view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()

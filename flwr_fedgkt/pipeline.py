@@ -124,7 +124,7 @@ class PipelinedFedGKT(FedGKT):
             if self._training is not None:  # a round failed: let its training end
                 self._training[1].exception()
                 self._training = None
-        result.arrays = self.server_arrays()
+        result.arrays = self.model_arrays()
         for record in self.engine.history[first:]:
             server_round = int(record["round"]) - self.engine.round_offset
             result.train_metrics_clientapp[server_round] = MetricRecord(

@@ -106,6 +106,7 @@ class RoundEngine:
         global_sample_ids: bool = False,
         seed: int = DEFAULTS.seed,
         max_idle_rounds: int = DEFAULTS.max_idle_rounds,
+        extractor_digest: str | None = None,
     ) -> None:
         check_dtype_name(feature_dtype)
         check_compression(compression)
@@ -152,6 +153,7 @@ class RoundEngine:
             registry=self.registry,
             held_payload=self.step.held_payload,
             connected=lambda: self.members.connected(),
+            extractor_digest=extractor_digest,
         )
         self.logs: dict[int, RoundLog] = {}  # the open rounds' logs
         self._latest = RoundLog(round=0)

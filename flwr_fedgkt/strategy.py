@@ -22,6 +22,7 @@ server's training with the next round.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Collection, Iterable
 from logging import INFO
@@ -35,6 +36,7 @@ from flwr.supercore import log
 from torch import nn
 
 from .faces import HoldsEngine, log_engine_summary
+from .models import extractor_and_server, module_digest
 from .records import (
     CONFIG_KEY,
     LOGITS_KEY,
@@ -114,10 +116,9 @@ class FedGKT(HoldsEngine, Strategy):
 
     Implementation based on https://arxiv.org/abs/2007.14513
 
-    Every option shared with the run config takes the run config's default
-    (:data:`flwr_fedgkt.settings.DEFAULTS`; each is documented once in
-    :class:`~flwr_fedgkt.settings.Settings` and the README's option table), so
-    ``FedGKT(model, feature_shape=...)`` trains as ``flwr run .`` does.
+    Options shared with the run config take its defaults (documented once in
+    :class:`~flwr_fedgkt.settings.Settings`), so ``FedGKT(model, feature_shape=...)``
+    trains as ``flwr run .`` does.
 
     Parameters
     ----------
@@ -154,18 +155,17 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
     global_sample_ids : bool (default: False)
         Sample ids are unique across all nodes (as in the built-in data sets): an
         id that one node key holds cannot be uploaded under another.
+    extractor : nn.Module | None (default: None)
+        The frozen extractor every node shares (built from one seed; nodes with
+        ``FedGKTClient(freeze_extractor=True)``; replies with another are rejected).
 
-    The server keeps features and server logits per node key (``node-key``), so
-    a node that reconnects under a new node id continues where it was; a node
-    whose features have the digest the server names sends only ids and logits.
-
-    ``start(initial_arrays=...)``: an ``ArrayRecord`` holding a ``state_dict`` is
-    the server model's starting weights; an empty one keeps the model as built.
-    ``Result.arrays`` and the record ``evaluate_fn`` receives are the server
-    model's ``state_dict``. The ``train_config`` given to ``start()`` goes out
-    with every training Message; :class:`~flwr_fedgkt.client.FedGKTClient` reads
-    its ``client-epochs``, ``client-lr``, ``batch-size``, ``temperature`` and
-    ``alpha``.
+    The run's model is the deployable model with ``extractor`` (extractor, then
+    server model: :func:`~flwr_fedgkt.models.extractor_and_server`, which maps raw
+    inputs to logits), else the server model: ``start(initial_arrays=...)`` (when
+    not empty), the record ``evaluate_fn`` receives (round 0 included) and
+    ``Result.arrays`` are its ``state_dict``. ``start``'s ``train_config`` goes
+    with every training Message (FedGKTClient reads ``client-epochs``,
+    ``client-lr``, ``batch-size``, ``temperature`` and ``alpha``).
     """
 
     # pylint: disable=too-many-arguments,too-many-locals
@@ -203,6 +203,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         lr_schedule: LRScheduleFactory | None = None,
         precision: str | None = None,
         device: str | None = None,
+        extractor: nn.Module | None = None,
     ) -> None:
         given: dict[str, Any] = {
             "server_lr": server_lr,
@@ -248,7 +249,9 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             global_sample_ids=global_sample_ids,
             seed=seed,
             max_idle_rounds=max_idle_rounds,
+            extractor_digest=None if extractor is None else module_digest(extractor),
         )
+        self.extractor = extractor
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
 
@@ -344,14 +347,18 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         server_round += self.engine.round_offset
         accepted = self._accept(replies, server_round, training=True)
         metrics = self.engine.train_round(server_round, accepted)
-        return self.server_arrays(), MetricRecord(dict(metrics))
+        return self.model_arrays(), MetricRecord(dict(metrics))
 
-    def server_arrays(self) -> ArrayRecord:
-        """The server model's ``state_dict`` as an ArrayRecord (contiguous copies)."""
-        state = {
-            k: v.detach().cpu().contiguous() for k, v in self.trainer.model.state_dict().items()
-        }
-        return ArrayRecord(state)
+    def model_arrays(self) -> ArrayRecord:
+        """The run's model as an ArrayRecord (contiguous copies): with ``extractor``,
+        the deployable model (:func:`~flwr_fedgkt.models.extractor_and_server`:
+        ``extractor.*`` and ``server.*``), else the server model's ``state_dict``."""
+        model = self.trainer.model
+        if self.extractor is not None:
+            model = extractor_and_server(self.extractor, model)
+        return ArrayRecord(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        )
 
     # -- evaluation ----------------------------------------------------------------
     def configure_evaluate(
@@ -389,7 +396,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         self.prepare(initial_arrays, num_rounds)
         return super().start(
             grid,
-            self.server_arrays(),
+            self.model_arrays(),
             num_rounds,
             timeout,
             train_config,
@@ -401,19 +408,32 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         """Before the first round: the server model's starting weights from
         ``initial_arrays`` (:func:`load_initial_arrays`) and its learning-rate
         horizon, the run's server epochs."""
-        load_initial_arrays(self.trainer, initial_arrays)
+        load_initial_arrays(self.trainer, initial_arrays, self.extractor)
         total_rounds = self.engine.round_offset + num_rounds
         self.trainer.decay_over(total_rounds * self.engine.server_epochs)
 
 
-def load_initial_arrays(trainer: ServerTrainer, initial_arrays: ArrayRecord) -> None:
-    """Load ``initial_arrays`` into the server model when it holds any (a
-    ValueError names the keys or shapes that do not fit)."""
+def load_initial_arrays(
+    trainer: ServerTrainer, initial_arrays: ArrayRecord, extractor: nn.Module | None = None
+) -> None:
+    """Load ``initial_arrays`` into the server model when it holds any: a server
+    model's ``state_dict``, or with ``extractor`` a deployable model's (whose
+    extractor must be ``extractor``). A ValueError names what does not fit."""
     if len(initial_arrays) == 0:
         return
+    state = initial_arrays.to_torch_state_dict()
+    model: nn.Module = trainer.model
+    loaded_extractor = None
+    if extractor is not None and any(key.startswith("extractor.") for key in state):
+        loaded_extractor = copy.deepcopy(extractor)
+        model = extractor_and_server(loaded_extractor, trainer.model)
     try:
-        trainer.model.load_state_dict(initial_arrays.to_torch_state_dict())
+        model.load_state_dict(state)
     except (RuntimeError, KeyError) as err:
         raise ValueError(
-            f"initial_arrays is not a state_dict of the server model ({trainer.model_name}): {err}"
+            f"initial_arrays is not a state_dict of the server model ({trainer.model_name}) "
+            f"or of the deployable model: {err}"
         ) from None
+    if loaded_extractor is not None and extractor is not None:
+        if module_digest(loaded_extractor) != module_digest(extractor):
+            raise ValueError("initial_arrays holds another extractor than the strategy's")

@@ -73,3 +73,37 @@ class InProcessGrid:
                     Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
                 )
         return replies
+
+
+class HandlerGrid:
+    """Messages go straight to a ClientApp's handlers (``client``: train, evaluate,
+    query by message type), one Context per node (partition ``i`` on node
+    ``10 + i``); a handler that raises gives an error reply, as Flower reports a
+    ClientApp exception."""
+
+    def __init__(self, client: dict, num_nodes: int) -> None:
+        self.client = client
+        self.contexts = {
+            10 + i: Context(
+                run_id=1,
+                node_id=10 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i in range(num_nodes)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            handler = self.client[msg.metadata.message_type]  # train, evaluate, query
+            try:
+                replies.append(handler(msg, self.contexts[node]))
+            except Exception as err:  # as Flower reports a ClientApp exception
+                replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
+        return replies

@@ -10,7 +10,8 @@ import re
 import pytest
 import torch
 from flower_processes import REPO
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, RecordDict
+from inprocess import HandlerGrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,37 +23,6 @@ def _run(code: str) -> dict:
     namespace: dict = {"__name__": "readme"}
     exec(compile(code, "README.md", "exec"), namespace)
     return namespace
-
-
-class HandlerGrid:
-    """Messages go straight to the README ClientApp's handlers, one Context per node."""
-
-    def __init__(self, client: dict, num_nodes: int) -> None:
-        self.client = client
-        self.contexts = {
-            10 + i: Context(
-                run_id=1,
-                node_id=10 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            handler = self.client[msg.metadata.message_type]  # train, evaluate, query
-            try:
-                replies.append(handler(msg, self.contexts[node]))
-            except Exception as err:  # as Flower reports a ClientApp exception
-                replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
-        return replies
 
 
 def test_the_readme_server_and_client_apps_train_together(

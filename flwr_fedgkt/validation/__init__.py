@@ -17,6 +17,7 @@ from .payload import (
 )
 from .reply import (
     COMPRESSION_KEY,
+    EXTRACTOR_KEY,
     NODE_KEY,
     PRECISION_KEY,
     AcceptedReply,
@@ -28,6 +29,7 @@ from .reply import (
 
 __all__ = [
     "COMPRESSION_KEY",
+    "EXTRACTOR_KEY",
     "MAX_FEATURE_ABS",
     "MAX_LOGIT_ABS",
     "NODE_KEY",

@@ -28,6 +28,7 @@ from .payload import validate_metrics, validate_node_key, validate_payload, vali
 
 __all__ = [
     "COMPRESSION_KEY",
+    "EXTRACTOR_KEY",
     "NODE_KEY",
     "PRECISION_KEY",
     "AcceptedReply",
@@ -43,6 +44,9 @@ NODE_KEY = "node-key"
 """The meta entry in which a reply names its node's stable key."""
 PRECISION_KEY = "precision"
 """The meta entry in which a training reply names the precision it trained in."""
+EXTRACTOR_KEY = "extractor-digest"
+"""The meta entry in which a node with a frozen extractor names its digest
+(:func:`flwr_fedgkt.models.module_digest`)."""
 COMPRESSION_KEY = "compression"
 """The meta entry in which a reply names the codec of its feature bytes
 (``none`` when absent); also the round config's entry naming the round's codec."""
@@ -100,6 +104,9 @@ class ReplyValidator:
         a reply without features reuses it.
     connected : Callable[[], Collection[int]]
         The node ids connected now.
+    extractor_digest : str | None (default: None)
+        The digest of the frozen extractor every node shares; a reply that names
+        another (or none) is rejected. None: nodes have extractors of their own.
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class ReplyValidator:
         registry: NodeRegistry,
         held_payload: Callable[[NodeKey, bool], FeaturePayload | None],
         connected: Callable[[], Collection[int]],
+        extractor_digest: str | None = None,
     ) -> None:
         self.feature_dtype = feature_dtype
         self.feature_shape = feature_shape
@@ -126,6 +134,7 @@ class ReplyValidator:
         self.registry = registry
         self.held_payload = held_payload
         self.connected = connected
+        self.extractor_digest = extractor_digest
 
     def check(
         self, reply: ReplyReader, server_round: int, training: bool
@@ -174,6 +183,12 @@ class ReplyValidator:
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
         self.registry.check_binding(key, node_id, self.connected())
+        if self.extractor_digest is not None and meta.get(EXTRACTOR_KEY) != self.extractor_digest:
+            raise PayloadError(
+                f"the node's extractor ({meta.get(EXTRACTOR_KEY)!r}) is not the strategy's "
+                f"({self.extractor_digest!r}): build every node's edge model from the same "
+                "seed and keep its extractor frozen (FedGKTClient(freeze_extractor=True))"
+            )
         codec = meta.get(COMPRESSION_KEY, "none")
         if codec not in ("none", self.compression):
             raise PayloadError(f"compression {codec!r}, the round uses {self.compression!r}")
