@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 import zstandard
 
+from flwr_fedgkt.codec import FEATURE_DTYPES, encode_features
 from flwr_fedgkt.data import load_partition
 from flwr_fedgkt.edge import EdgeTrainer
-from flwr_fedgkt.features import FEATURE_DTYPES, encode_features
 
 MB = 1e6
 

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from flwr_fedgkt.config import RunConfig
-from flwr_fedgkt.features import FEATURE_DTYPES, encode_features
+from flwr_fedgkt.codec import FEATURE_DTYPES, encode_features
 from flwr_fedgkt.local import run_local
 from flwr_fedgkt.models import FEATURE_CHANNELS
+from flwr_fedgkt.settings import RunConfig
 
 
 def main() -> None:

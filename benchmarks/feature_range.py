@@ -17,10 +17,10 @@ import argparse
 
 import torch
 
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.data import load_partition
 from flwr_fedgkt.edge import EdgeTrainer
-from flwr_fedgkt.features import MAX_LOGIT_ABS
+from flwr_fedgkt.settings import RunConfig
+from flwr_fedgkt.validation import MAX_LOGIT_ABS
 
 
 def main() -> None:

@@ -20,12 +20,14 @@ import time
 import torch
 
 from flwr_fedgkt.accounting import count_flops
+from flwr_fedgkt.codec import encode_features
 from flwr_fedgkt.data import SampleSet
 from flwr_fedgkt.edge import EdgeTrainer, LogitTable
-from flwr_fedgkt.features import FeatureStore, encode_features, validate_payload
 from flwr_fedgkt.models import build_model
 from flwr_fedgkt.precision import cpu_has_native_bfloat16
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation import validate_payload
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

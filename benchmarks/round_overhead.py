@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.local import run_local
+from flwr_fedgkt.settings import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 

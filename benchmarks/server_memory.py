@@ -57,9 +57,10 @@ def child(store_kind: str, rounds: int, per_round: int, samples: int, directory:
     from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from flwr_fedgkt.features import FeatureStore, encode_features
+    from flwr_fedgkt.codec import encode_features
     from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, arrays_record
     from flwr_fedgkt.server import ServerTrainer
+    from flwr_fedgkt.store import FeatureStore
     from flwr_fedgkt.strategy import FedGKT
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as a ServerApp

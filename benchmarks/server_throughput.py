@@ -23,8 +23,8 @@ from conftest import make_message  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from flwr_fedgkt.codec import decode_features, encode_features  # noqa: E402
 from flwr_fedgkt.distill import ce_kd_loss  # noqa: E402
-from flwr_fedgkt.features import decode_features, encode_features  # noqa: E402
 from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, arrays_record  # noqa: E402
 from flwr_fedgkt.server import ServerTrainer  # noqa: E402
 from flwr_fedgkt.strategy import FedGKT  # noqa: E402

@@ -15,8 +15,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from .client import FedGKTClient, key_reply
-from .config import RunConfig
 from .node import edge_model_factory, load_node_partition, partition_ids
+from .settings import RunConfig
 
 app = ClientApp()
 

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .codec import encode_features, encoded_digest
 from .compression import compress
 from .data import Augmentation
 from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .edge_data import EdgeData, ordered_batches, training_batches
-from .features import encode_features, encoded_digest
 from .models import seeded_model
 from .precision import autocast, loss_scaler, resolve_precision
 from .training import (

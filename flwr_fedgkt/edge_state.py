@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from .features import file_label
 from .files import write_atomic
+from .store import file_label
 
 __all__ = [
     "EdgeStateStore",

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import RunConfig
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .edge_state import MemoryStateStore
 from .faces import engine_settings
 from .node import load_node_partition, partition_node
 from .rounds import NODE_KEY, ReplyParts, RoundEngine
 from .server import ServerTrainer
+from .settings import RunConfig
 
 __all__ = ["run_local"]
 

@@ -26,13 +26,13 @@ from typing import Any
 from torch import nn
 
 from .compression import check_compression
-from .config import RunConfig, boolean
 from .data import Partition, check_partitions, load_partition
 from .edge import EdgeTrainer, Extracted, LogitTable, OptimizerFactory, resolve_device
 from .edge_data import EdgeData, edge_generator, shape_text
 from .edge_state import EdgeStateStore, edge_state_store, pick_round, stale_rounds
 from .models import seeded_model
 from .precision import resolve_precision
+from .settings import RunConfig, boolean
 
 __all__ = [
     "partition_ids",

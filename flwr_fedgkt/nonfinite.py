@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .features import Batch, NodeKey
+from .codec import NodeKey
+from .store import Batch
 
 __all__ = [
     "CULPRIT_REASON",

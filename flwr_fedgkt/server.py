@@ -23,14 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .codec import NodeKey
 from .distill import ce_kd_loss
 from .edge import resolve_device
-from .features import Batch, FeatureStore, NodeKey
 from .models import count_parameters
 from .nonfinite import culprits, gradients_finite, restore_buffers, saved_buffers, without
 from .precision import autocast, loss_scaler, resolve_precision
 from .server_model import output_classes, server_model, to_device
 from .settings import DEFAULTS, RunConfig
+from .store import Batch, FeatureStore
 from .training import (
     EpochTotals,
     LRScheduleFactory,

@@ -13,7 +13,6 @@ from flwr.supercore import log
 
 from .accounting import model_profile
 from .checkpoint import CheckpointError, load_latest_checkpoint
-from .config import RunConfig
 from .data import (
     DataUnavailableError,
     PartitionError,
@@ -26,6 +25,7 @@ from .node import check_node_data, edge_model_factory
 from .pipeline import PipelinedFedGKT
 from .recorder import NoProgressError
 from .results import ResultsWriter
+from .settings import RunConfig
 from .strategy import FedGKT, wait_for_nodes
 
 app = ServerApp()

@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 from flwr_fedgkt import FedGKT, ServerTrainer
 from flwr_fedgkt.client import STATE_KEY
 from flwr_fedgkt.client_app import evaluate, train
-from flwr_fedgkt.config import ConfigError
 from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, record_arrays
+from flwr_fedgkt.settings import ConfigError
 
 RUN_CONFIG = {"dataset": "synthetic", "batch-size": 16, "client-epochs": 1, "seed": 3}
 

@@ -10,13 +10,13 @@ import zstandard
 from flwr.app import ArrayRecord, MessageType
 from inprocess import InProcessGrid, node_context
 
+from flwr_fedgkt.codec import FEATURE_DTYPES, encode_features, wire_dtype
 from flwr_fedgkt.compression import CompressionError, compress, inflate
-from flwr_fedgkt.config import ConfigError, RunConfig
 from flwr_fedgkt.edge import Extracted
-from flwr_fedgkt.features import FEATURE_DTYPES, encode_features, wire_dtype
 from flwr_fedgkt.local import LocalReply
 from flwr_fedgkt.rounds import RoundEngine
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import ConfigError, RunConfig
 from flwr_fedgkt.strategy import FedGKT
 
 SHAPE = (16, 8, 8)

@@ -23,8 +23,8 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from flwr_fedgkt.client_app import evaluate, train
+from flwr_fedgkt.codec import encode_features
 from flwr_fedgkt.data import load_partition
-from flwr_fedgkt.features import encode_features
 from flwr_fedgkt.legacy import (
     EVALUATE_ARRAY_PREFIX,
     FIT_ARRAYS,
@@ -456,8 +456,8 @@ def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_log
 def test_the_legacy_server_app_refuses_to_resume_instead_of_starting_afresh(tmp_path) -> None:
     from flwr.app import Context, RecordDict
 
-    from flwr_fedgkt.config import ConfigError
     from flwr_fedgkt.legacy.server_app import server_fn
+    from flwr_fedgkt.settings import ConfigError
 
     run_config = {"resume-from": str(tmp_path), "output-dir": str(tmp_path / "out")}
     context = Context(

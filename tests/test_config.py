@@ -6,7 +6,7 @@ except ModuleNotFoundError:  # Python 3.10
 import pytest
 from flower_processes import REPO
 
-from flwr_fedgkt.config import ConfigError, RunConfig
+from flwr_fedgkt.settings import ConfigError, RunConfig
 
 
 def test_pyproject_run_config_matches_the_typed_defaults() -> None:

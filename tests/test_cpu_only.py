@@ -9,8 +9,8 @@ import torch
 from flwr.app import ArrayRecord
 from inprocess import InProcessGrid, node_context
 
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.strategy import FedGKT
 
 RUN_CONFIG = {"dataset": "synthetic", "synthetic-samples-per-node": 30, "batch-size": 16}

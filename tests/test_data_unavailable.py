@@ -11,8 +11,8 @@ from flwr.app import Context, RecordDict
 from test_data_sources import accept_fake_copy, write_cifar10, write_cifar100
 
 from flwr_fedgkt import data, server_app
-from flwr_fedgkt.config import ConfigError, RunConfig
 from flwr_fedgkt.data import DataUnavailableError, describe_dataset, hub, load_partition
+from flwr_fedgkt.settings import ConfigError, RunConfig
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ import torch
 from flwr.app import Context, RecordDict
 
 from flwr_fedgkt.client import ContextStateStore
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.data import SampleSet
 from flwr_fedgkt.edge_state import DirectoryStateStore, MemoryStateStore, StateAheadError
 from flwr_fedgkt.node import EdgeNode, partition_node
+from flwr_fedgkt.settings import RunConfig
 
 NUM_CLASSES = 10
 

@@ -6,7 +6,8 @@ kept checkpoint may name them."""
 import numpy as np
 import torch
 
-from flwr_fedgkt.features import FeaturePayload, FeatureStore, encode_features
+from flwr_fedgkt.codec import FeaturePayload, encode_features
+from flwr_fedgkt.store import FeatureStore
 
 
 def _payload(first_id: int, n: int = 6, seed: int = 0) -> FeaturePayload:

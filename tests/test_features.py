@@ -5,15 +5,10 @@ import pytest
 import torch
 from flwr.app import Array
 
-from flwr_fedgkt.features import (
-    FEATURE_DTYPES,
-    FeatureStore,
-    PayloadError,
-    decode_features,
-    encode_features,
-    validate_payload,
-)
+from flwr_fedgkt.codec import FEATURE_DTYPES, PayloadError, decode_features, encode_features
 from flwr_fedgkt.records import arrays_record, record_arrays
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation import validate_payload
 
 SHAPE = (16, 4, 4)
 

@@ -19,9 +19,9 @@ from flwr.app import (
     RecordDict,
 )
 
-from flwr_fedgkt.config import ConfigError
 from flwr_fedgkt.data import load_partition
 from flwr_fedgkt.models import seeded_model
+from flwr_fedgkt.settings import ConfigError
 
 BASELINE = REPO / "baselines" / "fedavg"
 sys.path.insert(0, str(BASELINE))

@@ -9,8 +9,8 @@ from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import build_model, server_app
 from flwr_fedgkt.client import ContextStateStore
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.models import extractor_and_server
+from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.strategy import FedGKT
 
 RUN_CONFIG = {

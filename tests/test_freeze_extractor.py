@@ -12,12 +12,13 @@ from flwr.app import ArrayRecord, Message, MessageType
 from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import client_app
-from flwr_fedgkt.config import RunConfig
+from flwr_fedgkt.codec import PayloadError, encode_features
 from flwr_fedgkt.data import load_partition
 from flwr_fedgkt.edge import EdgeTrainer
-from flwr_fedgkt.features import PayloadError, encode_features, validate_payload, validate_update
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.strategy import FedGKT
+from flwr_fedgkt.validation import validate_payload, validate_update
 
 
 def _run_config(**overrides) -> dict:

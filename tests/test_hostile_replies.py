@@ -27,12 +27,7 @@ from flwr.app import (
 )
 from inprocess import InProcessGrid, node_context
 
-from flwr_fedgkt.features import (
-    EncodedFeatures,
-    FeaturePayload,
-    FeatureStore,
-    encode_features,
-)
+from flwr_fedgkt.codec import EncodedFeatures, FeaturePayload, encode_features
 from flwr_fedgkt.records import (
     FEATURES_KEY,
     LOGITS_KEY,
@@ -43,6 +38,7 @@ from flwr_fedgkt.records import (
 )
 from flwr_fedgkt.results import ResultsWriter
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.store import FeatureStore
 from flwr_fedgkt.strategy import FedGKT
 
 SHAPE = (16, 4, 4)
@@ -515,8 +511,8 @@ def test_a_run_that_cannot_resume_leaves_status_failed(task_identity, tmp_path) 
 
 
 def test_the_bounds_come_from_the_run_config_to_both_faces() -> None:
-    from flwr_fedgkt.config import RunConfig
     from flwr_fedgkt.legacy import LegacyFedGKT
+    from flwr_fedgkt.settings import RunConfig
 
     config = RunConfig.from_mapping({"max-feature-abs": 5.0, "max-reply-bytes": 1234})
     for face in (FedGKT, LegacyFedGKT):

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from flwr_fedgkt.features import (
-    FeatureStore,
-    decode_features,
-    encode_features,
-    validate_payload,
-)
+from flwr_fedgkt.codec import decode_features, encode_features
 from flwr_fedgkt.records import arrays_record, record_arrays
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation import validate_payload
 
 SHAPE = (16, 8, 8)
 NUM_CLASSES = 10

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from conftest import FakeGrid, make_message
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
+from flwr_fedgkt.codec import EncodedFeatures, FeaturePayload
 from flwr_fedgkt.edge import LogitTable
-from flwr_fedgkt.features import EncodedFeatures, FeaturePayload, FeatureStore
 from flwr_fedgkt.records import (
     FEATURES_KEY,
     LOGITS_KEY,
@@ -29,6 +29,7 @@ from flwr_fedgkt.records import (
     record_arrays,
 )
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.store import FeatureStore
 from flwr_fedgkt.strategy import FedGKT
 
 SHAPE = (16, 8, 8)

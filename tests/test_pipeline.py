@@ -11,9 +11,9 @@ from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import client_app
 from flwr_fedgkt.checkpoint import load_latest_checkpoint
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.pipeline import PipelinedFedGKT
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.strategy import FedGKT
 
 RUN_CONFIG = {"dataset": "synthetic", "synthetic-samples-per-node": 40, "batch-size": 16, "seed": 3}

@@ -22,19 +22,18 @@ import pytest
 import torch
 from torch import nn
 
-from flwr_fedgkt.edge import EdgeTrainer, Extracted, LogitTable
-from flwr_fedgkt.features import (
+from flwr_fedgkt.codec import (
     EncodedFeatures,
     FeaturePayload,
     PayloadError,
     decode_features,
     encode_features,
     encoded_digest,
-    validate_payload,
-    validate_update,
 )
+from flwr_fedgkt.edge import EdgeTrainer, Extracted, LogitTable
 from flwr_fedgkt.node import EdgeNode, EdgeSettings
 from flwr_fedgkt.registry import NodeRegistry, features_digest
+from flwr_fedgkt.validation import validate_payload, validate_update
 
 
 def _name(name: str, *modules: str) -> Any:

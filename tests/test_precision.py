@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from flwr_fedgkt.config import ConfigError, RunConfig
+from flwr_fedgkt.codec import encode_features
 from flwr_fedgkt.data import SampleSet
 from flwr_fedgkt.edge import EdgeTrainer
-from flwr_fedgkt.features import FeatureStore, encode_features, validate_payload
 from flwr_fedgkt.precision import cpuinfo_has_bfloat16, resolve_precision
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import ConfigError, RunConfig
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation import validate_payload
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -13,9 +13,9 @@ from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import client_app
 from flwr_fedgkt.checkpoint import CheckpointError, load_latest_checkpoint, save_checkpoint
-from flwr_fedgkt.config import RunConfig
-from flwr_fedgkt.features import FeatureStore
 from flwr_fedgkt.server import ServerTrainer
+from flwr_fedgkt.settings import RunConfig
+from flwr_fedgkt.store import FeatureStore
 from flwr_fedgkt.strategy import FedGKT
 
 ROUNDS = 4

@@ -10,10 +10,10 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from flwr_fedgkt import data, server_app
-from flwr_fedgkt.config import ConfigError, RunConfig
 from flwr_fedgkt.data import PartitionError, check_partitions, load_partition
 from flwr_fedgkt.data.offline import offline_labels, synthetic
 from flwr_fedgkt.node import load_node_partition
+from flwr_fedgkt.settings import ConfigError, RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "baselines" / "fedavg"))
 

@@ -9,8 +9,10 @@ import re
 import numpy as np
 import torch
 
-from flwr_fedgkt.features import FeatureStore, encode_features, validate_payload
+from flwr_fedgkt.codec import encode_features
 from flwr_fedgkt.server import PROGRESS_SECONDS, ServerTrainer
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation import validate_payload
 
 SHAPE = (16, 8, 8)
 

@@ -7,7 +7,7 @@ import torch
 from conftest import FakeGrid, make_message
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from flwr_fedgkt.features import encode_features
+from flwr_fedgkt.codec import encode_features
 from flwr_fedgkt.records import (
     FEATURES_KEY,
     LOGITS_KEY,

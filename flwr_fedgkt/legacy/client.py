@@ -15,13 +15,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..client import ContextStateStore
-from ..config import RunConfig
 from ..data import SampleSet
 from ..edge import LogitTable, evaluate_metrics, train_metrics
 from ..edge_data import EdgeData
 from ..edge_state import edge_state_store
 from ..node import EdgeNode, EdgeSettings, RoundInstructions, partition_node
 from ..rounds import NODE_KEY
+from ..settings import RunConfig
 from .wire import EVALUATE_ARRAY_PREFIX, EVALUATE_ARRAYS, FIT_ARRAYS, array_names
 
 __all__ = ["FedGKTNumPyClient", "LegacyData", "as_edge_data", "samples_from_loader"]

@@ -17,10 +17,10 @@ from flwr.server import ServerAppComponents, ServerConfig
 from flwr.supercore import log
 
 from ..accounting import model_profile
-from ..config import ConfigError, RunConfig
 from ..data import describe_dataset
 from ..results import ResultsWriter
 from ..server_app import default_output_dir
+from ..settings import ConfigError, RunConfig
 from .strategy import LegacyFedGKT
 
 __all__ = ["server_fn"]

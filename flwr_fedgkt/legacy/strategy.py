@@ -25,11 +25,11 @@ from flwr.server.strategy import Strategy
 from flwr.supercore import log
 from torch import nn
 
-from ..config import RunConfig
 from ..faces import HoldsEngine, log_engine_summary
 from ..records import QUERY_KEY
 from ..rounds import NODE_KEY, RoundEngine, sample_size
 from ..server import ServerTrainer
+from ..settings import DEFAULTS, RunConfig
 from .fedavg_names import takes_fedavg_names
 from .wire import EvaluateReply, FitReply, empty_parameters, node_id, parameters_bytes
 
@@ -101,12 +101,12 @@ class LegacyFedGKT(HoldsEngine, Strategy):
     def __init__(
         self,
         trainer: ServerTrainer | nn.Module,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 1.0,
-        min_train_nodes: int = 2,
-        min_evaluate_nodes: int = 2,
-        min_available_nodes: int = 2,
-        query_timeout: float = 300.0,
+        fraction_train: float = DEFAULTS.fraction_train,
+        fraction_evaluate: float = DEFAULTS.fraction_evaluate,
+        min_train_nodes: int = DEFAULTS.min_train_nodes,
+        min_evaluate_nodes: int = DEFAULTS.min_evaluate_nodes,
+        min_available_nodes: int = DEFAULTS.min_available_nodes,
+        query_timeout: float = DEFAULTS.query_timeout,
         on_fit_config_fn: ConfigFn | None = None,
         on_evaluate_config_fn: ConfigFn | None = None,
         **engine_settings: Any,

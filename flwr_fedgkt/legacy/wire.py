@@ -38,7 +38,7 @@ import numpy as np
 from flwr.common import EvaluateRes, FitRes, Parameters, Scalar, bytes_to_ndarray
 from flwr.server.client_proxy import ClientProxy
 
-from ..features import PayloadError
+from ..codec import PayloadError
 from ..rounds import ReplyParts
 
 __all__ = [

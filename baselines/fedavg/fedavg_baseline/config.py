@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flwr_fedgkt.config import ConfigError, RunConfig
 from flwr_fedgkt.models import FULL_MODELS
+from flwr_fedgkt.settings import ConfigError, RunConfig
 
 __all__ = ["FedAvgConfig", "FULL_MODELS", "OPTIMIZERS", "LR_SCHEDULES"]
 

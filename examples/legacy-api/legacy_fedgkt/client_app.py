@@ -12,9 +12,9 @@ own instead: a ``Dataset`` of ``(x, y)`` or ``(x, y, sample_id)`` items, or a
 from flwr.app import Context
 from flwr.client import Client, ClientApp
 
-from flwr_fedgkt.config import RunConfig
 from flwr_fedgkt.legacy import FedGKTNumPyClient
 from flwr_fedgkt.node import load_node_partition, partition_ids
+from flwr_fedgkt.settings import RunConfig
 
 
 def client_fn(context: Context) -> Client:
