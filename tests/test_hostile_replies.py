@@ -417,7 +417,9 @@ def test_the_server_never_takes_a_non_finite_step(precision) -> None:
             ),
             server_round=1,
         )
-    trainer = ServerTrainer(CLASSES, batch_size=8, seed=0, device="cpu", precision=precision)
+    trainer = ServerTrainer(
+        CLASSES, lr=1e-3, batch_size=8, seed=0, device="cpu", precision=precision
+    )
     if precision == "float16":  # a loss scale that honest gradients do not overflow
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

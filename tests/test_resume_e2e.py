@@ -36,7 +36,11 @@ def _run(workdir: Path, run_config: str, crash_after: int | None = None) -> str:
         start_local_superlink(env, workdir / "superlink.log")
 
         def watch(_line: str) -> None:
-            if crash_after is not None and len(_rounds(out)) >= crash_after:
+            # once the round is recorded and its checkpoint is on disk (written after
+            # results.json), the resumed run has a checkpoint to go on from
+            if crash_after is None or len(_rounds(out)) < crash_after:
+                return
+            if (out / f"checkpoint-round-{crash_after}.pt").exists():
                 crash(env)
 
         result = flwr_run(
