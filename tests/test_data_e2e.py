@@ -14,20 +14,47 @@ CHECKSUMS = "FLWR_FEDGKT_TEST_CIFAR10_CHECKSUMS"
 # Imported by every Python process of these runs (through PYTHONPATH): torchvision
 # checks a local CIFAR-10 copy against the published archive's MD5 checksums, which
 # the fake copy written here cannot match. The check stays on; the checksums it
-# expects become the fake copy's, once the test has written them.
+# expects become the fake copy's, once the test has written them. The patch waits
+# for torchvision's CIFAR module to be imported (an import hook), so that the many
+# processes of a run that never read CIFAR-10 do not import torchvision for it.
 SITECUSTOMIZE = f'''
+import importlib.abc
+import importlib.util
 import json
 import os
+import sys
 
 _path = os.environ.get("{CHECKSUMS}", "")
-if _path and os.path.exists(_path):
-    from torchvision.datasets import CIFAR10
 
-    with open(_path) as _handle:
-        _sums = json.load(_handle)
-    CIFAR10.train_list = [[name, _sums[name]] for name, _ in CIFAR10.train_list]
-    CIFAR10.test_list = [[name, _sums[name]] for name, _ in CIFAR10.test_list]
-    CIFAR10.meta = {{**CIFAR10.meta, "md5": _sums[CIFAR10.meta["filename"]]}}
+
+class _FakeChecksums(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "torchvision.datasets.cifar":
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            with open(_path) as handle:
+                sums = json.load(handle)
+            cifar = module.CIFAR10
+            cifar.train_list = [[name, sums[name]] for name, _ in cifar.train_list]
+            cifar.test_list = [[name, sums[name]] for name, _ in cifar.test_list]
+            cifar.meta = {{**cifar.meta, "md5": sums[cifar.meta["filename"]]}}
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _path and os.path.exists(_path):
+    sys.meta_path.insert(0, _FakeChecksums())
 '''
 
 
