@@ -280,7 +280,8 @@ def test_compare_runs_both_algorithms_end_to_end_and_writes_the_report(tmp_path)
     # Prepare: the command's private FLWR_HOME goes under tmp_path
     out = tmp_path / "out"
     scratch = tmp_path / "flower"
-    command = _compare_command(out, scratch, rounds=2, extra=["--seed", "1"])
+    extra = ["--seed", "1", "--shared-config", "synthetic-samples-per-node=60"]
+    command = _compare_command(out, scratch, rounds=2, extra=extra)
     # Execute
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     # Assert: it ran and wrote both results, the table and all plots
