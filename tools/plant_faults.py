@@ -1,0 +1,87 @@
+"""Plant faults the tests must catch, one at a time, each in a fresh copy of the
+repository, and run the tests that guard against it: every line must say CAUGHT.
+
+    python tools/plant_faults.py          # all
+    python tools/plant_faults.py 0 3      # the first and the fourth
+
+Not part of the package; the copies go to the system's temporary folder.
+"""
+# ruff: noqa: E501  (the anchors are lines of the package, as they stand)
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1]
+PLANTS = [
+    (
+        "server logits paired with the wrong rows",
+        "flwr_fedgkt/server.py",
+        "        return payload.ids, logits.numpy()",
+        "        return payload.ids, logits.numpy()[::-1].copy()",
+        ["tests/test_kd_alignment.py"],
+    ),
+    (
+        "server logits in train mode",
+        "flwr_fedgkt/server.py",
+        '        """Logits of the server model on float features, in eval mode (CPU tensor)."""\n        self.model.eval()',
+        '        """Logits of the server model on float features, in eval mode (CPU tensor)."""\n        self.model.train()',
+        ["tests/test_kd_alignment.py"],
+    ),
+    (
+        "the server's KD term dropped",
+        "flwr_fedgkt/server.py",
+        "            logits, labels, batch.edge_logits.to(self.device), self.temperature, self.alpha",
+        "            logits, labels, batch.edge_logits.to(self.device), self.temperature, 0.0",
+        ["tests/test_kd_alignment.py"],
+    ),
+    (
+        "the int8 decoder without its offset",
+        "flwr_fedgkt/codec.py",
+        "    return data.float() * scale.view(shape) + offset.view(shape)",
+        "    return data.float() * scale.view(shape)",
+        ["tests/test_int8_codec.py", "tests/test_features.py"],
+    ),
+    (
+        "two nodes sharing one edge state",
+        "flwr_fedgkt/edge_state.py",
+        '    return Path(directory) / f"edge-{file_label(node_key)}-round-{server_round}.pt"',
+        '    return Path(directory) / f"edge-shared-round-{server_round}.pt"',
+        ["tests/test_edge_state.py", "tests/test_client_app.py"],
+    ),
+    (
+        "accuracy averaged per node instead of per sample",
+        "flwr_fedgkt/server_step.py",
+        '            correct += scores["accuracy"] * n\n            loss_sum += scores["loss"] * n\n            total += n',
+        '            correct += scores["accuracy"]\n            loss_sum += scores["loss"]\n            total += 1',
+        ["tests/test_round_metrics.py", "tests/test_strategy.py"],
+    ),
+]
+only = sys.argv[1:]
+for i, (name, path, old, new, tests) in enumerate(PLANTS):
+    if only and str(i) not in only:
+        continue
+    dst = Path(tempfile.gettempdir()) / f"plant-fault-{i}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(SRC, dst, ignore=shutil.ignore_patterns(".git", "__pycache__", "outputs"))
+    f = dst / path
+    text = f.read_text()
+    assert old in text, (name, "anchor not found")
+    f.write_text(text.replace(old, new, 1))
+    env = {**os.environ, "PYTHONPATH": str(dst), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
+        cwd=dst,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    last = [line for line in r.stdout.splitlines() if "passed" in line or "failed" in line]
+    print(
+        f"{name}: {'CAUGHT' if r.returncode != 0 else 'MISSED'} ({last[-1] if last else r.stdout[-300:]})",
+        flush=True,
+    )
+    shutil.rmtree(dst, ignore_errors=True)
