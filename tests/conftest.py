@@ -32,6 +32,20 @@ class FakeGrid:
         return []
 
 
+class UntouchedGrid:
+    """A Grid the ServerApp must not use: it stops before its first round (data
+    missing or too small). With ``node_ids`` it lists those nodes; anything else
+    it is asked for fails the test."""
+
+    def __init__(self, node_ids=None) -> None:
+        if node_ids is not None:
+            node_ids = list(node_ids)
+            self.get_node_ids = lambda: list(node_ids)
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the ServerApp used the grid ({name}) before its data check")
+
+
 def make_message(
     content: RecordDict, src_node_id: int, dst_node_id: int, message_type: str
 ) -> Message:
@@ -60,6 +74,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_data_caches():
+    """The data module's caches empty before and after the test, so that no test
+    sees (or leaves) a data set loaded by another. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("fresh_data_caches")``."""
+    from flwr_fedgkt import data
+
+    data.clear_caches()
+    yield
+    data.clear_caches()
 
 
 def set_task_identity(monkeypatch: pytest.MonkeyPatch):

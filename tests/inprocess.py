@@ -4,8 +4,10 @@ repeatable rounds (resume, faults) without the cost of a federation."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 
+import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 
 from flwr_fedgkt import client_app
@@ -14,6 +16,8 @@ Handler = Callable[[Message, Context], Message]
 
 
 def node_context(node_id: int, partition_id: int, num_partitions: int, run_config: dict) -> Context:
+    """A ClientApp's Context on node ``node_id``, holding partition ``partition_id``
+    of ``num_partitions`` (a copy of ``run_config``)."""
     return Context(
         run_id=1,
         node_id=node_id,
@@ -21,6 +25,21 @@ def node_context(node_id: int, partition_id: int, num_partitions: int, run_confi
         state=RecordDict(),
         run_config=dict(run_config),
     )
+
+
+def server_context(run_config: dict | None = None) -> Context:
+    """A ServerApp's Context (node 0, no node config; a copy of ``run_config``)."""
+    return Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config or {})
+    )
+
+
+def model_hash(module: torch.nn.Module) -> str:
+    """SHA-256 of the bytes of ``module``'s state dict, tensor by tensor in order."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class InProcessGrid:
@@ -83,16 +102,7 @@ class HandlerGrid:
 
     def __init__(self, client: dict, num_nodes: int) -> None:
         self.client = client
-        self.contexts = {
-            10 + i: Context(
-                run_id=1,
-                node_id=10 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(num_nodes)
-        }
+        self.contexts = {10 + i: node_context(10 + i, i, num_nodes, {}) for i in range(num_nodes)}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import FakeGrid, make_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from inprocess import node_context
 
 from flwr_fedgkt import FedGKT, ServerTrainer
 from flwr_fedgkt.client import STATE_KEY
@@ -14,16 +15,6 @@ from flwr_fedgkt.records import FEATURES_KEY, META_KEY, METRICS_KEY, record_arra
 from flwr_fedgkt.settings import ConfigError
 
 RUN_CONFIG = {"dataset": "synthetic", "batch-size": 16, "client-epochs": 1, "seed": 3}
-
-
-def _context(node_id: int, partition_id: int) -> Context:
-    return Context(
-        run_id=1,
-        node_id=node_id,
-        node_config={"partition-id": partition_id, "num-partitions": 4},
-        state=RecordDict(),
-        run_config=dict(RUN_CONFIG),
-    )
 
 
 def _train_message(node_id: int, server_round: int, kind: str = MessageType.TRAIN):
@@ -46,7 +37,7 @@ def _edge_weights(ctx: Context) -> dict[str, torch.Tensor]:
 
 def test_edge_state_persists_across_rounds_on_a_node_and_differs_between_nodes() -> None:
     # Prepare
-    node_a, node_b = _context(11, 0), _context(22, 1)
+    node_a, node_b = node_context(11, 0, 4, RUN_CONFIG), node_context(22, 1, 4, RUN_CONFIG)
     # Execute: two rounds on node a, one on node b
     reply_1 = train(_train_message(11, 1), node_a)
     weights_1 = _edge_weights(node_a)
@@ -68,7 +59,7 @@ def test_edge_state_persists_across_rounds_on_a_node_and_differs_between_nodes()
 
 
 def test_train_reply_carries_features_logits_labels_ids_and_metrics() -> None:
-    ctx = _context(5, 2)
+    ctx = node_context(5, 2, 4, RUN_CONFIG)
     reply = train(_train_message(5, 1), ctx)
     arrays = record_arrays(reply.content.array_records[FEATURES_KEY])
     n = len(arrays["ids"])
@@ -80,7 +71,7 @@ def test_train_reply_carries_features_logits_labels_ids_and_metrics() -> None:
 
 
 def test_evaluate_sends_test_features_and_the_edge_accuracy() -> None:
-    ctx = _context(5, 2)
+    ctx = node_context(5, 2, 4, RUN_CONFIG)
     train(_train_message(5, 1), ctx)
     reply = evaluate(_train_message(5, 1, MessageType.EVALUATE), ctx)
     arrays = record_arrays(reply.content.array_records[FEATURES_KEY])
@@ -95,7 +86,7 @@ def _feature_bytes(dtype: str) -> int:
     counts them (the same node, data and round for every dtype)."""
     content = RecordDict({"config": ConfigRecord({"server-round": 1, "feature-dtype": dtype})})
     msg = make_message(content, src_node_id=0, dst_node_id=9, message_type=MessageType.TRAIN)
-    record = train(msg, _context(9, 1)).content.array_records[FEATURES_KEY]
+    record = train(msg, node_context(9, 1, 4, RUN_CONFIG)).content.array_records[FEATURES_KEY]
     whole = record.count_bytes()
     for key in ("labels", "ids", "logits"):
         del record[key]
@@ -118,7 +109,7 @@ def _round_message(node_id: int, server_round: int, **settings) -> object:
 
 def test_the_rounds_config_sets_the_edges_training_for_that_round() -> None:
     # Prepare: three nodes of one partition share round 1, then differ in round 2
-    contexts = [_context(11, 0) for _ in range(3)]
+    contexts = [node_context(11, 0, 4, RUN_CONFIG) for _ in range(3)]
     for ctx in contexts:
         train(_round_message(11, 1), ctx)
     after_round_1 = _edge_weights(contexts[0])
@@ -141,7 +132,7 @@ def test_the_rounds_config_sets_the_edges_training_for_that_round() -> None:
 
 def test_a_bad_training_setting_in_the_rounds_config_is_named() -> None:
     with pytest.raises(ConfigError, match="client-lr"):
-        train(_round_message(11, 1, **{"client-lr": -1.0}), _context(11, 0))
+        train(_round_message(11, 1, **{"client-lr": -1.0}), node_context(11, 0, 4, RUN_CONFIG))
 
 
 class _NoEdgeEpochsInRound2(FedGKT):
@@ -166,7 +157,7 @@ def test_a_strategy_that_changes_round_2s_config_changes_the_edges_round_2(
     )
     grid = FakeGrid([11])
     config = ConfigRecord({"client-epochs": 1, "client-lr": 0.001, "batch-size": 16})
-    ctx = _context(11, 0)
+    ctx = node_context(11, 0, 4, RUN_CONFIG)
     weights = {}
     # Execute: the strategy's own Messages reach the built-in ClientApp
     for server_round in (1, 2):

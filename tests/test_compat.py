@@ -1,7 +1,5 @@
 """The legacy-API faces (NumPyClient, legacy Strategy) against the Message-API ones."""
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -21,6 +19,7 @@ from flwr.common import (
 )
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
+from inprocess import model_hash, node_context, server_context
 
 from flwr_fedgkt.client_app import evaluate, train
 from flwr_fedgkt.codec import encode_features
@@ -49,16 +48,6 @@ SHAPE = (16, 8, 8)
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _context(node_id: int, partition_id: int) -> Context:
-    return Context(
-        run_id=1,
-        node_id=node_id,
-        node_config={"partition-id": partition_id, "num-partitions": 4},
-        state=RecordDict(),
-        run_config=dict(RUN_CONFIG),
-    )
-
-
 def _numpy_client(ctx: Context) -> FedGKTNumPyClient:
     partition_id = int(ctx.node_config["partition-id"])
     partition = load_partition("synthetic", partition_id, 4, seed=RUN_CONFIG["seed"])
@@ -185,18 +174,11 @@ def _legacy(**kwargs) -> LegacyFedGKT:
     return LegacyFedGKT(_trainer(), feature_dtype="float32", feature_shape=SHAPE, **kwargs)
 
 
-def _model_hash(trainer: ServerTrainer) -> str:
-    digest = hashlib.sha256()
-    for tensor in trainer.model.state_dict().values():
-        digest.update(tensor.cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # -- the client ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_fit_uploads_what_the_message_api_client_uploads_in_the_documented_order(dtype) -> None:
     # Prepare: the same node on both faces; round 2 brings server logits for KD
-    message_ctx, legacy_ctx = _context(5, 1), _context(5, 1)
+    message_ctx, legacy_ctx = node_context(5, 1, 4, RUN_CONFIG), node_context(5, 1, 4, RUN_CONFIG)
     client = _numpy_client(legacy_ctx)
     train(_message(5, 1, MessageType.TRAIN, dtype), message_ctx)
     client.fit([], {"server-round": 1, "feature-dtype": dtype})
@@ -222,7 +204,7 @@ def test_fit_uploads_what_the_message_api_client_uploads_in_the_documented_order
 
 def test_evaluate_sends_the_test_features_and_the_edge_scores() -> None:
     # Prepare
-    message_ctx, legacy_ctx = _context(5, 2), _context(5, 2)
+    message_ctx, legacy_ctx = node_context(5, 2, 4, RUN_CONFIG), node_context(5, 2, 4, RUN_CONFIG)
     client = _numpy_client(legacy_ctx)
     train(_message(5, 1, MessageType.TRAIN, "float16"), message_ctx)
     client.fit([], {"server-round": 1, "feature-dtype": "float16"})
@@ -251,7 +233,7 @@ def test_a_loader_of_batches_with_sample_ids_becomes_the_clients_data() -> None:
         for i in range(0, len(data), 7)
     ]
     # Execute
-    client = FedGKTNumPyClient(_context(1, 0), loader, loader, 10, 0)
+    client = FedGKTNumPyClient(node_context(1, 0, 4, RUN_CONFIG), loader, loader, 10, 0)
     # Assert
     assert torch.equal(client.train_set.ids, data.ids)
     assert torch.equal(client.train_set.images, data.images)
@@ -261,11 +243,11 @@ def test_a_loader_of_batches_with_sample_ids_becomes_the_clients_data() -> None:
 
 def test_edge_state_persists_in_the_context_across_client_instances() -> None:
     # Prepare: client_fn builds a new client for every message; the context stays
-    ctx = _context(9, 3)
+    ctx = node_context(9, 3, 4, RUN_CONFIG)
     first, _, _ = _numpy_client(ctx).fit([], {"server-round": 1, "feature-dtype": "float32"})
     # Execute
     second, _, _ = _numpy_client(ctx).fit([], {"server-round": 2, "feature-dtype": "float32"})
-    fresh, _, _ = _numpy_client(_context(9, 3)).fit(
+    fresh, _, _ = _numpy_client(node_context(9, 3, 4, RUN_CONFIG)).fit(
         [], {"server-round": 2, "feature-dtype": "float32"}
     )
     # Assert: round 2 continued from round 1's edge model, not from a fresh one
@@ -324,7 +306,7 @@ def test_a_malformed_reply_touches_neither_store_nor_model(
     # Prepare
     strategy = _legacy(min_available_nodes=1, min_train_nodes=1)
     strategy.configure_fit(2, Parameters([], "numpy.ndarray"), _manager([7]))
-    before = _model_hash(strategy.trainer)
+    before = model_hash(strategy.trainer.model)
     server_round = overrides.pop("round", 2)
     num_arrays = overrides.pop("arrays", 4)
     corrupt = overrides.pop("corrupt", False)
@@ -341,7 +323,7 @@ def test_a_malformed_reply_touches_neither_store_nor_model(
     rejected = strategy.engine.current.rejected_replies
     assert [r["node_id"] for r in rejected] == [7] and reason in rejected[0]["reason"]
     assert strategy.engine.current.failed_nodes[0]["reason"] == "RuntimeError: lost"
-    assert _model_hash(strategy.trainer) != before
+    assert model_hash(strategy.trainer.model) != before
     assert "7" not in strategy.engine.server_logits
 
 
@@ -383,7 +365,7 @@ def test_both_strategies_train_and_score_alike_on_the_same_replies(task_identity
             [],
         )
     # Assert: same server model, same logits, same round records
-    assert _model_hash(legacy.trainer) == _model_hash(message.trainer)
+    assert model_hash(legacy.trainer.model) == model_hash(message.trainer.model)
     for node_id in train_data:
         np.testing.assert_array_equal(
             legacy.engine.server_logits[str(node_id)][1],
@@ -436,8 +418,8 @@ def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_log
     legacy = _legacy(min_available_nodes=2)
     ids, logits = np.arange(5, dtype=np.int64), np.ones((5, 10), dtype=np.float32)
     legacy.engine.step.server_logits = {"0": (ids, logits)}
-    proxies = [AnsweringProxy(901, _numpy_client(_context(901, 0)))]
-    proxies.append(AnsweringProxy(902, _numpy_client(_context(902, 1))))
+    proxies = [AnsweringProxy(901, _numpy_client(node_context(901, 0, 4, RUN_CONFIG)))]
+    proxies.append(AnsweringProxy(902, _numpy_client(node_context(902, 1, 4, RUN_CONFIG))))
     manager = SimpleClientManager()
     for proxy in proxies:
         manager.register(proxy)
@@ -454,15 +436,11 @@ def test_the_legacy_strategy_asks_new_clients_for_their_keys_and_sends_their_log
 
 
 def test_the_legacy_server_app_refuses_to_resume_instead_of_starting_afresh(tmp_path) -> None:
-    from flwr.app import Context, RecordDict
-
     from flwr_fedgkt.legacy.server_app import server_fn
     from flwr_fedgkt.settings import ConfigError
 
     run_config = {"resume-from": str(tmp_path), "output-dir": str(tmp_path / "out")}
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     with pytest.raises(ConfigError, match="resume-from: the legacy-API ServerApp cannot resume"):
         server_fn(context)
     assert not (tmp_path / "out").exists()  # nothing started

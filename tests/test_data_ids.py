@@ -18,15 +18,9 @@ from test_data_sources import (
     write_cinic10,
 )
 
-from flwr_fedgkt import data
 from flwr_fedgkt.data import load_dataset, load_partition
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    data.clear_caches()
-    yield
-    data.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_data_caches")
 
 
 def _assert_pinned(split, size: int, ids: list[int], labels: list[int]) -> None:

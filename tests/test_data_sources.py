@@ -26,12 +26,7 @@ from flwr_fedgkt.data import hub as hub_source
 from flwr_fedgkt.edge import EdgeTrainer
 from flwr_fedgkt.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    data.clear_caches()
-    yield
-    data.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_data_caches")
 
 
 def _marked_images(first_id: int, n: int) -> np.ndarray:

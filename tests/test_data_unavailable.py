@@ -7,19 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from conftest import UntouchedGrid
+from inprocess import server_context
 from test_data_sources import accept_fake_copy, write_cifar10, write_cifar100
 
-from flwr_fedgkt import data, server_app
+from flwr_fedgkt import server_app
 from flwr_fedgkt.data import DataUnavailableError, describe_dataset, hub, load_partition
 from flwr_fedgkt.settings import ConfigError, RunConfig
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    data.clear_caches()
-    yield
-    data.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_data_caches")
 
 
 @pytest.fixture
@@ -153,13 +149,6 @@ def test_failed_download_is_reported_as_unavailable(monkeypatch) -> None:
     assert "more detail" not in message
 
 
-class _UntouchedGrid:
-    """A Grid that fails the test when the ServerApp uses it."""
-
-    def __getattr__(self, name: str):
-        raise AssertionError(f"the ServerApp used the grid ({name}) although data is missing")
-
-
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("data_dir", ["", "missing"])
 def test_server_app_logs_one_message_and_starts_no_round(tmp_path, monkeypatch, data_dir) -> None:
@@ -170,11 +159,9 @@ def test_server_app_logs_one_message_and_starts_no_round(tmp_path, monkeypatch, 
     run_config = {"dataset": "cifar10", "output-dir": str(out)}
     if data_dir:
         run_config["data-dir"] = str(tmp_path / data_dir)
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
-    server_app.main(_UntouchedGrid(), context)
+    server_app.main(UntouchedGrid(), context)
     # Assert
     assert len(logged) == 1
     level, message = logged[0]

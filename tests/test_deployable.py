@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, MetricRecord
 from inprocess import HandlerGrid
 from torch import nn
 
@@ -92,10 +92,6 @@ def strategy(**kwargs) -> FedGKT:
         device="cpu",
         **kwargs,
     )
-
-
-def context() -> Context:
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
 def test_evaluate_fn_scores_the_deployable_model_on_raw_inputs_from_round_0(

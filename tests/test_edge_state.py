@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context
+from inprocess import node_context
 
 from flwr_fedgkt.client import ContextStateStore
 from flwr_fedgkt.data import SampleSet
@@ -27,16 +28,6 @@ def _config(state_dir=None) -> RunConfig:
     if state_dir is not None:
         values["client-state-dir"] = str(state_dir)
     return RunConfig.from_mapping({**values, "device": "cpu"})
-
-
-def _context(node_id: int, partition_id: int) -> Context:
-    return Context(
-        run_id=1,
-        node_id=node_id,
-        node_config={"partition-id": partition_id, "num-partitions": 4},
-        state=RecordDict(),
-        run_config={},
-    )
 
 
 def _data(partition_id: int, n: int = 16) -> SampleSet:
@@ -76,9 +67,9 @@ def test_fresh_nodes_start_from_their_own_seeded_edge_models() -> None:
     # Prepare
     config = _config()
     # Execute
-    first = _weights(_context(1, 0), config, 0)
-    again = _weights(_context(7, 0), config, 0)
-    other = _weights(_context(2, 1), config, 1)
+    first = _weights(node_context(1, 0, 4, {}), config, 0)
+    again = _weights(node_context(7, 0, 4, {}), config, 0)
+    other = _weights(node_context(2, 1, 4, {}), config, 1)
     # Assert: reproducible per partition, different between partitions
     assert _same(first, again), "one partition's initial edge model is not reproducible"
     assert not _same(first, other), "partitions 0 and 1 start from the same edge model"
@@ -87,7 +78,7 @@ def test_fresh_nodes_start_from_their_own_seeded_edge_models() -> None:
 def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> None:
     # Prepare
     config = _config(tmp_path / "clients")
-    node_a, node_b = _context(11, 0), _context(22, 1)
+    node_a, node_b = node_context(11, 0, 4, {}), node_context(22, 1, 4, {})
     # Execute: two rounds on both nodes, interleaved
     for server_round in (1, 2):
         _round(node_a, config, 0, server_round)
@@ -96,8 +87,8 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
     weights_a, weights_b = _weights(node_a, config, 0), _weights(node_b, config, 1)
     assert not _same(weights_a, weights_b), "the two nodes hold the same edge model"
     # ... and a restarted node (empty Context) restores its own from disk
-    restored_a = _weights(_context(33, 0), config, 0)
-    restored_b = _weights(_context(44, 1), config, 1)
+    restored_a = _weights(node_context(33, 0, 4, {}), config, 0)
+    restored_b = _weights(node_context(44, 1, 4, {}), config, 1)
     files = sorted(p.name for p in (tmp_path / "clients").iterdir())
     assert files == [
         "edge-0-round-0.pt",  # its fresh model: the state before its first round
@@ -110,8 +101,8 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
     assert _same(restored_a, weights_a), "restarted node a did not restore its own edge state"
     assert _same(restored_b, weights_b), "restarted node b did not restore its own edge state"
     # a partition that never trained starts afresh, from nobody's state
-    fresh = _weights(_context(55, 2), _config(), 2)
-    assert _same(_weights(_context(55, 2), config, 2), fresh), (
+    fresh = _weights(node_context(55, 2, 4, {}), _config(), 2)
+    assert _same(_weights(node_context(55, 2, 4, {}), config, 2), fresh), (
         "a partition without a state file restored another node's edge state"
     )
 
@@ -119,10 +110,10 @@ def test_two_nodes_keep_apart_edge_states_in_memory_and_on_disk(tmp_path) -> Non
 def test_each_node_continues_from_its_own_state(tmp_path) -> None:
     # Prepare: round 1 on both nodes; a copy of node a's state after it
     config = _config(tmp_path / "clients")
-    node_a, node_b = _context(11, 0), _context(22, 1)
+    node_a, node_b = node_context(11, 0, 4, {}), node_context(22, 1, 4, {})
     _round(node_a, config, 0, 1)
     _round(node_b, config, 1, 1)
-    reference = _context(99, 0)
+    reference = node_context(99, 0, 4, {})
     ContextStateStore(reference).save(_node(node_a, config, 0).trainer().state_bytes(), 1)
     # Execute: round 2 on node a after node b, and on the copy (no state dir)
     _round(node_b, config, 1, 2)
@@ -135,7 +126,7 @@ def test_each_node_continues_from_its_own_state(tmp_path) -> None:
     # Execute: node b trains last; then round 3 on node a restarted (its state
     # from disk only) and on node a as it is (its state in memory, nothing saved)
     _round(node_b, config, 1, 3)
-    restarted = _context(33, 0)
+    restarted = node_context(33, 0, 4, {})
     _round(restarted, config, 0, 3)
     _round(node_a, _config(), 0, 3)
     # Assert: the restarted node continued from node a's state, not node b's
@@ -149,7 +140,7 @@ def test_each_node_continues_from_its_own_state(tmp_path) -> None:
 def test_a_state_in_the_context_wins_over_the_file(tmp_path) -> None:
     # Prepare: round 1 saved to the context and the file, round 2 to the context only
     config = _config(tmp_path / "clients")
-    node_a = _context(11, 0)
+    node_a = node_context(11, 0, 4, {})
     _round(node_a, config, 0, 1)
     state_file = tmp_path / "clients" / "edge-0-round-1.pt"
     round_1 = state_file.read_bytes()
@@ -159,14 +150,14 @@ def test_a_state_in_the_context_wins_over_the_file(tmp_path) -> None:
     restored = _weights(node_a, config, 0)
     # Assert: the context's round-2 state is restored, not the file's round-1 state
     assert _same(restored, _weights(node_a, _config(), 0))
-    assert not _same(restored, _weights(_context(33, 0), config, 0))
+    assert not _same(restored, _weights(node_context(33, 0, 4, {}), config, 0))
     assert state_file.read_bytes() == round_1, "restoring a state wrote the file"
 
 
 def test_the_core_node_trains_as_the_flower_node_does() -> None:
     # Prepare
     config = _config()
-    store, context = MemoryStateStore(), _context(11, 1)
+    store, context = MemoryStateStore(), node_context(11, 1, 4, {})
     # Execute: two rounds through the core with its own store, two through Flower
     for server_round in (1, 2):
         core, _ = partition_node(config, 1, NUM_CLASSES, store).train(
@@ -188,7 +179,7 @@ def test_a_store_keeps_the_newest_three_rounds_and_gives_the_one_before_a_round(
     store = {
         "directory": lambda: DirectoryStateStore(tmp_path, "node/a"),
         "memory": MemoryStateStore,
-        "context": lambda: ContextStateStore(_context(1, 0)),
+        "context": lambda: ContextStateStore(node_context(1, 0, 4, {})),
     }[kind]()
     assert store.load(3) is None  # nothing saved: a fresh model
     # Execute
@@ -215,14 +206,14 @@ def test_a_node_asked_again_for_a_round_it_trained_trains_it_from_the_round_befo
 ) -> None:
     # Prepare: rounds 1-3 on a node; its round-3 features
     config = _config(tmp_path / "clients")
-    node_a = _context(11, 0)
+    node_a = node_context(11, 0, 4, {})
     for server_round in (1, 2):
         _round(node_a, config, 0, server_round)
     first, _ = _node(node_a, config, 0).train(_data(0), 3, None)
     # Execute: the server resumed from round 2 asks for round 3 again, of the node
     # as it is, and of the node restarted (its state on disk only)
     again, _ = _node(node_a, config, 0).train(_data(0), 3, None)
-    restarted, _ = _node(_context(12, 0), config, 0).train(_data(0), 3, None)
+    restarted, _ = _node(node_context(12, 0, 4, {}), config, 0).train(_data(0), 3, None)
     # Assert: the same round 3, not a fourth step from round 3's state
     assert torch.equal(again.features, first.features)
     assert torch.equal(restarted.features, first.features)
@@ -237,13 +228,13 @@ def test_a_node_whose_first_round_is_asked_again_trains_it_from_its_fresh_model(
 ) -> None:
     # Prepare: a node first sampled in round 2 (partial participation)
     config = _config(tmp_path / "clients")
-    first, _ = _node(_context(11, 0), config, 0).train(_data(0), 2, None)
+    first, _ = _node(node_context(11, 0, 4, {}), config, 0).train(_data(0), 2, None)
     # Execute: a server resumed from round 1's checkpoint asks it for round 2 again,
     # the node as it is and the node restarted (its states on disk only)
-    node_a = _context(11, 0)
+    node_a = node_context(11, 0, 4, {})
     _node(node_a, config, 0).train(_data(0), 2, None)
     again, _ = _node(node_a, config, 0).train(_data(0), 2, None)
-    restarted, _ = _node(_context(12, 0), config, 0).train(_data(0), 2, None)
+    restarted, _ = _node(node_context(12, 0, 4, {}), config, 0).train(_data(0), 2, None)
     # Assert: round 2 again from the fresh model, not an error, not a second step
     assert torch.equal(again.features, first.features)
     assert torch.equal(restarted.features, first.features)

@@ -7,17 +7,17 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import make_message
+from conftest import FakeGrid, make_message
 from flower_processes import REPO
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
-    Context,
     Message,
     MessageType,
     MetricRecord,
     RecordDict,
 )
+from inprocess import node_context
 
 from flwr_fedgkt.data import load_partition
 from flwr_fedgkt.models import seeded_model
@@ -29,16 +29,6 @@ sys.path.insert(0, str(BASELINE))
 from fedavg_baseline.client_app import evaluate, train  # noqa: E402
 from fedavg_baseline.config import FedAvgConfig  # noqa: E402
 from fedavg_baseline.strategy import MeteredFedAvg  # noqa: E402
-
-
-class NodeGrid:
-    """Only node discovery: FedAvg samples nodes through the Grid."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
 
 
 def _model_arrays(seed: int = 0) -> ArrayRecord:
@@ -114,7 +104,7 @@ def test_strategy_counts_the_bytes_of_every_message_sent_and_received(task_ident
     # Prepare
     records: list[dict] = []
     strategy = MeteredFedAvg(on_round_end=records.append, lr_for_round=lambda r: 0.1 / r)
-    grid = NodeGrid([11, 22, 33])
+    grid = FakeGrid([11, 22, 33])
     model = _model_arrays()
     model_bytes = model.count_bytes()
     # Execute: one full round
@@ -150,7 +140,7 @@ def test_strategy_counts_the_bytes_of_every_message_sent_and_received(task_ident
 def test_strategy_averages_the_models_weighted_by_examples(task_identity) -> None:
     # Prepare
     strategy = MeteredFedAvg()
-    grid = NodeGrid([1, 2])
+    grid = FakeGrid([1, 2])
     sent = list(strategy.configure_train(1, _model_arrays(0), ConfigRecord(), grid))
     first, second = _model_arrays(1), _model_arrays(2)
     replies = [_reply(sent[0], first, 30), _reply(sent[1], second, 10)]
@@ -175,16 +165,6 @@ RUN_CONFIG = {
 }
 
 
-def _context(partition_id: int, num_partitions: int = 8) -> Context:
-    return Context(
-        run_id=1,
-        node_id=100 + partition_id,
-        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
-        state=RecordDict(),
-        run_config=dict(RUN_CONFIG),
-    )
-
-
 def _message(kind: str, arrays: ArrayRecord, server_round: int = 1) -> Message:
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     return make_message(content, src_node_id=0, dst_node_id=101, message_type=kind)
@@ -192,7 +172,7 @@ def _message(kind: str, arrays: ArrayRecord, server_round: int = 1) -> Message:
 
 def test_client_trains_the_global_model_on_its_own_partition() -> None:
     # Prepare
-    context = _context(1)
+    context = node_context(101, 1, 8, RUN_CONFIG)
     partition = load_partition("synthetic", 1, 8, "iid", 0.5, 3)
     start = _model_arrays(5)
     # Execute
@@ -210,8 +190,8 @@ def test_client_training_is_reproducible_for_a_seed_node_and_round() -> None:
     # Prepare
     start = _model_arrays(5)
     # Execute
-    first = train(_message(MessageType.TRAIN, start, 2), _context(2))
-    again = train(_message(MessageType.TRAIN, start, 2), _context(2))
+    first = train(_message(MessageType.TRAIN, start, 2), node_context(102, 2, 8, RUN_CONFIG))
+    again = train(_message(MessageType.TRAIN, start, 2), node_context(102, 2, 8, RUN_CONFIG))
     # Assert
     key = "fc.weight"
     np.testing.assert_allclose(
@@ -222,7 +202,7 @@ def test_client_training_is_reproducible_for_a_seed_node_and_round() -> None:
 
 def test_client_evaluates_the_global_model_on_its_test_split() -> None:
     # Prepare
-    context = _context(0)
+    context = node_context(100, 0, 8, RUN_CONFIG)
     partition = load_partition("synthetic", 0, 8, "iid", 0.5, 3)
     # Execute
     reply = evaluate(_message(MessageType.EVALUATE, _model_arrays(5)), context)

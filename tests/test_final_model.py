@@ -4,8 +4,8 @@ and ``final_model.pt`` from the built-in ServerApp."""
 import io
 
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
-from inprocess import InProcessGrid, node_context
+from flwr.app import ArrayRecord, Context
+from inprocess import InProcessGrid, node_context, server_context
 
 from flwr_fedgkt import build_model, server_app
 from flwr_fedgkt.client import ContextStateStore
@@ -46,9 +46,7 @@ def test_the_server_app_saves_a_final_model_that_loads_and_predicts_alike(
 ) -> None:
     # Prepare
     run_config = {**RUN_CONFIG, "output-dir": str(tmp_path)}
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
     server_app.main(_grid(run_config), context)
     # Assert: a fresh ResNet-55 with the saved weights gives the logits of the one
@@ -78,9 +76,7 @@ def test_with_one_frozen_extractor_the_run_exports_extractor_and_server_as_one_m
         "freeze-extractor": True,
     }
     grid = _grid(run_config)
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
     server_app.main(grid, context)
     # Assert: the exported extractor is every node's extractor after training ...
@@ -105,9 +101,7 @@ def test_with_one_frozen_extractor_the_run_exports_extractor_and_server_as_one_m
 
 def test_without_a_shared_frozen_extractor_no_pair_is_exported(task_identity, tmp_path) -> None:
     run_config = {**RUN_CONFIG, "output-dir": str(tmp_path), "freeze-extractor": True}
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     server_app.main(_grid(run_config), context)
     assert (tmp_path / "final_model.pt").exists()
     assert not (tmp_path / "deployable_model.pt").exists()

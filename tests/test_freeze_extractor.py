@@ -3,13 +3,11 @@ them and still trains on them; later replies carry only ids and logits."""
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType
-from inprocess import InProcessGrid, node_context
+from inprocess import InProcessGrid, model_hash, node_context
 
 from flwr_fedgkt import client_app
 from flwr_fedgkt.codec import PayloadError, encode_features
@@ -43,13 +41,6 @@ def _strategy(run_config: dict, **kwargs) -> FedGKT:
         freeze_extractor=config.freeze_extractor,
         **kwargs,
     )
-
-
-def _model_hash(strategy: FedGKT) -> str:
-    digest = hashlib.sha256()
-    for tensor in strategy.trainer.model.state_dict().values():
-        digest.update(tensor.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Recorder:
@@ -104,7 +95,7 @@ def test_second_participation_uploads_no_features_and_the_server_still_trains(
     )
     strategy = _strategy(run_config)
     hashes = []
-    strategy.engine.on_round_end = lambda record: hashes.append(_model_hash(strategy))
+    strategy.engine.on_round_end = lambda record: hashes.append(model_hash(strategy.trainer.model))
     # Execute
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=3)
     # Assert: features travel in round 1 only, for training and for evaluation

@@ -25,7 +25,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from inprocess import InProcessGrid, node_context
+from inprocess import InProcessGrid, node_context, server_context
 
 from flwr_fedgkt.codec import EncodedFeatures, FeaturePayload, encode_features
 from flwr_fedgkt.records import (
@@ -477,9 +477,7 @@ def test_a_server_app_that_fails_leaves_status_failed(task_identity, tmp_path) -
     }
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
     grid = _FailingGrid(contexts, fail_at=4)  # 1: key query, 2-3: round 1, 4: round 2
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
     with pytest.raises(RuntimeError, match="link to the SuperLink broke"):
         server_app.main(grid, context)
@@ -503,9 +501,7 @@ def test_a_run_that_cannot_resume_leaves_status_failed(task_identity, tmp_path) 
         "resume-from": str(empty),
     }
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
     server_app.main(InProcessGrid(contexts), context)
     # Assert

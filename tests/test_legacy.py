@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
+from inprocess import node_context
 from test_compat import Proxy
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -22,6 +22,8 @@ from flwr_fedgkt.server import ServerTrainer
 
 CLASSES = 3
 FEATURES = (4, 8, 8)  # the tiny edge model's features of a 1 x 8 x 8 input
+# the run config of the one node (node 7, partition 0 of 1) the client tests use
+RUN_CONFIG = {"batch-size": 4, "client-epochs": 1, "seed": 1, "device": "cpu"}
 
 
 class TinyEdge(nn.Module):
@@ -51,16 +53,6 @@ def _manager(node_ids: list[int]) -> SimpleClientManager:
     for node_id in node_ids:
         manager.register(Proxy(node_id))
     return manager
-
-
-def _context() -> Context:
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config={"partition-id": 0, "num-partitions": 1},
-        state=RecordDict(),
-        run_config={"batch-size": 4, "client-epochs": 1, "seed": 1, "device": "cpu"},
-    )
 
 
 # -- FedAvg's argument names -----------------------------------------------------------
@@ -201,7 +193,7 @@ def test_fit_and_evaluate_run_the_nodes_own_edge_model(edge_model, task_identity
     train = TensorDataset(*_items(20, 0))
     test_x, test_y = _items(6, 1)
     test = [(x, int(y), 100 + i) for i, (x, y) in enumerate(zip(test_x, test_y, strict=True))]
-    ctx = _context()
+    ctx = node_context(7, 0, 1, RUN_CONFIG)
     client = FedGKTNumPyClient(ctx, train, test, edge_model=edge_model)
     first, _, _ = client.fit([], {"server-round": 1, "feature-dtype": "float32"})
     ids, logits = first[3], np.ones((20, CLASSES), dtype=np.float32)
@@ -224,7 +216,7 @@ def test_fit_and_evaluate_run_the_nodes_own_edge_model(edge_model, task_identity
 def test_the_server_accepts_the_replies_of_a_nodes_own_edge_model(task_identity) -> None:
     # Prepare
     data = TensorDataset(*_items(12, 2))
-    client = FedGKTNumPyClient(_context(), data, data, edge_model=TinyEdge)
+    client = FedGKTNumPyClient(node_context(7, 0, 1, RUN_CONFIG), data, data, edge_model=TinyEdge)
     arrays, num_examples, metrics = client.fit([], {"server-round": 1, "feature-dtype": "float32"})
     server = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, CLASSES))  # a bare model
     strategy = LegacyFedGKT(
@@ -250,13 +242,17 @@ def test_a_loader_of_batches_and_a_list_of_items_are_told_apart() -> None:
     batches = [(x[i : i + 4], y[i : i + 4], ids[i : i + 4]) for i in range(0, 10, 4)]
     items = [(x[i], int(y[i])) for i in range(10)]
     # Execute
-    from_batches = FedGKTNumPyClient(_context(), batches, batches, edge_model=TinyEdge)
-    from_items = FedGKTNumPyClient(_context(), items, items, edge_model=TinyEdge)
+    from_batches = FedGKTNumPyClient(
+        node_context(7, 0, 1, RUN_CONFIG), batches, batches, edge_model=TinyEdge
+    )
+    from_items = FedGKTNumPyClient(
+        node_context(7, 0, 1, RUN_CONFIG), items, items, edge_model=TinyEdge
+    )
     # Assert
     assert torch.equal(from_batches.train_set.ids, ids)
     assert from_items.train_set is items
     with pytest.raises(ValueError, match="num_classes"):
-        FedGKTNumPyClient(_context(), items, items)
+        FedGKTNumPyClient(node_context(7, 0, 1, RUN_CONFIG), items, items)
 
 
 # -- the deprecated module -------------------------------------------------------------

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import Context, RecordDict
-from inprocess import InProcessGrid, node_context
+from inprocess import InProcessGrid, node_context, server_context
 
 from flwr_fedgkt import server_app
 from flwr_fedgkt.recorder import MAX_REASON_CHARS, failure_line
@@ -66,9 +65,7 @@ def _run_failing_nodes(tmp_path, handler=_raise, **config) -> dict:
     }
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
     grid = InProcessGrid(contexts, handlers={(n, "train"): handler for n in contexts})
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     server_app.main(grid, context)
     return json.loads((out / "results.json").read_text())
 
@@ -122,9 +119,7 @@ def test_nodes_that_time_out_alike_are_not_a_node_error(task_identity, tmp_path)
     run_config["max-idle-rounds"] = 0
     contexts = {10 + i: node_context(10 + i, i, 2, run_config) for i in range(2)}
     grid = InProcessGrid(contexts, silent=set(contexts))
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
     server_app.main(grid, context)
     # Assert: a lost or slow node may come back: the run goes on

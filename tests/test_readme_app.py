@@ -10,8 +10,7 @@ import re
 import pytest
 import torch
 from flower_processes import REPO
-from flwr.app import Context, RecordDict
-from inprocess import HandlerGrid
+from inprocess import HandlerGrid, server_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +40,7 @@ def test_the_readme_server_and_client_apps_train_together(
         return strategy
 
     server["FedGKT"] = recording
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    context = server_context()
     torch.manual_seed(0)  # the README's models draw from the global RNG
     # Execute
     server["main"](grid, context)

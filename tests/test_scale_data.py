@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from conftest import UntouchedGrid
+from inprocess import server_context
 
-from flwr_fedgkt import data, server_app
+from flwr_fedgkt import server_app
 from flwr_fedgkt.data import PartitionError, check_partitions, load_partition
 from flwr_fedgkt.data.offline import offline_labels, synthetic
 from flwr_fedgkt.node import load_node_partition
@@ -18,11 +19,7 @@ from flwr_fedgkt.settings import ConfigError, RunConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "baselines" / "fedavg"))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    data.clear_caches()
-    yield
-    data.clear_caches()
+pytestmark = pytest.mark.usefixtures("fresh_data_caches")
 
 
 def test_synthetic_holds_the_samples_per_node_times_the_partitions() -> None:
@@ -92,19 +89,6 @@ def test_samples_per_node_must_leave_a_train_and_a_test_sample(value) -> None:
         RunConfig.from_mapping({"synthetic-samples-per-node": value})
 
 
-class _NodesOnly:
-    """Connected nodes, and nothing else: a round would be a failure of the test."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def get_node_ids(self) -> list[int]:
-        return list(range(1, self.count + 1))
-
-    def __getattr__(self, name: str):
-        raise AssertionError(f"the ServerApp used the grid ({name}) before its data check")
-
-
 @pytest.mark.parametrize("app", ["fedgkt", "fedavg"])
 def test_a_server_app_stops_before_its_first_round_with_one_message(
     tmp_path, monkeypatch, app
@@ -118,11 +102,9 @@ def test_a_server_app_stops_before_its_first_round_with_one_message(
     monkeypatch.setattr(module, "log", lambda level, msg, *a: logged.append((level, msg % a)))
     out = tmp_path / "out"
     run_config = {"dataset": "synthetic", "output-dir": str(out), "min-available-nodes": 1000}
-    context = Context(
-        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     # Execute
-    module.main(_NodesOnly(1000), context)
+    module.main(UntouchedGrid(range(1, 1001)), context)
     # Assert: one error, the run's status says it, no round and no plot
     errors = [message for level, message in logged if level == 40]
     assert len(errors) == 1

@@ -1,4 +1,3 @@
-import hashlib
 import re
 
 import numpy as np
@@ -6,6 +5,7 @@ import pytest
 import torch
 from conftest import FakeGrid, make_message
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
+from inprocess import model_hash
 
 from flwr_fedgkt.codec import encode_features
 from flwr_fedgkt.records import (
@@ -60,13 +60,6 @@ def _reply(
         }
     )
     return make_message(content, src_node_id=node_id, dst_node_id=0, message_type=MessageType.TRAIN)
-
-
-def _model_hash(strategy: FedGKT) -> str:
-    digest = hashlib.sha256()
-    for tensor in strategy.trainer.model.state_dict().values():
-        digest.update(tensor.cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def test_each_node_gets_its_own_server_logits(task_identity) -> None:
@@ -145,7 +138,7 @@ def test_a_malformed_reply_touches_neither_store_nor_model(task_identity, case) 
     strategies[1].aggregate_train(2, [])
     # Assert: the bad reply left exactly the state that no reply leaves
     with_bad, without = strategies
-    assert _model_hash(with_bad) == _model_hash(without)
+    assert model_hash(with_bad.trainer.model) == model_hash(without.trainer.model)
     assert with_bad.store.nodes() == without.store.nodes() == ["1"]
     assert with_bad.store.num_samples == 2
     rejected = with_bad.engine.current.rejected_replies
