@@ -18,6 +18,8 @@ from flwr_fedgkt.records import (
     arrays_record,
     record_arrays,
 )
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation import validate_payload
 
 WIDTH, CLASSES = 24, 5
 
@@ -174,3 +176,42 @@ def test_training_settings_with_a_server_trainer_are_refused() -> None:
     trainer = ServerTrainer(model=_mlp(), feature_shape=(WIDTH,), device="cpu")
     with pytest.raises(ValueError, match="server_lr, temperature: give these to your"):
         FedGKT(trainer, server_lr=0.1, temperature=2.0)
+
+
+class ViewAfterConv(nn.Module):
+    """A server part as Flower's quickstart Net ends: a convolution, then ``view``
+    (which a channels-last tensor cannot take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(-1, 6 * 4 * 4))
+
+
+def test_a_server_model_that_views_after_a_convolution_trains() -> None:
+    # Prepare
+    trainer = ServerTrainer(model=ViewAfterConv(), feature_shape=(4, 6, 6), device="cpu")
+    store = FeatureStore()
+    features = torch.rand(8, 4, 6, 6)
+    payload = validate_payload(
+        {
+            **encode_features(features, "float32").arrays(),
+            "logits": np.zeros((8, 3), dtype=np.float32),
+            "labels": np.arange(8) % 3,
+            "ids": np.arange(8),
+        },
+        "float32",
+        (4, 6, 6),
+        3,
+    )
+    store.put("0", payload, 1)
+    # Execute
+    result = trainer.train(store, epochs=1)
+    ids, logits = trainer.logits_for(store, "0")
+    # Assert: it trained and scored in the contiguous layout it needs
+    assert not trainer.channels_last
+    assert result.samples == 8 and logits.shape == (8, 3)
