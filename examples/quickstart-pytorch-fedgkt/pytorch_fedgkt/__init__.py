@@ -1,1 +1,1 @@
-"""pytorch_fedgkt: the PyTorch quickstart, trained with FedGKT instead of FedAvg."""
+"""pytorch_fedgkt: Flower's PyTorch quickstart, trained with FedGKT instead of FedAvg."""
