@@ -9,6 +9,8 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import NamedTuple
 
 import torch
@@ -124,7 +126,9 @@ def takes_channels_last(model: nn.Module, feature_shape: tuple[int, ...] | None)
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         zeros = torch.zeros(2, *feature_shape, device=device)
-        model(zeros.to(memory_format=torch.channels_last))
+        # quiet: an fx-traced model (cut_model's) prints the failure it raises
+        with contextlib.redirect_stderr(io.StringIO()):
+            model(zeros.to(memory_format=torch.channels_last))
         return True
     except RuntimeError:
         model.to(memory_format=torch.contiguous_format)
