@@ -281,14 +281,14 @@ def test_compare_runs_both_algorithms_end_to_end_and_writes_the_report(tmp_path)
     out = tmp_path / "out"
     scratch = tmp_path / "flower"
     extra = ["--seed", "1", "--shared-config", "synthetic-samples-per-node=60"]
-    command = _compare_command(out, scratch, rounds=2, extra=extra)
+    command = _compare_command(out, scratch, rounds=1, extra=extra)
     # Execute
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     # Assert: it ran and wrote both results, the table and all plots
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for algorithm in ("fedgkt", "fedavg"):
         rounds = json.loads((out / "iid" / algorithm / "results.json").read_text())["rounds"]
-        assert [r["round"] for r in rounds] == [1, 2]
+        assert [r["round"] for r in rounds] == [1]
     for plot in PLOTS:
         assert (out / "iid" / plot).stat().st_size > 10_000
     table = (out / "comparison.md").read_text()

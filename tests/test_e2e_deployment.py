@@ -69,7 +69,7 @@ def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
                     )
                 )
             run_config = (
-                "num-server-rounds=3 dataset='synthetic' synthetic-samples-per-node=40 "
+                "num-server-rounds=2 dataset='synthetic' synthetic-samples-per-node=40 "
                 "server-epochs=1 batch-size=16 feature-dtype='float16' pipeline=true "
                 f"seed=2 output-dir='{out}'"
             )
@@ -90,9 +90,10 @@ def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
     rounds = results["rounds"]
-    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["train_nodes"] == 2 and r["eval_nodes"] == 2 for r in rounds)
     assert all(r["bytes_up"] > 0 and r["rejected_replies"] == [] for r in rounds)
     assert all(r["accuracy"] is not None for r in rounds)
-    # pipelined: nodes distil from server logits one round older (none in round 2)
-    assert rounds[1]["bytes_down"] == 0 and rounds[2]["bytes_down"] > 0
+    # pipelined: nodes distil from server logits one round older (none in round 2;
+    # that the next round gets them: the simulation's pipelined tests)
+    assert rounds[1]["bytes_down"] == 0
