@@ -17,9 +17,10 @@ from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .edge_state import MemoryStateStore
 from .faces import engine_settings
 from .node import load_node_partition, partition_node
-from .rounds import NODE_KEY, ReplyParts, RoundEngine
+from .rounds import RoundEngine
 from .server import ServerTrainer
 from .settings import RunConfig
+from .validation import NODE_KEY, ReplyParts
 
 __all__ = ["run_local"]
 

@@ -23,8 +23,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from .rounds import AcceptedReply, TrainingJob
+from .server_step import TrainingJob
 from .strategy import FedGKT
+from .validation import AcceptedReply
 
 __all__ = ["PipelinedFedGKT"]
 

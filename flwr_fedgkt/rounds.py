@@ -37,36 +37,20 @@ from .codec import NodeKey, check_dtype_name
 from .compression import check_compression
 from .membership import Membership
 from .precision import TRAINING_PRECISIONS
-from .recorder import NoProgressError, RoundLog, RoundRecorder, failure_line
+from .recorder import RoundLog, RoundRecorder
 from .server import ServerTrainer, output_classes
 from .server_step import ServerStep, TrainingJob
 from .settings import DEFAULTS
 from .store import FeatureStore
 from .validation import (
     COMPRESSION_KEY,
-    NODE_KEY,
-    PRECISION_KEY,
     AcceptedReply,
     Rejection,
-    ReplyParts,
     ReplyReader,
     ReplyValidator,
 )
 
-__all__ = [
-    "COMPRESSION_KEY",
-    "NODE_KEY",
-    "PRECISION_KEY",
-    "AcceptedReply",
-    "NoProgressError",
-    "ReplyParts",
-    "ReplyReader",
-    "RoundEngine",
-    "RoundLog",
-    "TrainingJob",
-    "failure_line",
-    "sample_size",
-]
+__all__ = ["RoundEngine", "sample_size"]
 
 # Under Flower's logger, so that the round's lines appear in Flower's log
 logger = logging.getLogger("flwr.fedgkt")
@@ -323,7 +307,7 @@ class RoundEngine:
     ) -> dict[str, float] | None:
         """Score the server model on the accepted test features and close the
         round's log (log line, history, ``on_round_end``, checkpoint; then
-        :class:`NoProgressError` when the run has been idle too long).
+        :class:`~flwr_fedgkt.recorder.NoProgressError` when the run has been idle too long).
 
         Returns the round's evaluation metrics, or None when no sample was scored.
         """

@@ -47,11 +47,12 @@ from .records import (
     arrays_bytes,
     logits_record,
 )
-from .rounds import AcceptedReply, RoundEngine, sample_size
+from .rounds import RoundEngine, sample_size
 from .server import ServerTrainer
 from .settings import DEFAULTS
 from .store import FeatureStore
 from .training import LRScheduleFactory, OptimizerFactory
+from .validation import AcceptedReply
 
 __all__ = ["FedGKT", "learn_keys", "load_initial_arrays", "wait_for_nodes"]
 

@@ -20,8 +20,8 @@ from ..edge import LogitTable, evaluate_metrics, train_metrics
 from ..edge_data import EdgeData
 from ..edge_state import edge_state_store
 from ..node import EdgeNode, EdgeSettings, RoundInstructions, partition_node
-from ..rounds import NODE_KEY
 from ..settings import RunConfig
+from ..validation import NODE_KEY
 from .wire import EVALUATE_ARRAY_PREFIX, EVALUATE_ARRAYS, FIT_ARRAYS, array_names
 
 __all__ = ["FedGKTNumPyClient", "LegacyData", "as_edge_data", "samples_from_loader"]

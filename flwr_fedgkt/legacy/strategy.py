@@ -27,9 +27,10 @@ from torch import nn
 
 from ..faces import HoldsEngine, log_engine_summary
 from ..records import QUERY_KEY
-from ..rounds import NODE_KEY, RoundEngine, sample_size
+from ..rounds import RoundEngine, sample_size
 from ..server import ServerTrainer
 from ..settings import DEFAULTS, RunConfig
+from ..validation import NODE_KEY
 from .fedavg_names import takes_fedavg_names
 from .wire import EvaluateReply, FitReply, empty_parameters, node_id, parameters_bytes
 

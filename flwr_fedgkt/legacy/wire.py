@@ -39,7 +39,7 @@ from flwr.common import EvaluateRes, FitRes, Parameters, Scalar, bytes_to_ndarra
 from flwr.server.client_proxy import ClientProxy
 
 from ..codec import PayloadError
-from ..rounds import ReplyParts
+from ..validation import ReplyParts
 
 __all__ = [
     "FIT_ARRAYS",
