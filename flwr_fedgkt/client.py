@@ -58,11 +58,9 @@ from .edge import (
     LogitTable,
     OptimizerFactory,
     evaluate_metrics,
-    extractor_of,
     train_metrics,
 )
 from .edge_data import ImageTransform, check_edge_data, readable_data
-from .models import module_digest
 from .node import (
     EdgeNode,
     EdgeSettings,
@@ -367,9 +365,8 @@ class FedGKTClient:
             COMPRESSION_KEY: ins.compression,
             NODE_KEY: self.key(context),
         }
-        if self.freeze_extractor:
-            model = node.trainer(before_round=ins.server_round + 1).model
-            meta[EXTRACTOR_KEY] = module_digest(extractor_of(model))
+        if node.extractor_digest is not None:
+            meta[EXTRACTOR_KEY] = node.extractor_digest
         return meta
 
 

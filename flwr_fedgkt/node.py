@@ -27,10 +27,17 @@ from torch import nn
 
 from .compression import check_compression
 from .data import Partition, check_partitions, load_partition
-from .edge import EdgeTrainer, Extracted, LogitTable, OptimizerFactory, resolve_device
+from .edge import (
+    EdgeTrainer,
+    Extracted,
+    LogitTable,
+    OptimizerFactory,
+    extractor_of,
+    resolve_device,
+)
 from .edge_data import EdgeData, edge_generator, shape_text
 from .edge_state import EdgeStateStore, edge_state_store, pick_round, stale_rounds
-from .models import seeded_model
+from .models import module_digest, seeded_model
 from .precision import resolve_precision
 from .settings import RunConfig, boolean
 
@@ -301,6 +308,8 @@ class EdgeNode:
         self.freeze_extractor = freeze_extractor
         self.optimizer = optimizer
         self.precision = resolve_precision(precision, resolve_device(device))
+        # with a frozen extractor: its digest, as of the last train or evaluate
+        self.extractor_digest: str | None = None
 
     def trainer(
         self, settings: EdgeSettings | None = None, before_round: int | None = None
@@ -363,6 +372,7 @@ class EdgeNode:
             frozen=frozen,
         )
         extracted = trainer.extract(data)
+        self._note_extractor(trainer)
         self.store.save(trainer.state_bytes(), server_round)
         return extracted, metrics
 
@@ -373,8 +383,16 @@ class EdgeNode:
         ``{"loss", "accuracy"}`` on them, with the state after ``server_round``'s
         training (the newest when None); nothing is saved."""
         before = None if not server_round else server_round + 1
-        extracted = self.trainer(before_round=before).extract(data)
+        trainer = self.trainer(before_round=before)
+        extracted = trainer.extract(data)
+        self._note_extractor(trainer)
         return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)
+
+    def _note_extractor(self, trainer: EdgeTrainer) -> None:
+        """Keep the digest of a frozen extractor (replies name it; a strategy
+        whose nodes share one extractor checks it)."""
+        if self.freeze_extractor:
+            self.extractor_digest = module_digest(extractor_of(trainer.model))
 
 
 def edge_model_factory(
