@@ -6,7 +6,14 @@ import json
 import time
 
 import pytest
-from flower_processes import REPO, flower_environment, flwr_run, start_local_superlink
+from flower_processes import (
+    REPO,
+    flower_environment,
+    flwr_run,
+    processes_naming,
+    ray_cluster,
+    start_local_superlink,
+)
 from flwr.app import Message, Metadata, RecordDict
 
 # The Message-API app's end-to-end run that several test modules check (with the
@@ -102,6 +109,22 @@ def set_task_identity(monkeypatch: pytest.MonkeyPatch):
 def task_identity(monkeypatch):
     """Give this process the identity a ServerApp/ClientApp process would have."""
     return set_task_identity(monkeypatch)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_ray_cluster(request, tmp_path_factory):
+    """One Ray cluster for every simulation of the session, when the session has
+    end-to-end tests: each simulation attaches to it through ``RAY_ADDRESS`` (saves
+    starting a cluster per ``flwr run``). Stopped by process id at the end."""
+    if not any(item.get_closest_marker("e2e") for item in request.session.items):
+        yield None
+        return
+    log = tmp_path_factory.mktemp("ray") / "ray.log"
+    with ray_cluster(log) as cluster, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", cluster.address)
+        yield cluster
+    left = processes_naming(cluster.temp_dir)
+    assert left == [], f"Ray cluster processes still running: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,8 +40,10 @@ from pathlib import Path
 __all__ = [
     "REPO",
     "free_port",
+    "processes_naming",
     "stop",
     "crash",
+    "ray_cluster",
     "flower_environment",
     "start_local_superlink",
     "flwr_run",
@@ -127,6 +130,62 @@ def _start(command: list[str], env: dict[str, str], **kwargs) -> subprocess.Pope
     process = subprocess.Popen(command, env=env, start_new_session=True, **kwargs)
     _STARTED.setdefault(env[ENV_ID], []).append(process)
     return process
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A running Ray cluster: its address and the temp dir that holds its logs."""
+
+    address: str
+    temp_dir: Path
+
+
+def processes_naming(path: Path) -> list[int]:
+    """Ids of the processes whose command line contains ``path``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if str(path).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@contextmanager
+def ray_cluster(log_file: Path, num_cpus: int | None = None) -> Iterator[RayCluster]:
+    """A one-node Ray cluster on loopback (``ray start --head``).
+
+    Simulations attach to it when ``RAY_ADDRESS`` holds the address, instead of
+    starting a cluster of their own for every run. On exit the cluster's processes
+    (found by its private temp dir) are stopped by id, not with ``ray stop``, which
+    would stop every Ray user's cluster on the machine.
+    """
+    # A short temp dir: Ray's socket paths must stay below 108 characters
+    temp_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    port = free_port()
+    command = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1"]
+    command += [f"--port={port}", f"--ray-client-server-port={free_port()}"]
+    command += [f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--include-dashboard=false"]
+    command += ["--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    with open(log_file, "wb") as handle:
+        cluster = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in Path(log_file).read_text(errors="replace"):
+            if cluster.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray cluster did not start; see {log_file}")
+            time.sleep(0.2)
+        yield RayCluster(address=f"127.0.0.1:{port}", temp_dir=temp_dir)
+    finally:
+        stop([cluster, *processes_naming(temp_dir)])
+        left = processes_naming(temp_dir)
+        if not left:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextmanager
