@@ -9,7 +9,8 @@ from test_data_sources import fake_checksums, write_cifar10
 
 pytestmark = pytest.mark.e2e
 
-CHECKSUMS = "FLWR_FEDGKT_TEST_CIFAR10_CHECKSUMS"
+CHECKSUMS = "FLWR_FEDGKT_TEST_CIFAR10_CHECKSUMS"  # the file's path, for the tests
+CHECKSUMS_FILE = "cifar10-checksums.json"
 
 # Imported by every Python process of these runs (through PYTHONPATH): torchvision
 # checks a local CIFAR-10 copy against the published archive's MD5 checksums, which
@@ -24,7 +25,8 @@ import json
 import os
 import sys
 
-_path = os.environ.get("{CHECKSUMS}", "")
+# next to this file: Ray workers of a shared cluster do not get the run's environment
+_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "{CHECKSUMS_FILE}")
 
 
 class _FakeChecksums(importlib.abc.MetaPathFinder):
@@ -67,7 +69,7 @@ def flower_env(tmp_path_factory):
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     with flower_environment(tmp_path) as env:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-        env[CHECKSUMS] = str(tmp_path / "cifar10-checksums.json")
+        env[CHECKSUMS] = str(site / CHECKSUMS_FILE)
         start_local_superlink(env, tmp_path / "superlink.log")
         yield env
 
