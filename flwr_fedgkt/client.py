@@ -19,12 +19,14 @@ A node brings its own edge model and data; :class:`FedGKTClient` provides the
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return key_reply(msg, default_node_key(context.node_config))
+        return key_reply(msg, default_node_key(context.node_config), context)
 
 ``query`` tells the server the node's key before its first round (no data is
 loaded for it), so that the server samples nodes by key and a resumed run sends
 every node its server logits from its first round on; an app without it still
-works, and its nodes are sampled by node id.
+works, and its nodes are sampled by node id. Every reply and key answer proves
+the key with the node's own signing key (:mod:`flwr_fedgkt.identity`), kept in
+``context.state`` (and in ``state_dir``, for a restarted node).
 
 The handlers only translate Messages; the round itself is
 :class:`flwr_fedgkt.node.EdgeNode`. The edge model and its optimizer live in
@@ -61,6 +63,7 @@ from .edge import (
     train_metrics,
 )
 from .edge_data import ImageTransform, check_edge_data, readable_data
+from .identity import NodeIdentity
 from .node import (
     EdgeNode,
     EdgeSettings,
@@ -86,10 +89,19 @@ from .records import (
 from .settings import DEFAULTS
 from .validation import EXTRACTOR_KEY
 
-__all__ = ["FedGKTClient", "ContextStateStore", "STATE_KEY", "default_node_key", "key_reply"]
+__all__ = [
+    "FedGKTClient",
+    "ContextStateStore",
+    "STATE_KEY",
+    "default_node_key",
+    "key_reply",
+    "node_identity",
+]
 
 STATE_KEY = "edge_state"
 """The key of the edge state's ArrayRecord in ``context.state``."""
+IDENTITY_KEY = "fedgkt-identity"
+"""The key of the node identity's ConfigRecord in ``context.state``."""
 
 ROUND_PREFIX = "round-"
 
@@ -141,9 +153,31 @@ def default_node_key(node_config: Mapping[str, Any]) -> str:
     return str(node_config["partition-id"])
 
 
-def key_reply(msg: Message, node_key: str) -> Message:
-    """The answer to the server's key query: ``node_key`` in the ``meta`` record."""
-    return Message(content=RecordDict({META_KEY: ConfigRecord({NODE_KEY: node_key})}), reply_to=msg)
+def node_identity(context: Context, node_key: str, state_dir: str | None = None) -> NodeIdentity:
+    """The node's signing key (:class:`~flwr_fedgkt.identity.NodeIdentity`): kept
+    in ``context.state`` and, with ``state_dir`` (``client-state-dir``), in a file
+    there, so that a restarted node proves the same key; created on first use."""
+    record = context.state.config_records.get(IDENTITY_KEY)
+    held = record.get("secret") if record is not None else None
+    identity = NodeIdentity.kept(held if isinstance(held, bytes) else None, state_dir, node_key)
+    if held != identity.secret:
+        context.state[IDENTITY_KEY] = ConfigRecord({"secret": identity.secret})
+    return identity
+
+
+def key_reply(
+    msg: Message, node_key: str, context: Context | None = None, state_dir: str | None = None
+) -> Message:
+    """The answer to the server's key query: ``node_key`` in the ``meta`` record.
+
+    With the node's ``context`` the answer also proves the key with the node's
+    signing key (:func:`node_identity`; ``state_dir`` as there), so that no other
+    node can take it later; without, the key is only named."""
+    meta: dict[str, Any] = {NODE_KEY: node_key}
+    if context is not None:
+        identity = node_identity(context, node_key, state_dir)
+        meta.update(identity.prove("query", node_key, msg.metadata.dst_node_id, 0))
+    return Message(content=RecordDict({META_KEY: ConfigRecord(meta)}), reply_to=msg)
 
 
 class FedGKTClient:
@@ -316,8 +350,8 @@ class FedGKTClient:
         return self.node_key if self.node_key is not None else default_node_key(context.node_config)
 
     def query(self, msg: Message, context: Context) -> Message:
-        """Tell the server this node's key (:func:`key_reply`)."""
-        return key_reply(msg, self.key(context))
+        """Tell the server this node's key, with its proof (:func:`key_reply`)."""
+        return key_reply(msg, self.key(context), context, self.state_dir)
 
     def train(self, msg: Message, context: Context) -> Message:
         """One round of edge training, then the upload of the training data's
@@ -339,7 +373,7 @@ class FedGKTClient:
         check_feature_shape(extracted, ins.feature_shape)
         record = features_record(extracted, ins)
         metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
-        meta = {**self._meta(context, ins, node), PRECISION_KEY: node.precision}
+        meta = {**self._meta(msg, context, ins, node), PRECISION_KEY: node.precision}
         return _reply(msg, record, metrics, meta)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
@@ -353,21 +387,31 @@ class FedGKTClient:
         check_feature_shape(extracted, ins.feature_shape)
         record = features_record(extracted, ins, with_logits=False)
         metrics = {"num-examples": len(extracted.ids), **evaluate_metrics(scores)}
-        return _reply(msg, record, metrics, self._meta(context, ins, node))
+        return _reply(msg, record, metrics, self._meta(msg, context, ins, node))
 
-    def _meta(self, context: Context, ins: RoundInstructions, node: EdgeNode) -> dict[str, Any]:
+    def _meta(
+        self, msg: Message, context: Context, ins: RoundInstructions, node: EdgeNode
+    ) -> dict[str, Any]:
         """What every reply echoes back (its round, feature dtype and compression),
-        with the node's key and, for a frozen extractor, its digest (a strategy
-        whose nodes share one extractor checks it)."""
+        with the node's key and its proof and, for a frozen extractor, its digest
+        (a strategy whose nodes share one extractor checks it)."""
+        key = self.key(context)
+        identity = node_identity(context, key, self.state_dir)
         meta: dict[str, Any] = {
             "server-round": ins.server_round,
             "feature-dtype": ins.dtype,
             COMPRESSION_KEY: ins.compression,
-            NODE_KEY: self.key(context),
+            NODE_KEY: key,
+            **identity.prove(_kind(msg), key, msg.metadata.dst_node_id, ins.server_round),
         }
         if node.extractor_digest is not None:
             meta[EXTRACTOR_KEY] = node.extractor_digest
         return meta
+
+
+def _kind(msg: Message) -> str:
+    """``train`` or ``evaluate`` (a message type may name an action after a dot)."""
+    return msg.metadata.message_type.split(".", 1)[0]
 
 
 def _round_config(msg: Message) -> ConfigRecord:

@@ -61,6 +61,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this node's key, its partition id (no data is loaded)."""
+    """Tell the server this node's key, its partition id, with its proof (no data
+    is loaded)."""
     partition_id, _ = partition_ids(context.node_config)
-    return key_reply(msg, str(partition_id))
+    state_dir = RunConfig.from_mapping(context.run_config).client_state_dir or None
+    return key_reply(msg, str(partition_id), context, state_dir)

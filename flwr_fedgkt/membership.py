@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from .codec import NodeKey, PayloadError
-from .registry import NodeRegistry
+from .registry import KeyProof, NodeRegistry
 from .validation import validate_node_key
 
 __all__ = ["Membership"]
@@ -64,19 +64,20 @@ class Membership:
         first accepted reply."""
         self.keyless.update(node_ids)
 
-    def learn_key(self, node_id: int, key: Any) -> NodeKey | None:
-        """Bind ``node_id`` to the node key it answered a key query with, so that it
-        is sampled by key and gets its own server logits from its first round on
-        (also the first round of a resumed run, whose node ids are new). A key that
-        is not valid, or that another connected node holds, is logged and not
-        bound (None)."""
+    def learn_key(self, node_id: int, key: Any, proof: KeyProof | None = None) -> NodeKey | None:
+        """Bind ``node_id`` to the node key it answered a key query with (and the
+        key to the public key of its ``proof`` when nobody proved it before), so
+        that it is sampled by key and gets its own server logits from its first
+        round on (also the first round of a resumed run, whose node ids are new).
+        A key that is not valid, that another node proved, or that another
+        connected node holds unproven, is logged and not bound (None)."""
         try:
             key = validate_node_key(key)
-            self.registry.check_binding(key, node_id, self.connected())
+            self.registry.check_binding(key, node_id, self.connected(), proof)
         except PayloadError as err:
             logger.warning("node %s's key is not taken: %s", node_id, err)
             return None
-        moved = self.registry.commit(key, node_id)
+        moved = self.registry.commit(key, node_id, proof=proof)
         if moved is not None:
             logger.info("node key %r moved from node %d (gone) to node %d", key, moved, node_id)
         return key

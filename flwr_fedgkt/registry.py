@@ -6,11 +6,15 @@ stable string (by default the node's ``partition-id``). The server keeps what it
 holds per node (stored features, server logits, last-seen round) by key, and this
 registry decides whether a reply may speak for the key it names:
 
-* within a run, a key is bound to the first node id that sends it, and a node id
-  to the first key it sends;
-* a reply from another node id under a bound key is rejected while the bound node
-  is still connected; once that node is gone, the key moves to the new node id (a
-  restarted SuperNode), so its entries are replaced, not doubled;
+* a key is bound to the first public key that proves it (:mod:`flwr_fedgkt.identity`:
+  trust on first use); from then on a reply under the key must prove the same
+  public key, from whichever node id (a restarted SuperNode, a resumed run's new
+  node ids), and an unproven one is rejected;
+* a key nobody proved yet (nodes that send no proof, e.g. the legacy client) is
+  bound to the first node id that sends it, and a node id to the first key it
+  sends; a reply from another node id under a bound key is rejected while the
+  bound node is still connected; once that node is gone, the key moves to the new
+  node id (a restarted SuperNode), so its entries are replaced, not doubled;
 * where sample ids are global (the built-in data sets), an id claimed under one
   key cannot be claimed under another;
 * a payload whose features are a byte-for-byte copy of another key's is rejected.
@@ -30,7 +34,16 @@ import numpy as np
 
 from .codec import FeaturePayload, NodeKey, PayloadError, encoded_digest
 
-__all__ = ["NodeRegistry", "features_digest"]
+__all__ = ["KeyProof", "NodeRegistry", "features_digest"]
+
+
+@dataclass(frozen=True)
+class KeyProof:
+    """What a reply proves about its key: the public key it names and whether its
+    signature over the message's statement is valid."""
+
+    public: str
+    valid: bool
 
 
 def features_digest(payload: FeaturePayload) -> str:
@@ -62,6 +75,7 @@ class NodeRegistry:
         self._node_of: dict[NodeKey, int] = {}
         self._key_of: dict[int, NodeKey] = {}
         self._claims: dict[NodeKey, _Claims] = {}
+        self._verifiers: dict[NodeKey, str] = {}  # key -> the public key that proved it
         self._index: tuple[np.ndarray, np.ndarray, list[NodeKey]] | None = None
 
     # -- bindings --------------------------------------------------------------------
@@ -76,10 +90,32 @@ class NodeRegistry:
     def keys(self) -> list[NodeKey]:
         return sorted(self._node_of)
 
-    def _check_binding(self, key: NodeKey, node_id: int, connected: Collection[int]) -> None:
+    def verifier(self, key: NodeKey) -> str | None:
+        """The public key that proved ``key`` first (None: nobody proved it yet)."""
+        return self._verifiers.get(key)
+
+    def _check_binding(
+        self, key: NodeKey, node_id: int, connected: Collection[int], proof: KeyProof | None
+    ) -> None:
         held = self._key_of.get(node_id)
         if held is not None and held != key:
             raise PayloadError(f"node {node_id} already speaks for node key {held!r}, not {key!r}")
+        if proof is not None and not proof.valid:
+            raise PayloadError(f"its proof of node key {key!r} is not a valid signature")
+        verifier = self._verifiers.get(key)
+        if verifier is not None:
+            if proof is None:
+                raise PayloadError(
+                    f"node key {key!r} is proven by its node's signing key; this reply "
+                    "carries no proof"
+                )
+            if proof.public != verifier:
+                raise PayloadError(
+                    f"node key {key!r} belongs to another node (proven by another signing "
+                    "key; a node that lost its identity, kept in context.state and "
+                    "client-state-dir, cannot take its key back in this run)"
+                )
+            return  # the key's own node, from whichever node id
         bound = self._node_of.get(key)
         if bound is not None and bound != node_id and bound in connected:
             raise PayloadError(
@@ -123,10 +159,16 @@ class NodeRegistry:
                 raise PayloadError(f"its features are a copy of node key {other!r}'s")
 
     # -- the two calls the server makes ---------------------------------------------------
-    def check_binding(self, key: NodeKey, node_id: int, connected: Collection[int]) -> None:
-        """Raise PayloadError when ``node_id`` may not speak for ``key`` (see the
-        module docstring). Changes nothing."""
-        self._check_binding(key, node_id, connected)
+    def check_binding(
+        self,
+        key: NodeKey,
+        node_id: int,
+        connected: Collection[int],
+        proof: KeyProof | None = None,
+    ) -> None:
+        """Raise PayloadError when ``node_id`` may not speak for ``key`` with
+        ``proof`` (see the module docstring). Changes nothing."""
+        self._check_binding(key, node_id, connected, proof)
 
     def check_claims(
         self, key: NodeKey, payload: FeaturePayload, split: str, digest: str | None
@@ -145,11 +187,15 @@ class NodeRegistry:
         payload: FeaturePayload | None = None,
         split: str = "train",
         digest: str | None = None,
+        proof: KeyProof | None = None,
     ) -> int | None:
-        """Record an accepted reply: bind ``key`` to ``node_id`` and note its ids.
+        """Record an accepted reply: bind ``key`` to ``node_id`` (and to the public
+        key of its ``proof``, when the key has none yet) and note its ids.
 
         Returns the node id the key was bound to before, when it moved.
         """
+        if proof is not None and proof.valid:
+            self._verifiers.setdefault(key, proof.public)
         previous = self._node_of.get(key)
         if previous is not None and previous != node_id:
             self._key_of.pop(previous, None)
@@ -169,12 +215,14 @@ class NodeRegistry:
         return {
             "global_sample_ids": self.global_sample_ids,
             "nodes": dict(self._node_of),
+            "verifiers": dict(self._verifiers),
             "claims": {k: (dict(c.ids), dict(c.digests)) for k, c in self._claims.items()},
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._node_of = {str(k): int(v) for k, v in state.get("nodes", {}).items()}
         self._key_of = {v: k for k, v in self._node_of.items()}
+        self._verifiers = {str(k): str(v) for k, v in state.get("verifiers", {}).items()}
         self._claims = {
             str(k): _Claims(dict(ids), dict(digests))
             for k, (ids, digests) in state.get("claims", {}).items()

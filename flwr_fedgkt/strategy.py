@@ -52,7 +52,7 @@ from .server import ServerTrainer
 from .settings import DEFAULTS
 from .store import FeatureStore
 from .training import LRScheduleFactory, OptimizerFactory
-from .validation import AcceptedReply
+from .validation import AcceptedReply, proof_of
 
 __all__ = ["FedGKT", "learn_keys", "load_initial_arrays", "wait_for_nodes"]
 
@@ -95,7 +95,10 @@ def learn_keys(grid: Grid, engine: RoundEngine, node_ids: Collection[int], timeo
         if reply.has_error() or META_KEY not in reply.content.config_records:
             continue
         answered.add(node_id)
-        engine.members.learn_key(node_id, reply.content.config_records[META_KEY].get(NODE_KEY))
+        meta = reply.content.config_records[META_KEY]
+        key = meta.get(NODE_KEY)
+        proof = proof_of(meta, "query", key, node_id, 0) if isinstance(key, str) else None
+        engine.members.learn_key(node_id, key, proof)
     engine.members.no_key(set(unknown) - answered)
     log(INFO, "node keys: %d asked, %d answered", len(unknown), len(answered))
 

@@ -83,13 +83,15 @@ def test_without_pipeline_round_two_already_gets_server_logits(task_identity) ->
 def test_a_stopped_pipelined_run_resumes_and_records_every_round_once(
     task_identity, tmp_path
 ) -> None:
-    # Prepare / Execute: rounds 1-2, checkpointed; then a new server from the checkpoint
+    # Prepare / Execute: rounds 1-2, checkpointed; then a new server from the
+    # checkpoint, with the same nodes (they keep their state and identity)
+    grid = _grid()
     first = _strategy(pipeline=True, checkpoint_dir=tmp_path)
-    first.start(grid=_grid(), initial_arrays=ArrayRecord(), num_rounds=2)
+    first.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2)
     state, _, _ = load_latest_checkpoint(tmp_path)
     resumed = _strategy(pipeline=True, checkpoint_dir=tmp_path)
     resumed.engine.load_state_dict(state)
-    result = resumed.start(grid=_grid(), initial_arrays=ArrayRecord(), num_rounds=2)
+    result = resumed.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2)
     # Assert
     assert int(state["round"]) == 2
     assert [r["round"] for r in resumed.engine.history] == [1, 2, 3, 4]

@@ -25,6 +25,7 @@ from .reply import (
     ReplyParts,
     ReplyReader,
     ReplyValidator,
+    proof_of,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "ReplyParts",
     "ReplyReader",
     "ReplyValidator",
+    "proof_of",
     "validate_metrics",
     "validate_node_key",
     "validate_payload",

@@ -23,7 +23,8 @@ import numpy as np
 
 from ..codec import FeaturePayload, NodeKey, PayloadError, wire_dtype
 from ..compression import CompressionError, inflate
-from ..registry import NodeRegistry, features_digest
+from ..identity import PROOF_KEY, PUBLIC_KEY, statement, verify_proof
+from ..registry import KeyProof, NodeRegistry, features_digest
 from .payload import validate_metrics, validate_node_key, validate_payload, validate_update
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ReplyParts",
     "ReplyReader",
     "ReplyValidator",
+    "proof_of",
 ]
 
 logger = logging.getLogger("flwr.fedgkt")
@@ -66,6 +68,20 @@ class ReplyReader(Protocol):
         ...
 
 
+def proof_of(
+    meta: Mapping[str, Any], kind: str, key: NodeKey, node_id: int, server_round: int
+) -> KeyProof | None:
+    """The proof of ``key`` a reply's meta carries for this message (``kind``,
+    node id, round; :func:`~flwr_fedgkt.identity.statement`); None when it
+    carries none."""
+    if PUBLIC_KEY not in meta and PROOF_KEY not in meta:
+        return None
+    public, proof = meta.get(PUBLIC_KEY), meta.get(PROOF_KEY)
+    message = statement(kind, key, node_id, server_round)
+    valid = verify_proof(public, proof, message)
+    return KeyProof(public if isinstance(public, str) else "", valid)
+
+
 @dataclass
 class AcceptedReply:
     """A reply that passed validation: who sent it, its payload, its checked metrics."""
@@ -76,6 +92,7 @@ class AcceptedReply:
     metrics: dict[str, float]
     digest: str | None = None  # of the features it sent; None: it sent none (unchanged)
     precision: str | None = None  # the precision the node says it trained in
+    proof: KeyProof | None = None  # its proof of the key (None: it sent none)
 
 
 @dataclass
@@ -182,7 +199,8 @@ class ReplyValidator:
         dtype = meta.get("feature-dtype")
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
-        self.registry.check_binding(key, node_id, self.connected())
+        proof = proof_of(meta, "train" if training else "evaluate", key, node_id, server_round)
+        self.registry.check_binding(key, node_id, self.connected(), proof)
         if self.extractor_digest is not None and meta.get(EXTRACTOR_KEY) != self.extractor_digest:
             raise PayloadError(
                 f"the node's extractor ({meta.get(EXTRACTOR_KEY)!r}) is not the strategy's "
@@ -223,6 +241,7 @@ class ReplyValidator:
             checked,
             digest,
             precision if isinstance(precision, str) else None,
+            proof,
         )
 
     def _inflate(self, arrays: Mapping[str, np.ndarray], codec: str) -> np.ndarray:
