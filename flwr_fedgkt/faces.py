@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
+from .registry import SampleIds
 from .rounds import RoundEngine
 from .server import ServerTrainer
 from .settings import RunConfig
@@ -109,10 +110,12 @@ class HoldsEngine:
         num_classes: int,
         output_dir: str | Path | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
+        sample_ids: SampleIds | None = None,
     ) -> Self:
         """The strategy a run's config asks for: the paper's server model by name,
         Flower's sampling knobs and the engine's settings
-        (:func:`engine_settings`), the same for every face."""
+        (:func:`engine_settings`), the same for every face; ``sample_ids``: the
+        ids of each key's partition (:func:`~flwr_fedgkt.node.partition_sample_ids`)."""
         return cls(  # type: ignore[call-arg]
             ServerTrainer.from_run_config(config, num_classes),
             fraction_train=config.fraction_train,
@@ -122,6 +125,7 @@ class HoldsEngine:
             min_available_nodes=config.min_available_nodes,
             query_timeout=config.query_timeout,
             on_round_end=on_round_end,
+            sample_ids=sample_ids,
             **{**engine_settings(config, output_dir), **cls.face_settings(config)},
         )
 

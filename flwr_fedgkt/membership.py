@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from .codec import NodeKey, PayloadError
-from .registry import KeyProof, NodeRegistry
+from .registry import KeyProof, NodeRegistry, SampleIds
 from .validation import validate_node_key
 
 __all__ = ["Membership"]
@@ -30,10 +30,14 @@ class Membership:
         Sample ids are unique across all nodes (see ``NodeRegistry``).
     seed : int
         Seeds the sampling of nodes.
+    sample_ids : SampleIds | None (default: None)
+        The ids of each key's partition (see ``NodeRegistry``).
     """
 
-    def __init__(self, global_sample_ids: bool, seed: int) -> None:
-        self.registry = NodeRegistry(global_sample_ids)
+    def __init__(
+        self, global_sample_ids: bool, seed: int, sample_ids: SampleIds | None = None
+    ) -> None:
+        self.registry = NodeRegistry(global_sample_ids, sample_ids)
         self.sampler = random.Random(seed)
         self.keyless: set[int] = set()  # nodes that could not say their key
         self.connected: Callable[[], Collection[int]] = tuple

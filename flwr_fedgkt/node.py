@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from .compression import check_compression
@@ -95,6 +96,31 @@ def load_node_partition(partition_id: int, num_partitions: int, config: RunConfi
     """Partition ``partition_id`` of ``num_partitions`` of the run's data set, as the
     run config partitions it."""
     return load_partition(config.dataset, partition_id, num_partitions, **_split_options(config))
+
+
+def partition_sample_ids(
+    config: RunConfig, num_partitions: int
+) -> Callable[[str, str], np.ndarray | None]:
+    """The sample ids of each node key's partition, by split, as the server checks
+    uploads against them: the built-in nodes' key is their ``partition-id``, and
+    the server partitions the run's data set into ``num_partitions`` exactly as
+    they do (loaded once per partition, on first use). None for a key that is no
+    partition id below ``num_partitions``."""
+    cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def sample_ids(key: str, split: str) -> np.ndarray | None:
+        if not key.isdigit() or str(int(key)) != key or int(key) >= num_partitions:
+            return None
+        partition_id = int(key)
+        if partition_id not in cache:
+            partition = load_node_partition(partition_id, num_partitions, config)
+            cache[partition_id] = {
+                "train": partition.train.ids.numpy().copy(),
+                "test": partition.test.ids.numpy().copy(),
+            }
+        return cache[partition_id].get(split)
+
+    return sample_ids
 
 
 def check_node_data(config: RunConfig, num_nodes: int) -> str:

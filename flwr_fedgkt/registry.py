@@ -15,8 +15,9 @@ registry decides whether a reply may speak for the key it names:
   sends; a reply from another node id under a bound key is rejected while the
   bound node is still connected; once that node is gone, the key moves to the new
   node id (a restarted SuperNode), so its entries are replaced, not doubled;
-* where sample ids are global (the built-in data sets), an id claimed under one
-  key cannot be claimed under another;
+* where the server knows each key's partition (the built-in data sets), an id
+  outside the key's partition is rejected; otherwise ids are the node's own,
+  namespaced by key, and no key can claim another's (no first-come ownership);
 * a payload whose features are a byte-for-byte copy of another key's is rejected.
 
 Checks (:meth:`NodeRegistry.check_binding`, :meth:`NodeRegistry.check_claims`)
@@ -26,7 +27,7 @@ records an accepted reply. This module imports no Flower code.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from .codec import FeaturePayload, NodeKey, PayloadError, encoded_digest
 
-__all__ = ["KeyProof", "NodeRegistry", "features_digest"]
+__all__ = ["KeyProof", "NodeRegistry", "SampleIds", "features_digest"]
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,15 @@ def features_digest(payload: FeaturePayload) -> str:
     return encoded_digest(payload.features)
 
 
+SampleIds = Callable[[NodeKey, str], "np.ndarray | Collection[int] | None"]
+"""The sample ids of a key's partition for a split (``train`` or ``test``), or
+None when the data set has no partition for the key."""
+
+
 @dataclass
 class _Claims:
-    """Sample ids claimed by one key, by split (``train``/``test``)."""
+    """The digests of one key's newest uploads, by split (``train``/``test``)."""
 
-    ids: dict[str, np.ndarray] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
 
 
@@ -65,18 +70,24 @@ class NodeRegistry:
     Parameters
     ----------
     global_sample_ids : bool (default: False)
-        Sample ids are unique across all nodes (the built-in data sets), so an id
-        claimed under two keys is rejected. With ids local to each node (a user's
-        own data), only keys and copies are checked.
+        Sample ids are unique across all nodes (the built-in data sets).
+    sample_ids : SampleIds | None (default: None)
+        The sample ids each key's partition holds, by split (the built-in data
+        sets: the server partitions the data set as the nodes do): an id outside
+        its key's partition, or a key without one, is rejected. None: ids are the
+        node's own (namespaced by key), and no key can claim another's.
     """
 
-    def __init__(self, global_sample_ids: bool = False) -> None:
+    def __init__(
+        self, global_sample_ids: bool = False, sample_ids: SampleIds | None = None
+    ) -> None:
         self.global_sample_ids = global_sample_ids
+        self.sample_ids = sample_ids
         self._node_of: dict[NodeKey, int] = {}
         self._key_of: dict[int, NodeKey] = {}
         self._claims: dict[NodeKey, _Claims] = {}
         self._verifiers: dict[NodeKey, str] = {}  # key -> the public key that proved it
-        self._index: tuple[np.ndarray, np.ndarray, list[NodeKey]] | None = None
+        self._first_seen: dict[str, int] = {}  # "<key>/<split>" -> its first upload's count
 
     # -- bindings --------------------------------------------------------------------
     def key_of(self, node_id: int) -> NodeKey | None:
@@ -123,35 +134,21 @@ class NodeRegistry:
             )
 
     # -- sample ownership ---------------------------------------------------------------
-    def _owners(self) -> tuple[np.ndarray, np.ndarray, list[NodeKey]]:
-        """All claimed ids (sorted), the index of each one's key, and the keys."""
-        if self._index is None:
-            keys = sorted(self._claims)
-            parts, owners = [], []
-            for i, key in enumerate(keys):
-                for ids in self._claims[key].ids.values():
-                    parts.append(ids)
-                    owners.append(np.full(ids.shape, i, dtype=np.int64))
-            all_ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            all_owners = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-            order = np.argsort(all_ids, kind="stable")
-            self._index = (all_ids[order], all_owners[order], keys)
-        return self._index
-
-    def _check_ids(self, key: NodeKey, ids: np.ndarray) -> None:
-        # Only checked claims are committed, so every claimed id has one owner.
-        all_ids, owners, keys = self._owners()
-        if not len(all_ids) or not len(ids):
-            return
-        pos = np.minimum(np.searchsorted(all_ids, ids), len(all_ids) - 1)
-        own = keys.index(key) if key in self._claims else -1
-        taken = np.flatnonzero((all_ids[pos] == ids) & (owners[pos] != own))
-        if len(taken):
-            shown = ", ".join(str(int(ids[i])) for i in taken[:5])
+    def _check_ids(self, key: NodeKey, ids: np.ndarray, split: str) -> None:
+        allowed = self.sample_ids(key, split) if self.sample_ids is not None else None
+        if allowed is None:
+            raise PayloadError(f"node key {key!r} names no partition of the run's data set")
+        outside = np.flatnonzero(~np.isin(ids, np.asarray(allowed, dtype=np.int64)))
+        if len(outside):
+            shown = ", ".join(str(int(ids[i])) for i in outside[:5])
             raise PayloadError(
-                f"{len(taken)} sample id(s) ({shown}{', ...' if len(taken) > 5 else ''}) "
-                f"belong to node key {keys[owners[pos[taken[0]]]]!r}"
+                f"{len(outside)} sample id(s) ({shown}{', ...' if len(outside) > 5 else ''}) "
+                f"are not in node key {key!r}'s partition ({split} split)"
             )
+
+    def first_seen(self, key: NodeKey, split: str) -> int | None:
+        """The sample count of ``key``'s first accepted upload of ``split``."""
+        return self._first_seen.get(f"{key}/{split}")
 
     def _check_copy(self, key: NodeKey, split: str, digest: str) -> None:
         for other, claims in self._claims.items():
@@ -173,10 +170,11 @@ class NodeRegistry:
     def check_claims(
         self, key: NodeKey, payload: FeaturePayload, split: str, digest: str | None
     ) -> None:
-        """Raise PayloadError when ``payload`` claims another key's samples (global
-        ids only) or copies its features (``digest``). Changes nothing."""
-        if self.global_sample_ids:
-            self._check_ids(key, payload.ids)
+        """Raise PayloadError when ``payload`` holds ids outside its key's partition
+        (with ``sample_ids``) or copies another key's features (``digest``).
+        Changes nothing."""
+        if self.sample_ids is not None:
+            self._check_ids(key, payload.ids, split)
         if digest is not None:
             self._check_copy(key, split, digest)
 
@@ -203,9 +201,7 @@ class NodeRegistry:
         self._key_of[node_id] = key
         if payload is not None:
             claims = self._claims.setdefault(key, _Claims())
-            if self.global_sample_ids:
-                claims.ids[split] = np.sort(payload.ids)
-                self._index = None
+            self._first_seen.setdefault(f"{key}/{split}", payload.num_samples)
             if digest is not None:
                 claims.digests[split] = digest
         return previous if previous != node_id else None
@@ -216,15 +212,17 @@ class NodeRegistry:
             "global_sample_ids": self.global_sample_ids,
             "nodes": dict(self._node_of),
             "verifiers": dict(self._verifiers),
-            "claims": {k: (dict(c.ids), dict(c.digests)) for k, c in self._claims.items()},
+            "claims": {k: dict(c.digests) for k, c in self._claims.items()},
+            "first_seen": dict(self._first_seen),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._node_of = {str(k): int(v) for k, v in state.get("nodes", {}).items()}
         self._key_of = {v: k for k, v in self._node_of.items()}
         self._verifiers = {str(k): str(v) for k, v in state.get("verifiers", {}).items()}
-        self._claims = {
-            str(k): _Claims(dict(ids), dict(digests))
-            for k, (ids, digests) in state.get("claims", {}).items()
-        }
-        self._index = None
+        self._claims = {}
+        for k, digests in state.get("claims", {}).items():
+            if isinstance(digests, tuple):  # checkpoints that kept ids too
+                digests = digests[1]
+            self._claims[str(k)] = _Claims(dict(digests))
+        self._first_seen = {str(k): int(v) for k, v in state.get("first_seen", {}).items()}

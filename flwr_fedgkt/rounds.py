@@ -38,6 +38,7 @@ from .compression import check_compression
 from .membership import Membership
 from .precision import TRAINING_PRECISIONS
 from .recorder import RoundLog, RoundRecorder
+from .registry import SampleIds
 from .server import ServerTrainer, output_classes
 from .server_step import ServerStep, TrainingJob
 from .settings import DEFAULTS
@@ -91,6 +92,7 @@ class RoundEngine:
         seed: int = DEFAULTS.seed,
         max_idle_rounds: int = DEFAULTS.max_idle_rounds,
         extractor_digest: str | None = None,
+        sample_ids: SampleIds | None = None,
     ) -> None:
         check_dtype_name(feature_dtype)
         check_compression(compression)
@@ -121,7 +123,7 @@ class RoundEngine:
         self.feature_shape = tuple(feature_shape)
         self.freeze_after = 0 if freeze_extractor else freeze_after
         self.compression = compression
-        self.members = Membership(global_sample_ids, seed)
+        self.members = Membership(global_sample_ids, seed, sample_ids)
         self.registry = self.members.registry
         self.round_offset = 0  # rounds done before a resume
         self.recorder = RoundRecorder(on_round_end, checkpoints, max_idle_rounds)

@@ -21,7 +21,7 @@ from .data import (
 )
 from .edge import extractor_of
 from .models import build_model, extractor_and_server
-from .node import check_node_data, edge_model_factory
+from .node import check_node_data, edge_model_factory, partition_sample_ids
 from .pipeline import PipelinedFedGKT
 from .recorder import NoProgressError
 from .results import ResultsWriter
@@ -142,7 +142,13 @@ def run(
     plot_partitions(num_nodes, config, output_dir)
 
     schedule = PipelinedFedGKT if config.pipeline else FedGKT
-    strategy = schedule.from_run_config(config, num_classes, output_dir, on_round_end=writer)
+    strategy = schedule.from_run_config(
+        config,
+        num_classes,
+        output_dir,
+        on_round_end=writer,
+        sample_ids=partition_sample_ids(config, num_nodes),
+    )
     engine = strategy.engine
     writer.header["server_precision"] = strategy.trainer.precision  # chosen for this machine
     writer.write()

@@ -47,6 +47,7 @@ from .records import (
     arrays_bytes,
     logits_record,
 )
+from .registry import SampleIds
 from .rounds import RoundEngine, sample_size
 from .server import ServerTrainer
 from .settings import DEFAULTS
@@ -157,8 +158,12 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
     checkpoint_dir : str | Path | None (default: None)
         Where a checkpoint is written atomically after every round; None: none.
     global_sample_ids : bool (default: False)
-        Sample ids are unique across all nodes (as in the built-in data sets): an
-        id that one node key holds cannot be uploaded under another.
+        Sample ids are unique across all nodes (as in the built-in data sets).
+    sample_ids : Callable[[str, str], np.ndarray | None] | None (default: None)
+        The sample ids of each node key's partition, by split (``"train"``,
+        ``"test"``), or None for a key without one: an upload with an id outside
+        its key's partition is rejected (the built-in app partitions the data set
+        as its nodes do). None: ids are each node's own, namespaced by its key.
     extractor : nn.Module | None (default: None)
         The frozen extractor every node shares (built from one seed; nodes with
         ``FedGKTClient(freeze_extractor=True)``; replies with another are rejected).
@@ -208,6 +213,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         precision: str | None = None,
         device: str | None = None,
         extractor: nn.Module | None = None,
+        sample_ids: SampleIds | None = None,
     ) -> None:
         given: dict[str, Any] = {
             "server_lr": server_lr,
@@ -254,6 +260,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             seed=seed,
             max_idle_rounds=max_idle_rounds,
             extractor_digest=None if extractor is None else module_digest(extractor),
+            sample_ids=sample_ids,
         )
         self.extractor = extractor
         self._grid: Grid | None = None

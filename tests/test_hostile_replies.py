@@ -48,9 +48,20 @@ HOSTILE = 9
 HOSTILE_IDS = np.arange(300, 308)
 
 
+PARTITIONS = {str(node): ids for node, ids in {**HONEST, HOSTILE: HOSTILE_IDS}.items()}
+
+
+def partition_ids(key: str, split: str) -> np.ndarray | None:
+    """Each key's partition, as the built-in app's server knows it: training ids,
+    and the test ids 1000 above them."""
+    ids = PARTITIONS.get(key)
+    return None if ids is None else ids + (0 if split == "train" else 1000)
+
+
 def _strategy(dtype: str = "int8", **kwargs) -> FedGKT:
     trainer = ServerTrainer(CLASSES, batch_size=8, seed=0, device="cpu")
     kwargs.setdefault("global_sample_ids", True)
+    kwargs.setdefault("sample_ids", partition_ids)
     return FedGKT(
         trainer,
         feature_dtype=dtype,
@@ -212,7 +223,19 @@ CASES: dict[str, tuple[str, str, Build, str]] = {
         "int8",
         "train",
         _hostile(lambda a: _with(a, ids=HONEST[1][:8].astype(np.int64))),
-        "belong to node key '1'",
+        "8 sample id\\(s\\) \\(0, 1, 2, 3, 4, ...\\) are not in node key '9'",
+    ),
+    "ids outside the data set": (
+        "int8",
+        "evaluate",
+        _hostile(lambda a: _with(a, ids=np.arange(50_000, 50_008, dtype=np.int64))),
+        "are not in node key '9''s partition \\(test split\\)",
+    ),
+    "a key without a partition": (
+        "int8",
+        "train",
+        _hostile(key="77"),
+        "names no partition|already speaks for node key '9'",  # round 1 | round 2
     ),
     "uint64 ids near 2**63": (
         "int8",
@@ -280,7 +303,7 @@ def test_a_hostile_reply_is_rejected_and_the_honest_nodes_go_on(task_identity, c
 
 def test_a_copy_of_another_nodes_payload_is_rejected(task_identity) -> None:
     # Prepare: sample ids local to each node, so only the copy itself can tell
-    strategy = _strategy(global_sample_ids=False)
+    strategy = _strategy(global_sample_ids=False, sample_ids=None)
     strategy.configure_train(1, None, ConfigRecord(), FakeGrid([1, 2, HOSTILE]))
     original = _arrays(HONEST[1], "int8", 1)
     replies = [

@@ -1,4 +1,5 @@
-"""A node proves its key; it does not just name it (flwr_fedgkt.identity).
+"""A node proves its key; it does not just name it (flwr_fedgkt.identity); and it
+holds the samples of its own partition only.
 
 Through the real strategy and the built-in ClientApp functions (messages delivered
 in process): a hostile node that answers the key query and trains under another
@@ -18,8 +19,9 @@ from inprocess import InProcessGrid, node_context
 
 from flwr_fedgkt import client_app
 from flwr_fedgkt.checkpoint import load_latest_checkpoint
-from flwr_fedgkt.client import key_reply
+from flwr_fedgkt.client import FedGKTClient, key_reply
 from flwr_fedgkt.identity import NodeIdentity, identity_file, statement, verify_proof
+from flwr_fedgkt.node import edge_model_factory, load_node_partition, partition_sample_ids
 from flwr_fedgkt.records import LOGITS_KEY
 from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.settings import RunConfig
@@ -157,3 +159,42 @@ def test_a_node_that_names_another_nodes_key_gets_nothing_before_or_after_a_rest
     assert [x for x in _rejections(resumed.history) if x[0] == 3] == [(3, 20), (3, 20)]
     assert resumed.history[-1]["train_nodes"] == 3
     assert not impostor.got_logits
+
+
+def test_a_node_cannot_squat_another_nodes_samples(task_identity, tmp_path) -> None:
+    # Prepare: four partitions of the built-in synthetic set; the squatter (node 5,
+    # key "3", replying first) uploads partition 1's samples under its own key;
+    # the server checks ids against the partitions as the built-in app does
+    config = _run_config(tmp_path / "state")
+    run_config = RunConfig.from_mapping({**config, "device": "cpu"})
+    strategy = FedGKT(
+        ServerTrainer.from_run_config(run_config, num_classes=10),
+        server_epochs=1,
+        feature_dtype=run_config.feature_dtype,
+        global_sample_ids=True,
+        sample_ids=partition_sample_ids(run_config, 4),
+    )
+    contexts = {10 + i: node_context(10 + i, i, 4, config) for i in range(3)}
+    contexts[5] = node_context(5, 3, 4, config)
+    victim_data = load_node_partition(1, 4, run_config)
+    squatter = FedGKTClient(
+        edge_model_factory(run_config, 10, 3),
+        victim_data.train,
+        victim_data.test,
+        node_key="3",
+        batch_size=16,
+    )
+    handlers = {
+        (5, MessageType.TRAIN): squatter.train,
+        (5, MessageType.EVALUATE): squatter.evaluate,
+    }
+    grid = InProcessGrid(dict(sorted(contexts.items())), handlers=handlers)
+    # Execute
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=2)
+    # Assert: the squatter is refused in both phases of both rounds, naming the
+    # partition; the three honest nodes train and are scored every round
+    rejected = [x for r in strategy.history for x in r["rejected_replies"]]
+    assert [x["node_id"] for x in rejected] == [5, 5, 5, 5]
+    assert all("are not in node key '3''s partition" in x["reason"] for x in rejected)
+    assert all(r["train_nodes"] == 3 and r["eval_nodes"] == 3 for r in strategy.history)
+    assert strategy.store.nodes() == ["0", "1", "2"]
