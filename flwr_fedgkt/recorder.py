@@ -66,6 +66,8 @@ class RoundLog:
     stored_feature_bytes: int = 0
     server_peak_rss_bytes: int = 0
     accuracy: float | None = None
+    accuracy_median: float | None = None  # the median of node_accuracy
+    node_accuracy: dict[str, float] = field(default_factory=dict)  # by node key
     loss: float | None = None
     edge_accuracy: float | None = None
     edge_loss: float | None = None

@@ -314,7 +314,7 @@ class RoundEngine:
         Returns the round's evaluation metrics, or None when no sample was scored.
         """
         log = self.log_of(server_round)
-        self.step.score(log, accepted)
+        self.step.score(log, accepted, lambda key: self.registry.first_seen(key, "test"))
         self.logs.pop(server_round, None)
         self.recorder.close(log, self.state_dict, self.store.checkpointed)
         if log.accuracy is None or log.loss is None:

@@ -52,6 +52,12 @@ class TrainingJob:
         return self.log.round
 
 
+def weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    """The mean of ``(value, weight)`` pairs; None when there is no weight."""
+    total = sum(w for _, w in pairs)
+    return float(sum(v * w for v, w in pairs) / total) if total else None
+
+
 def per_sample_mean(replies: list[AcceptedReply], metric: str) -> float | None:
     """``metric`` averaged over the samples of the replies that report it (each
     node weighted by its sample count); None when none does."""
@@ -214,14 +220,21 @@ class ServerStep:
             logger.warning("dropped the stored features of node key %r: %s", key, reason)
 
     # -- evaluation --------------------------------------------------------------------------
-    def score(self, log: RoundLog, accepted: list[AcceptedReply]) -> None:
-        """Score the server model on the accepted test features (per sample, over
-        all nodes) and average the edge model's own scores per sample, into
-        ``log``. A node whose features give non-finite server logits is rejected;
-        the others are scored."""
-        correct, loss_sum, total = 0.0, 0.0, 0
+    def score(
+        self,
+        log: RoundLog,
+        accepted: list[AcceptedReply],
+        weight_cap: Callable[[NodeKey], int | None] = lambda key: None,
+    ) -> None:
+        """Score the server model on the accepted test features of each node, into
+        ``log``: ``node_accuracy`` per node key, their median, and the headline
+        ``accuracy`` and ``loss`` over the nodes, each node weighted by its sample
+        count but at most ``weight_cap(key)`` (e.g. the count the server first saw
+        from it), so that no node weighs more than the server can check; the edge
+        models' own scores alike. A node whose features give non-finite server
+        logits is rejected; the others are scored."""
+        scored: list[tuple[AcceptedReply, dict[str, float], float]] = []
         cached = 0
-        scored = []
         for reply in accepted:
             payload = reply.payload
             try:
@@ -235,17 +248,21 @@ class ServerStep:
                 self.test_cache[reply.key] = (reply.digest, payload)
             else:
                 cached += 1
-            n = payload.num_samples
-            correct += scores["accuracy"] * n
-            loss_sum += scores["loss"] * n
-            total += n
-            scored.append(reply)
-        log.accuracy = correct / total if total else None
-        log.loss = loss_sum / total if total else None
-        log.edge_accuracy = per_sample_mean(scored, "edge-accuracy")
-        log.edge_loss = per_sample_mean(scored, "edge-loss")
+            cap = weight_cap(reply.key)
+            weight = float(payload.num_samples if cap is None else min(payload.num_samples, cap))
+            scored.append((reply, scores, weight))
+        log.accuracy = weighted_mean([(s["accuracy"], w) for _, s, w in scored])
+        log.loss = weighted_mean([(s["loss"], w) for _, s, w in scored])
+        log.node_accuracy = {r.key: float(s["accuracy"]) for r, s, _ in scored}
+        log.accuracy_median = float(np.median(list(log.node_accuracy.values()))) if scored else None
+        log.edge_accuracy = weighted_mean(
+            [(r.metrics["edge-accuracy"], w) for r, _, w in scored if "edge-accuracy" in r.metrics]
+        )
+        log.edge_loss = weighted_mean(
+            [(r.metrics["edge-loss"], w) for r, _, w in scored if "edge-loss" in r.metrics]
+        )
         log.eval_nodes = len(scored)
-        log.eval_samples = total
+        log.eval_samples = sum(r.payload.num_samples for r, _, _ in scored)
         log.cached_test_nodes = cached
 
     # -- checkpoints ---------------------------------------------------------------------------

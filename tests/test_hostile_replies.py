@@ -541,3 +541,38 @@ def test_the_bounds_come_from_the_run_config_to_both_faces() -> None:
     for face in (FedGKT, LegacyFedGKT):
         engine = face.from_run_config(config, CLASSES).engine
         assert (engine.max_feature_abs, engine.max_reply_bytes) == (5.0, 1234)
+
+
+def test_made_up_samples_weigh_no_more_than_the_nodes_first_upload(task_identity) -> None:
+    # Prepare: ids local to each node (no partition map); the hostile node's first
+    # evaluation upload has 8 samples, its second 400 made-up ones (all-zero
+    # features, label 0)
+    records: list[dict] = []
+    strategy = _strategy(global_sample_ids=False, sample_ids=None, on_round_end=records.append)
+    grid = FakeGrid([*HONEST, HOSTILE])
+    junk_ids = np.arange(5000, 5400, dtype=np.int64)
+    junk = encode_features(torch.zeros(400, *SHAPE), "int8").arrays()
+    junk.update(labels=np.zeros(400, dtype=np.int64), ids=junk_ids)
+    for server_round in (1, 2):
+        strategy.configure_train(server_round, None, ConfigRecord(), grid)
+        strategy.aggregate_train(server_round, _honest(server_round, "int8"))
+        strategy.configure_evaluate(server_round, None, ConfigRecord(), grid)
+        hostile = (
+            _hostile()(server_round, "int8", False)
+            if server_round == 1
+            else _reply(HOSTILE, 2, junk, "int8", training=False)
+        )
+        # Execute
+        strategy.aggregate_evaluate(server_round, [*_honest(server_round, "int8", False), hostile])
+    # Assert: the headline weighs each honest node by its samples and the hostile
+    # node by 8 (its first upload), not 400; the median and per-node figures are kept
+    record = records[-1]
+    node_accuracy = record["node_accuracy"]
+    assert sorted(node_accuracy) == ["1", "2", "3", "9"]
+    weights = {str(k): len(v) for k, v in HONEST.items()} | {"9": len(HOSTILE_IDS)}
+    expected = sum(node_accuracy[k] * w for k, w in weights.items()) / sum(weights.values())
+    assert record["accuracy"] == pytest.approx(expected)
+    assert record["accuracy_median"] == pytest.approx(np.median(list(node_accuracy.values())))
+    honest = sum(node_accuracy[k] * weights[k] for k in ("1", "2", "3")) / 38
+    assert abs(record["accuracy"] - honest) <= len(HOSTILE_IDS) / (38 + len(HOSTILE_IDS))
+    assert record["eval_samples"] == 38 + 400
