@@ -545,14 +545,14 @@ def test_the_bounds_come_from_the_run_config_to_both_faces() -> None:
 
 def test_made_up_samples_weigh_no_more_than_the_nodes_first_upload(task_identity) -> None:
     # Prepare: ids local to each node (no partition map); the hostile node's first
-    # evaluation upload has 8 samples, its second 400 made-up ones (all-zero
-    # features, label 0)
+    # evaluation upload has 8 samples, its second 16 made-up ones (all-zero
+    # features, label 0; more than twice its first upload is refused uninflated)
     records: list[dict] = []
     strategy = _strategy(global_sample_ids=False, sample_ids=None, on_round_end=records.append)
     grid = FakeGrid([*HONEST, HOSTILE])
-    junk_ids = np.arange(5000, 5400, dtype=np.int64)
-    junk = encode_features(torch.zeros(400, *SHAPE), "int8").arrays()
-    junk.update(labels=np.zeros(400, dtype=np.int64), ids=junk_ids)
+    junk_ids = np.arange(5000, 5016, dtype=np.int64)
+    junk = encode_features(torch.zeros(16, *SHAPE), "int8").arrays()
+    junk.update(labels=np.zeros(16, dtype=np.int64), ids=junk_ids)
     for server_round in (1, 2):
         strategy.configure_train(server_round, None, ConfigRecord(), grid)
         strategy.aggregate_train(server_round, _honest(server_round, "int8"))
@@ -565,7 +565,7 @@ def test_made_up_samples_weigh_no_more_than_the_nodes_first_upload(task_identity
         # Execute
         strategy.aggregate_evaluate(server_round, [*_honest(server_round, "int8", False), hostile])
     # Assert: the headline weighs each honest node by its samples and the hostile
-    # node by 8 (its first upload), not 400; the median and per-node figures are kept
+    # node by 8 (its first upload), not 16; the median and per-node figures are kept
     record = records[-1]
     node_accuracy = record["node_accuracy"]
     assert sorted(node_accuracy) == ["1", "2", "3", "9"]
@@ -575,4 +575,4 @@ def test_made_up_samples_weigh_no_more_than_the_nodes_first_upload(task_identity
     assert record["accuracy_median"] == pytest.approx(np.median(list(node_accuracy.values())))
     honest = sum(node_accuracy[k] * weights[k] for k in ("1", "2", "3")) / 38
     assert abs(record["accuracy"] - honest) <= len(HOSTILE_IDS) / (38 + len(HOSTILE_IDS))
-    assert record["eval_samples"] == 38 + 400
+    assert record["eval_samples"] == 38 + 16

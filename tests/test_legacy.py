@@ -8,7 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarrays_to_parameters
+from flwr.common import (
+    Code,
+    FitRes,
+    Parameters,
+    Status,
+    bytes_to_ndarray,
+    ndarrays_to_parameters,
+)
 from flwr.server.client_manager import SimpleClientManager
 from inprocess import node_context
 from test_compat import Proxy
@@ -87,7 +94,6 @@ def test_a_fedavg_argument_lands_on_its_fedgkt_attribute(fedavg_name, attribute,
         ("accept_failures", "always recorded (failed_nodes"),
         ("fit_metrics_aggregation_fn", "on_round_end"),
         ("evaluate_metrics_aggregation_fn", "on_round_end"),
-        ("evaluate_fn", "scored on the clients' test features in aggregate_evaluate"),
     ],
 )
 def test_a_fedavg_argument_without_meaning_in_fedgkt_says_why(fedavg_name, why) -> None:
@@ -97,6 +103,28 @@ def test_a_fedavg_argument_without_meaning_in_fedgkt_says_why(fedavg_name, why) 
     message = str(raised.value)
     assert message.startswith(f"LegacyFedGKT: {fedavg_name!r} has no meaning here: ")
     assert why in message
+
+
+def test_evaluate_fn_scores_the_server_model_as_fedavg_scores_its_global_model() -> None:
+    # Prepare: an evaluate_fn that keeps what it is given
+    seen: list[tuple[int, list, dict]] = []
+
+    def evaluate_fn(server_round, arrays, config):
+        seen.append((server_round, arrays, config))
+        return 0.25, {"accuracy": 0.75}
+
+    strategy = _strategy(evaluate_fn=evaluate_fn)
+    state = strategy.trainer.model.state_dict()
+    # Execute: round 0 (before any training), as Flower's legacy Server calls it
+    result = strategy.evaluate(0, Parameters(tensors=[], tensor_type=""))
+    # Assert: its result is the strategy's; the arrays are the server model's
+    # state_dict values, in order (never empty)
+    assert result == (0.25, {"accuracy": 0.75})
+    ((server_round, arrays, config),) = seen
+    assert server_round == 0 and config == {} and len(arrays) == len(state) > 0
+    for (name, tensor), array in zip(state.items(), arrays, strict=True):
+        assert np.array_equal(array, tensor.numpy()), name
+    assert _strategy().evaluate(0, Parameters(tensors=[], tensor_type="")) is None
 
 
 def test_every_fedavg_argument_is_taken_or_refused_with_a_reason() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,12 +67,16 @@ def _is_batch(item: Any) -> bool:
 
 def as_edge_data(data: LegacyData) -> EdgeData:
     """A split as the edge trains on it: a ``SampleSet`` or ``Dataset`` as it is, a
-    sequence of samples as it is, and a loader (or sequence) of batches collected
-    with :func:`samples_from_loader`."""
+    sequence of samples or a data set of dict items (a flwr-datasets partition) as
+    it is, and a loader (or sequence) of batches collected with
+    :func:`samples_from_loader`."""
     if isinstance(data, SampleSet | Dataset):
         return data
-    if isinstance(data, Sequence) and len(data) > 0 and not _is_batch(data[0]):
-        return data
+    indexable = hasattr(data, "__getitem__") and hasattr(data, "__len__")
+    if indexable and len(data) > 0:  # type: ignore[arg-type]
+        first = data[0]  # type: ignore[index]
+        if isinstance(first, Mapping) or (isinstance(data, Sequence) and not _is_batch(first)):
+            return data  # type: ignore[return-value]
     return samples_from_loader(data)
 
 

@@ -36,7 +36,7 @@ FEDAVG_NAMES = {
 }
 """``FedAvg``'s name: ``LegacyFedGKT``'s, for the arguments that mean the same but
 are spelt differently."""
-SAME_NAMES = ("fraction_evaluate", "on_fit_config_fn", "on_evaluate_config_fn")
+SAME_NAMES = ("fraction_evaluate", "on_fit_config_fn", "on_evaluate_config_fn", "evaluate_fn")
 """``FedAvg``'s arguments that ``LegacyFedGKT`` takes under the same name."""
 
 _NO_WEIGHTS = "FedGKT averages no weights; the server model is the ServerTrainer's"
@@ -53,11 +53,6 @@ NO_MEANING = {
     ),
     "fit_metrics_aggregation_fn": _OWN_RECORD,
     "evaluate_metrics_aggregation_fn": _OWN_RECORD,
-    "evaluate_fn": (
-        "FedGKT has no global weights to evaluate centrally; the server model is scored "
-        "on the clients' test features in aggregate_evaluate (the round's record, with "
-        "its accuracy, reaches on_round_end)"
-    ),
 }
 """``FedAvg``'s arguments that FedGKT has no meaning for: why, by name."""
 

@@ -34,7 +34,12 @@ from ..validation import NODE_KEY
 from .fedavg_names import takes_fedavg_names
 from .wire import EvaluateReply, FitReply, empty_parameters, node_id, parameters_bytes
 
-__all__ = ["ConfigFn", "LegacyFedGKT"]
+__all__ = ["ConfigFn", "EvaluateFn", "LegacyFedGKT"]
+
+EvaluateFn = Callable[
+    [int, list[np.ndarray], dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None
+]
+"""``FedAvg``'s ``evaluate_fn``: (round, the model's arrays, config) to (loss, metrics)."""
 
 ConfigFn = Callable[[int], Mapping[str, Scalar]]
 """``FedAvg``'s ``on_fit_config_fn`` / ``on_evaluate_config_fn``: a round's extra
@@ -56,10 +61,10 @@ class LegacyFedGKT(HoldsEngine, Strategy):
 
     ``FedAvg``'s argument names are taken where they mean the same (``fraction_fit``,
     ``min_fit_clients``, ``min_evaluate_clients``, ``min_available_clients``, and
-    ``fraction_evaluate``, ``on_fit_config_fn``, ``on_evaluate_config_fn`` as they
-    are); ``FedAvg``'s other arguments (``initial_parameters``, ``evaluate_fn``,
-    ``accept_failures``, ``fit_metrics_aggregation_fn``, ...) are a ``TypeError``
-    that says why FedGKT has no meaning for them.
+    ``fraction_evaluate``, ``on_fit_config_fn``, ``on_evaluate_config_fn`` and
+    ``evaluate_fn`` as they are); ``FedAvg``'s other arguments
+    (``initial_parameters``, ``accept_failures``, ``fit_metrics_aggregation_fn``,
+    ...) are a ``TypeError`` that says why FedGKT has no meaning for them.
 
     Implementation based on https://arxiv.org/abs/2007.14513
 
@@ -90,6 +95,14 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         ``client-lr``, ``batch-size``, ``temperature`` and ``alpha`` from them.
     on_evaluate_config_fn : ConfigFn | None (default: None)
         As in ``FedAvg``, for every ``EvaluateIns.config``.
+    evaluate_fn : EvaluateFn | None (default: None)
+        As in ``FedAvg``: ``evaluate_fn(server_round, ndarrays, config)`` scores the
+        server's model centrally (round 0: before any training) and returns
+        ``(loss, metrics)`` or None. ``ndarrays`` are the server model's
+        ``state_dict`` values in order (load them with
+        ``model.load_state_dict(dict(zip(model.state_dict(), ndarrays)))``); it
+        maps features to logits, so put the nodes' shared extractor in front of it
+        to score raw inputs.
     **engine_settings
         The round engine's settings, as documented on
         :class:`~flwr_fedgkt.strategy.FedGKT` (``server_epochs``, ``feature_dtype``,
@@ -110,6 +123,7 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         query_timeout: float = DEFAULTS.query_timeout,
         on_fit_config_fn: ConfigFn | None = None,
         on_evaluate_config_fn: ConfigFn | None = None,
+        evaluate_fn: EvaluateFn | None = None,
         **engine_settings: Any,
     ) -> None:
         self.fraction_train = fraction_train
@@ -120,6 +134,7 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         self.query_timeout = query_timeout
         self.on_fit_config_fn = on_fit_config_fn
         self.on_evaluate_config_fn = on_evaluate_config_fn
+        self.evaluate_fn = evaluate_fn
         engine_settings.setdefault("compression", "none")  # legacy clients send whole arrays
         self.engine = RoundEngine(trainer, **engine_settings)
         self._client_manager: ClientManager | None = None
@@ -285,6 +300,10 @@ class LegacyFedGKT(HoldsEngine, Strategy):
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """No centralized evaluation: the server model is scored in
-        ``aggregate_evaluate`` on the clients' test features."""
-        return None
+        """``evaluate_fn`` on the server model's arrays (None without one). The
+        server model is also scored on the clients' test features in
+        ``aggregate_evaluate``."""
+        if self.evaluate_fn is None:
+            return None
+        arrays = [t.detach().cpu().numpy() for t in self.trainer.model.state_dict().values()]
+        return self.evaluate_fn(server_round, arrays, {})
