@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .codec import FeaturePayload, NodeKey, PayloadError, encoded_digest
+from .sketch import sample_sketches
 
 __all__ = ["KeyProof", "NodeRegistry", "SampleIds", "features_digest"]
 
@@ -59,9 +60,18 @@ None when the data set has no partition for the key."""
 
 @dataclass
 class _Claims:
-    """The digests of one key's newest uploads, by split (``train``/``test``)."""
+    """The digests of one key's newest uploads, by split (``train``/``test``), and
+    the sample sketches of its last :data:`SKETCH_UPLOADS` uploads."""
 
     digests: dict[str, str] = field(default_factory=dict)
+    sketches: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+SKETCH_UPLOADS = 3
+"""How many of a key's uploads per split the near-copy check remembers."""
+NEAR_COPY_SHARE = 0.5
+"""A reply whose samples' sketches equal another key's for at least this share is
+a near-copy. Independent uploads share almost none (measured in the tests)."""
 
 
 class NodeRegistry:
@@ -150,10 +160,23 @@ class NodeRegistry:
         """The sample count of ``key``'s first accepted upload of ``split``."""
         return self._first_seen.get(f"{key}/{split}")
 
-    def _check_copy(self, key: NodeKey, split: str, digest: str) -> None:
+    def _check_copy(self, key: NodeKey, split: str, digest: str, payload: FeaturePayload) -> None:
         for other, claims in self._claims.items():
             if other != key and claims.digests.get(split) == digest:
                 raise PayloadError(f"its features are a copy of node key {other!r}'s")
+        mine = sample_sketches(payload)
+        if not len(mine):
+            return
+        for other, claims in self._claims.items():
+            kept = claims.sketches.get(split, [])
+            if other == key or not kept:
+                continue
+            shared = int(np.isin(mine, np.concatenate(kept)).sum())
+            if shared >= NEAR_COPY_SHARE * len(mine):
+                raise PayloadError(
+                    f"{shared} of its {len(mine)} samples' features nearly equal node key "
+                    f"{other!r}'s (a near-copy)"
+                )
 
     # -- the two calls the server makes ---------------------------------------------------
     def check_binding(
@@ -176,7 +199,7 @@ class NodeRegistry:
         if self.sample_ids is not None:
             self._check_ids(key, payload.ids, split)
         if digest is not None:
-            self._check_copy(key, split, digest)
+            self._check_copy(key, split, digest, payload)
 
     def commit(
         self,
@@ -203,6 +226,9 @@ class NodeRegistry:
             claims = self._claims.setdefault(key, _Claims())
             self._first_seen.setdefault(f"{key}/{split}", payload.num_samples)
             if digest is not None:
+                recent = claims.sketches.setdefault(split, [])
+                recent.append(sample_sketches(payload))
+                del recent[:-SKETCH_UPLOADS]
                 claims.digests[split] = digest
         return previous if previous != node_id else None
 
@@ -213,6 +239,7 @@ class NodeRegistry:
             "nodes": dict(self._node_of),
             "verifiers": dict(self._verifiers),
             "claims": {k: dict(c.digests) for k, c in self._claims.items()},
+            "sketches": {k: dict(c.sketches) for k, c in self._claims.items()},
             "first_seen": dict(self._first_seen),
         }
 
@@ -225,4 +252,9 @@ class NodeRegistry:
             if isinstance(digests, tuple):  # checkpoints that kept ids too
                 digests = digests[1]
             self._claims[str(k)] = _Claims(dict(digests))
+        for k, sketches in state.get("sketches", {}).items():
+            self._claims.setdefault(str(k), _Claims()).sketches = {
+                split: [np.asarray(a, dtype=np.uint64) for a in arrays]
+                for split, arrays in sketches.items()
+            }
         self._first_seen = {str(k): int(v) for k, v in state.get("first_seen", {}).items()}

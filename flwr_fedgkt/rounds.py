@@ -50,6 +50,7 @@ from .validation import (
     ReplyReader,
     ReplyValidator,
 )
+from .validation.federation import FederationRange
 
 __all__ = ["RoundEngine", "sample_size"]
 
@@ -141,6 +142,7 @@ class RoundEngine:
             connected=lambda: self.members.connected(),
             extractor_digest=extractor_digest,
         )
+        self.range = FederationRange()  # the nodes' feature and logit ranges
         self.logs: dict[int, RoundLog] = {}  # the open rounds' logs
         self._latest = RoundLog(round=0)
 
@@ -290,8 +292,21 @@ class RoundEngine:
         return self.finish_training(job)
 
     def start_training(self, server_round: int, accepted: list[AcceptedReply]) -> TrainingJob:
-        """Store round ``server_round``'s accepted features; nothing trains yet."""
-        return self.step.start_training(self.log_of(server_round), accepted)
+        """Store round ``server_round``'s accepted features (but those far outside
+        the other nodes' range: :meth:`screen`); nothing trains yet."""
+        log = self.log_of(server_round)
+        return self.step.start_training(log, self.screen(log, accepted, "train"))
+
+    def screen(
+        self, log: RoundLog, accepted: list[AcceptedReply], split: str
+    ) -> list[AcceptedReply]:
+        """The accepted replies whose features and logits are within the other
+        nodes' range (:class:`~flwr_fedgkt.validation.federation.FederationRange`);
+        the others are rejected with their reason."""
+        kept, refused = self.range.screen(accepted, split)
+        for reply, reason in refused:
+            self.recorder.reject(log, reply.node_id, reply.key, reason)
+        return kept
 
     def run_training(self, job: TrainingJob) -> None:
         """Train and compute the job's server logits (may run in another thread)."""
@@ -314,6 +329,7 @@ class RoundEngine:
         Returns the round's evaluation metrics, or None when no sample was scored.
         """
         log = self.log_of(server_round)
+        accepted = self.screen(log, accepted, "test")
         self.step.score(log, accepted, lambda key: self.registry.first_seen(key, "test"))
         self.logs.pop(server_round, None)
         self.recorder.close(log, self.state_dict, self.store.checkpointed)
@@ -336,6 +352,7 @@ class RoundEngine:
             "rng": rng_state(),
             "sampler": self.members.sampler.getstate(),
             "nodes": self.registry.state(),
+            "ranges": self.range.state_dict(),
             "history": self.history,
         }
 
@@ -346,5 +363,6 @@ class RoundEngine:
         if state.get("sampler") is not None:
             self.members.sampler.setstate(state["sampler"])
         self.registry.restore(state.get("nodes", {}))
+        self.range.load_state_dict(state.get("ranges", {}))
         self.recorder.history = list(state["history"])
         self.round_offset = int(state["round"])

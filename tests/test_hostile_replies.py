@@ -373,8 +373,10 @@ def test_extra_records_arrays_and_metrics_are_ignored(task_identity) -> None:
 
 # -- defence in depth: what validation lets through must still not poison the model ---
 def test_a_node_whose_features_make_training_non_finite_is_taken_out(task_identity) -> None:
-    # Prepare: no feature bound, so features of 3e38 reach the server's training
+    # Prepare: no feature bound and no federation range, so features of 3e38
+    # reach the server's training
     strategy = _strategy("float32", max_feature_abs=float("inf"))
+    strategy.engine.range.factor = float("inf")
     strategy.configure_train(1, None, ConfigRecord(), FakeGrid([*HONEST, HOSTILE]))
     poison = _hostile(lambda a: _with(a, features=np.full_like(a["features"], 3e38)))
     before = [t.clone() for t in strategy.trainer.model.parameters()]
@@ -405,6 +407,7 @@ def test_a_node_whose_test_features_give_non_finite_logits_is_not_scored(task_id
     # Prepare
     records: list[dict] = []
     strategy = _strategy("float32", max_feature_abs=float("inf"), on_round_end=records.append)
+    strategy.engine.range.factor = float("inf")  # the scoring itself must hold
     strategy.configure_train(1, None, ConfigRecord(), FakeGrid(HONEST))
     strategy.aggregate_train(1, _honest(1, "float32"))
     strategy.configure_evaluate(1, None, ConfigRecord(), FakeGrid([*HONEST, HOSTILE]))

@@ -1,0 +1,136 @@
+"""Checks of one node's upload against what the other nodes send.
+
+* :class:`FederationRange`: features (per channel) and edge logits far above the
+  other nodes' are refused. A node's range is the largest magnitude per channel
+  of its newest upload; a reply is out of range when a channel exceeds
+  :data:`FACTOR` times the median, over the other nodes, of that channel's range
+  (channels near zero get :data:`RELATIVE_FLOOR` of the largest channel's median).
+  The replies of a round are screened together, each against all other nodes
+  (this round's and those held from earlier rounds), so that a hostile first reply
+  does not set the scale. With fewer than two other nodes nothing is refused here
+  (``max-feature-abs`` and ``max-logit-abs`` still hold).
+
+This module imports no Flower code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..codec import FeaturePayload, NodeKey, decode_features
+
+__all__ = [
+    "FACTOR",
+    "RELATIVE_FLOOR",
+    "FederationRange",
+    "PayloadRange",
+    "payload_range",
+]
+
+FACTOR = 8.0
+"""How many times the other nodes' median range a node's features or logits may
+reach. Honest nodes of one federation differ by less than 2x (measured: the
+per-channel maxima of the digits nodes' ResNet-8 features)."""
+RELATIVE_FLOOR = 0.05
+"""A channel's reference is at least this share of the largest channel's."""
+
+
+@dataclass(frozen=True)
+class PayloadRange:
+    """The largest magnitude per feature channel, and of the edge logits (None:
+    the upload has none)."""
+
+    features: np.ndarray
+    logits: float | None
+
+
+def payload_range(payload: FeaturePayload) -> PayloadRange:
+    """The range of one upload (channels: the features' first dimension after
+    the samples)."""
+    features = decode_features(payload.features).float().abs()
+    if features.ndim == 1:
+        features = features[:, None]
+    channels = features.transpose(0, 1).reshape(features.shape[1], -1)
+    per_channel = channels.amax(dim=1).double().numpy() if channels.numel() else np.zeros(0)
+    logits = None
+    if payload.logits is not None and payload.logits.size:
+        logits = float(np.abs(payload.logits).max())
+    return PayloadRange(per_channel, logits)
+
+
+def _outside(mine: PayloadRange, others: list[PayloadRange], factor: float) -> str | None:
+    """Why ``mine`` is far outside ``others`` (None: it is not)."""
+    same = [o for o in others if o.features.shape == mine.features.shape]
+    if len(same) >= 2 and mine.features.size:
+        reference = np.median(np.stack([o.features for o in same]), axis=0)
+        floor = RELATIVE_FLOOR * float(reference.max())
+        limit = factor * np.maximum(reference, floor)
+        if floor > 0 and (mine.features > limit).any():
+            ratio = mine.features / np.maximum(reference, floor)
+            channel = int(np.argmax(ratio))
+            return (
+                f"features up to {mine.features[channel]:.4g} in channel {channel}, "
+                f"{ratio[channel]:.0f}x the other nodes' median ({reference[channel]:.4g}); "
+                f"at most {factor:g}x is taken"
+            )
+    logits = [o.logits for o in others if o.logits is not None]
+    if mine.logits is not None and len(logits) >= 2:
+        reference_logit = max(float(np.median(logits)), 1.0)
+        if mine.logits > factor * reference_logit:
+            return (
+                f"edge logits up to {mine.logits:.4g}, {mine.logits / reference_logit:.0f}x "
+                f"the other nodes' median ({reference_logit:.4g}); at most {factor:g}x is taken"
+            )
+    return None
+
+
+class FederationRange:
+    """The newest range of every node key's uploads, by split, and the screen of a
+    round's replies against them.
+
+    Parameters
+    ----------
+    factor : float (default: FACTOR)
+        How far above the other nodes' median range a reply may reach.
+    """
+
+    def __init__(self, factor: float = FACTOR) -> None:
+        self.factor = factor
+        self.ranges: dict[tuple[NodeKey, str], PayloadRange] = {}
+
+    def screen(self, replies: Iterable[Any], split: str) -> tuple[list[Any], list[tuple[Any, str]]]:
+        """The replies (with ``key``, ``payload`` and ``digest``) that stay, and the
+        ones far outside the other nodes' range, each with its reason. Replies
+        that sent no features (unchanged) stay; the kept ones' ranges are kept."""
+        replies = list(replies)
+        fresh = {r.key: payload_range(r.payload) for r in replies if r.digest is not None}
+        held = {k: v for (k, s), v in self.ranges.items() if s == split}
+        everyone = {**held, **fresh}
+        kept, refused = [], []
+        for reply in replies:
+            mine = fresh.get(reply.key) if reply.digest is not None else None
+            others = [v for k, v in everyone.items() if k != reply.key]
+            reason = None if mine is None else _outside(mine, others, self.factor)
+            if reason is None:
+                kept.append(reply)
+                if mine is not None:
+                    self.ranges[(reply.key, split)] = mine
+            else:
+                refused.append((reply, reason))
+        return kept, refused
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            f"{split}/{key}": (r.features.tolist(), r.logits)
+            for (key, split), r in self.ranges.items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ranges = {}
+        for name, (features, logits) in state.items():
+            split, key = str(name).split("/", 1)
+            self.ranges[(key, split)] = PayloadRange(np.asarray(features, np.float64), logits)
