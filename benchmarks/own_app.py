@@ -2,7 +2,7 @@
 
     python benchmarks/own_app.py [--rounds 10] [--seeds 3] [--nodes 4]
         [--configs fedavg fedgkt-shared fedgkt-per-node] [--report 3 10]
-        [--server-epochs 2] [--client-lr 0.1] [--server-lr 0.1]
+        [--client-lr 0.1]
         [--per-node-client-lr 0.01]
         [--run-config "local-epochs=2 batch-size=64"]
 
@@ -29,9 +29,9 @@ Each run's per-round centralized accuracy is read from the ``results.json`` the
 app writes. Prints, per configuration, the centralized accuracy at the report
 rounds and the wall seconds of a run, as the mean and the standard deviation
 over the seeds (``--seeds N``: 42, 43, ...), and each seed's final accuracy.
-``--client-lr``, ``--server-lr`` and ``--server-epochs`` set the FedGKT app's
-``learning-rate``, ``server-learning-rate`` and ``server-epochs`` (the app's
-defaults otherwise; FedAvg keeps its own ``learning-rate``);
+``--client-lr`` sets the FedGKT app's ``learning-rate`` (the app's default
+otherwise; FedAvg keeps its own ``learning-rate``; the server part trains with
+``flwr_fedgkt``'s defaults);
 ``--per-node-client-lr`` is ``learning-rate`` of ``fedgkt-per-node`` (0.01: at
 the quickstart's 0.1, training a whole extractor with distillation diverges).
 ``--run-config`` sets any key of either app's run config (a key that an app
@@ -207,9 +207,7 @@ def run_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         overrides.update(parse_config_args([args.run_config]))
     fedgkt = app_config(FEDGKT_APP)
     knobs = {
-        "server-epochs": args.server_epochs,
         "learning-rate": args.client_lr,
-        "server-learning-rate": args.server_lr,
     }
     fedgkt.update({k: v for k, v in knobs.items() if v is not None})
     configs = {
@@ -242,7 +240,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--report", type=int, nargs="+", default=[3, 10], help="rounds to report")
-    parser.add_argument("--server-epochs", type=int, help="FedGKT: server-epochs")
     parser.add_argument(
         "--client-lr", type=float, help="fedgkt-shared: learning-rate (edge; the app's: 0.1)"
     )
@@ -252,7 +249,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.01,
         help="fedgkt-per-node: learning-rate (edge); at 0.1 its training diverges",
     )
-    parser.add_argument("--server-lr", type=float, help="FedGKT: server-learning-rate")
     parser.add_argument(
         "--run-config", default="", help='any run-config keys of the apps, e.g. "local-epochs=2"'
     )
@@ -279,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         f"own_app: {args.nodes} nodes, {args.rounds} rounds, seeds {seeds}, "
         f"dataset {dataset!r}; torch threads 2"
     )
-    shown = ("learning-rate", "server-learning-rate", "server-epochs", "local-epochs")
+    shown = ("learning-rate", "local-epochs")
     for config in args.configs:
         settings = ", ".join(f"{k}={configs[config][k]}" for k in shown if k in configs[config])
         print(f"  {config}: {settings}")

@@ -30,8 +30,14 @@ def _rounds(out: Path) -> list[dict]:
         return []
 
 
-def _run(workdir: Path, run_config: str, crash_after: int | None = None, nodes: int = NODES) -> str:
-    """One ``flwr run`` of the repository's app on a fresh local SuperLink;
+def _run(
+    workdir: Path,
+    run_config: str,
+    crash_after: int | None = None,
+    nodes: int = NODES,
+    app: Path = REPO,
+) -> str:
+    """One ``flwr run`` of ``app`` (the repository's) on a fresh local SuperLink;
     with ``crash_after``, the whole federation is killed as soon as that many
     rounds are in ``results.json``."""
     out = Path(run_config.split("output-dir='")[1].split("'")[0])
@@ -47,7 +53,7 @@ def _run(workdir: Path, run_config: str, crash_after: int | None = None, nodes: 
                 crash(env)
 
         result = flwr_run(
-            env, REPO, run_config, nodes, timeout=900, log_file=workdir / "run.log", on_line=watch
+            env, app, run_config, nodes, timeout=900, log_file=workdir / "run.log", on_line=watch
         )
     if crash_after is None:
         assert result.returncode == 0, result.stdout[-3000:]
@@ -104,3 +110,31 @@ def test_a_crashed_pipelined_run_resumes_and_records_every_round_once(tmp_path) 
     # no node failed (a node ahead of the checkpoint rolls back)
     assert [r["failed_nodes"] for r in results["rounds"]] == [[]] * 3
     assert all(r["train_nodes"] == NODES for r in results["rounds"])
+
+
+def test_after_a_crash_an_impostor_claiming_a_key_gets_neither_key_nor_logits(tmp_path) -> None:
+    # Prepare / Execute: three honest nodes, killed after round 1; in the resumed
+    # run the last node speaks for node key "0" with a signing key of its own, and
+    # its key answer is the only one for "0" (tests/apps/faulty)
+    out = tmp_path / "out"
+    config = (
+        f"{BASE} num-server-rounds=2 impostor=true output-dir='{out}' "
+        f"client-state-dir='{tmp_path / 'clients'}' min-available-nodes=3 min-train-nodes=3 "
+        "min-evaluate-nodes=3"
+    )
+    faulty = REPO / "tests" / "apps" / "faulty"
+    _run(tmp_path / "c", config, crash_after=1, app=faulty)
+    stdout = _run(tmp_path / "r", f"{config} resume-from='{out}'", app=faulty)
+    # Assert: round 1 without rejections; in round 2 the impostor's key answer is
+    # not taken and its replies are rejected, while node "0" trains and is scored
+    results = json.loads((out / "results.json").read_text())
+    first, resumed = results["rounds"]
+    assert first["rejected_replies"] == [] and first["train_nodes"] == 3
+    rejected = resumed["rejected_replies"]
+    assert [r["node_key"] for r in rejected] == ["0", "0"], rejected
+    assert all("proven by another signing key" in r["reason"] for r in rejected)
+    assert "node key '0' belongs to another node" in stdout
+    assert resumed["train_nodes"] == 2 and "0" in resumed["node_accuracy"]
+    assert resumed["edge_train_kd"] > 0  # node "0" distilled from its server logits
+    # ... and the server never sent the impostor any server logits
+    assert not (out / "impostor-got-logits").exists()
