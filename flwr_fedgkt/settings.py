@@ -185,8 +185,9 @@ class Settings:
     )
     max_feature_abs: float = option(
         MAX_FEATURE_ABS,
-        "replies whose decoded features exceed this magnitude are rejected (see [What one "
-        "node can and cannot do](#what-one-node-can-and-cannot-do))",
+        "absolute bound: replies whose decoded features exceed this magnitude are rejected; "
+        "features far above the other nodes' are rejected whatever this bound (see [What "
+        "one node can and cannot do](#what-one-node-can-and-cannot-do))",
     )
     max_logit_abs: float = option(
         MAX_LOGIT_ABS,

@@ -89,52 +89,43 @@ def test_a_crashed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, messag
     assert resumed[1]["edge_train_kd"] > 0
 
 
-def test_a_crashed_pipelined_run_resumes_and_records_every_round_once(tmp_path) -> None:
-    # Prepare / Execute: a pipelined run killed right after round 1's checkpoint
-    # (written when round 2's uploads arrive: the nodes are a round or two ahead),
-    # then resumed
+def test_a_crashed_pipelined_run_resumes_and_an_impostor_gets_neither_key_nor_logits(
+    tmp_path,
+) -> None:
+    # Prepare / Execute: a pipelined run of three honest nodes killed right after
+    # round 1's checkpoint (written when round 2's uploads arrive: the nodes are a
+    # round or two ahead), then resumed; in the resumed run the last node speaks
+    # for node key "0" with a signing key of its own, and its key answer is the only
+    # one for "0" (tests/apps/faulty, impostor = true)
     out = tmp_path / "out"
     config = (
-        f"{BASE} num-server-rounds=3 pipeline=true output-dir='{out}' "
-        f"client-state-dir='{tmp_path / 'clients'}'"
-    )
-    _run(tmp_path / "c", config, crash_after=1)
-    crashed = _rounds(out)
-    _run(tmp_path / "r", f"{config} resume-from='{out}'")
-    # Assert: every round once, in order, scored; the run completed
-    assert 1 <= len(crashed) < 3
-    results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "completed"
-    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
-    assert all(r["accuracy"] is not None for r in results["rounds"])
-    # no node failed (a node ahead of the checkpoint rolls back)
-    assert [r["failed_nodes"] for r in results["rounds"]] == [[]] * 3
-    assert all(r["train_nodes"] == NODES for r in results["rounds"])
-
-
-def test_after_a_crash_an_impostor_claiming_a_key_gets_neither_key_nor_logits(tmp_path) -> None:
-    # Prepare / Execute: three honest nodes, killed after round 1; in the resumed
-    # run the last node speaks for node key "0" with a signing key of its own, and
-    # its key answer is the only one for "0" (tests/apps/faulty)
-    out = tmp_path / "out"
-    config = (
-        f"{BASE} num-server-rounds=2 impostor=true output-dir='{out}' "
+        f"{BASE} num-server-rounds=3 pipeline=true impostor=true output-dir='{out}' "
         f"client-state-dir='{tmp_path / 'clients'}' min-available-nodes=3 min-train-nodes=3 "
         "min-evaluate-nodes=3"
     )
     faulty = REPO / "tests" / "apps" / "faulty"
     _run(tmp_path / "c", config, crash_after=1, app=faulty)
+    crashed = _rounds(out)
     stdout = _run(tmp_path / "r", f"{config} resume-from='{out}'", app=faulty)
-    # Assert: round 1 without rejections; in round 2 the impostor's key answer is
-    # not taken and its replies are rejected, while node "0" trains and is scored
+    # Assert: every round once, in order, scored; the run completed
+    assert 1 <= len(crashed) < 3
     results = json.loads((out / "results.json").read_text())
-    first, resumed = results["rounds"]
-    assert first["rejected_replies"] == [] and first["train_nodes"] == 3
-    rejected = resumed["rejected_replies"]
-    assert [r["node_key"] for r in rejected] == ["0", "0"], rejected
-    assert all("proven by another signing key" in r["reason"] for r in rejected)
+    assert results["status"] == "completed"
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["accuracy"] is not None for r in rounds)
+    # no node failed (a node ahead of the checkpoint rolls back); before the crash
+    # all three trained, none rejected
+    assert [r["failed_nodes"] for r in rounds] == [[]] * 3
+    assert all(r["train_nodes"] == NODES and not r["rejected_replies"] for r in crashed)
+    # after it, the impostor's key answer was not taken and each of its replies was
+    # rejected, while node "0" trained, distilled and was scored ...
     assert "node key '0' belongs to another node" in stdout
-    assert resumed["train_nodes"] == 2 and "0" in resumed["node_accuracy"]
-    assert resumed["edge_train_kd"] > 0  # node "0" distilled from its server logits
+    for record in rounds[len(crashed) :]:
+        rejected = record["rejected_replies"]
+        assert rejected and {r["node_key"] for r in rejected} == {"0"}, rejected
+        assert all("proven by another signing key" in r["reason"] for r in rejected)
+        assert record["train_nodes"] == NODES - 1 and "0" in record["node_accuracy"]
+        assert record["edge_train_kd"] > 0
     # ... and the server never sent the impostor any server logits
     assert not (out / "impostor-got-logits").exists()

@@ -106,7 +106,7 @@ BAD_REPLIES = {
     "NaN in features": ({"features": np.full((4, *SHAPE), np.nan, np.float32)}, None, "NaN"),
     "Inf in logits": ({"logits": np.full((4, 10), np.inf, np.float32)}, None, "NaN or Inf"),
     "labels out of range": ({"labels": np.array([0, 1, 2, 99])}, None, "out of range"),
-    "lengths disagree": ({"labels": np.array([0, 1, 2])}, None, "expected \\(4,\\)"),
+    "lengths disagree": ({"labels": np.array([0, 1, 2])}, None, "labels \\(3,\\) must be"),
     "duplicate ids": ({"ids": np.array([1, 1, 2, 3])}, None, "duplicate"),
     "negative ids": ({"ids": np.array([-1, 0, 2, 3])}, None, "negative"),
     "missing features record": ({}, _drop(FEATURES_KEY, "array_records"), "missing ArrayRecord"),

@@ -30,12 +30,14 @@ __all__ = [
     "validate_update",
 ]
 
-MAX_FEATURE_ABS = 1e4
-"""Default bound on the magnitude of a decoded feature value. The ResNet-8 stem's
-post-ReLU activations on the built-in data sets stayed below 7 (digits and
-synthetic, four edge epochs at learning rates 0.001 and 0.01); a node whose
-features exceed the bound is rejected (see :func:`validate_payload`). Models fed
-unnormalised inputs (e.g. pixels in 0..255) need a larger bound."""
+MAX_FEATURE_ABS = 1e6
+"""Default absolute bound on the magnitude of a decoded feature value: a sanity
+bound, far above any activation of a model on normalised or raw (0..255) inputs;
+a node whose features exceed it is rejected (see :func:`validate_payload`). The
+bound that tracks what honest nodes send is relative: features far above the
+other nodes' are rejected (:mod:`flwr_fedgkt.validation.federation`). The ResNet-8
+stem's post-ReLU activations on the built-in data sets stayed below 7 (digits and
+synthetic, four edge epochs at learning rates 0.001 and 0.01)."""
 MAX_LOGIT_ABS = 1e4
 """Default bound on the magnitude of an edge logit (honest edges stay below 100)."""
 MAX_NODE_KEY_LENGTH = 128

@@ -58,4 +58,4 @@ def evaluate(msg: Message, context: Context):
 @app.query()
 def query(msg: Message, context: Context):
     """Tell the server this node's key (its partition id); no data is loaded."""
-    return key_reply(msg, default_node_key(context.node_config))
+    return key_reply(msg, default_node_key(context.node_config), context)
