@@ -126,7 +126,7 @@ def main() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     logging.getLogger("flwr").setLevel(logging.ERROR)
     print(
-        f"one_hostile: {NODES} nodes ({HOSTILE_PARTITION} hostile), {args.rounds} rounds, "
+        f"one_hostile: {NODES} nodes (partition {HOSTILE_PARTITION} hostile), {args.rounds} rounds, "
         f"{args.dataset}, seeds {args.seeds}"
     )
     results: dict[str, list[float]] = {}
