@@ -126,8 +126,8 @@ def main() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     logging.getLogger("flwr").setLevel(logging.ERROR)
     print(
-        f"one_hostile: {NODES} nodes (partition {HOSTILE_PARTITION} hostile), {args.rounds} rounds, "
-        f"{args.dataset}, seeds {args.seeds}"
+        f"one_hostile: {NODES} nodes (partition {HOSTILE_PARTITION} hostile), "
+        f"{args.rounds} rounds, {args.dataset}, seeds {args.seeds}"
     )
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="one_hostile-") as tmp:
