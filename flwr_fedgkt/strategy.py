@@ -119,27 +119,24 @@ _SERVER_TRAINING = {  # FedGKT's argument: ServerTrainer's
 class FedGKT(HoldsEngine, Strategy):
     """Group Knowledge Transfer (He et al., NeurIPS 2020) as a Flower strategy.
 
-    Implementation based on https://arxiv.org/abs/2007.14513
-
-    Options shared with the run config take its defaults (documented once in
-    :class:`~flwr_fedgkt.settings.Settings`), so ``FedGKT(model, feature_shape=...)``
-    trains as ``flwr run .`` does.
+    Implementation based on https://arxiv.org/abs/2007.14513. Options shared with the
+    run config take its defaults (:class:`~flwr_fedgkt.settings.Settings`), so
+    ``FedGKT(model, feature_shape=...)`` trains as ``flwr run .`` does.
 
     Parameters
     ----------
     trainer : ServerTrainer | nn.Module
-        The server-side large model with its optimizer and training settings
-        (a :class:`~flwr_fedgkt.server.ServerTrainer`), trained inside
-        ``aggregate_train``; or just the server model (any module that maps a
-        batch of features to logits), trained with ``server_lr``,
-        ``server_batch_size``, ``temperature``, ``alpha``, ``precision``,
-        ``device`` (run-config defaults when None), ``optimizer`` (Adam with weight
-        decay 5e-4 when None) and ``lr_schedule`` (stepped per server epoch;
-        when None, a cosine decay to 5 % over the run's server epochs). A
-        ``ServerTrainer`` carries its own (giving both is a ValueError).
+        The server-side large model with its optimizer and training settings (a
+        :class:`~flwr_fedgkt.server.ServerTrainer`), trained in ``aggregate_train``;
+        or just the server model (features to logits), trained with ``server_lr``,
+        ``server_batch_size``, ``temperature``, ``alpha``, ``precision``, ``device``
+        (run-config defaults when None), ``optimizer`` (Adam, weight decay 5e-4,
+        when None) and ``lr_schedule`` (stepped per server epoch; None: a cosine
+        decay to 5 % over the run's server epochs). A ``ServerTrainer`` carries its
+        own (giving both is a ValueError).
     feature_shape : tuple[int, ...] | None (default: None)
-        Shape of one sample's features; replies with another shape are rejected.
-        The trainer's when None; required with a bare server model.
+        One sample's feature shape (other shapes are rejected); the trainer's when
+        None, required with a bare server model.
     server_epochs, feature_dtype, fraction_train, fraction_evaluate, min_train_nodes, \
 min_evaluate_nodes, min_available_nodes, seed, max_idle_rounds, query_timeout, \
 max_reply_bytes, compression, max_feature_abs, max_logit_abs
@@ -153,28 +150,25 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
     on_round_end : Callable[[dict], None] | None (default: None)
         Called with each round's record once its evaluation is done.
     store : FeatureStore | None (default: None)
-        Where features are kept; in memory when None (``FeatureStore(directory)``
-        for memory-mapped files).
+        Where features are kept (None: in memory; ``FeatureStore(directory)``: on disk).
     checkpoint_dir : str | Path | None (default: None)
         Where a checkpoint is written atomically after every round; None: none.
     global_sample_ids : bool (default: False)
         Sample ids are unique across all nodes (as in the built-in data sets).
     sample_ids : Callable[[str, str], np.ndarray | None] | None (default: None)
-        The sample ids of each node key's partition, by split (``"train"``,
-        ``"test"``), or None for a key without one: an upload with an id outside
-        its key's partition is rejected (the built-in app partitions the data set
-        as its nodes do). None: ids are each node's own, namespaced by its key.
+        Each node key's partition ids by split (None: no partition); an upload with
+        ids outside it is rejected. None: ids are each node's own, kept per key.
     extractor : nn.Module | None (default: None)
-        The frozen extractor every node shares (built from one seed; nodes with
-        ``FedGKTClient(freeze_extractor=True)``; replies with another are rejected).
+        The frozen extractor every node shares (one seed, ``FedGKTClient(
+        freeze_extractor=True)``); replies with another are rejected.
 
     The run's model is the deployable model with ``extractor`` (extractor, then
-    server model: :func:`~flwr_fedgkt.models.extractor_and_server`, which maps raw
-    inputs to logits), else the server model: ``start(initial_arrays=...)`` (when
-    not empty), the record ``evaluate_fn`` receives (round 0 included) and
-    ``Result.arrays`` are its ``state_dict``. ``start``'s ``train_config`` goes
-    with every training Message (FedGKTClient reads ``client-epochs``,
-    ``client-lr``, ``batch-size``, ``temperature`` and ``alpha``).
+    server model: :func:`~flwr_fedgkt.models.extractor_and_server`, raw inputs to
+    logits), else the server model: ``start(initial_arrays=...)`` (when not empty),
+    the record ``evaluate_fn`` receives (round 0 included) and ``Result.arrays``
+    are its ``state_dict``. ``start``'s ``train_config`` goes with every training
+    Message (FedGKTClient reads ``client-epochs``, ``client-lr``, ``batch-size``,
+    ``temperature``, ``alpha``).
     """
 
     # pylint: disable=too-many-arguments,too-many-locals
