@@ -111,10 +111,6 @@ class NodeRegistry:
     def keys(self) -> list[NodeKey]:
         return sorted(self._node_of)
 
-    def verifier(self, key: NodeKey) -> str | None:
-        """The public key that proved ``key`` first (None: nobody proved it yet)."""
-        return self._verifiers.get(key)
-
     def _check_binding(
         self, key: NodeKey, node_id: int, connected: Collection[int], proof: KeyProof | None
     ) -> None:
@@ -160,11 +156,10 @@ class NodeRegistry:
         """The sample count of ``key``'s first accepted upload of ``split``."""
         return self._first_seen.get(f"{key}/{split}")
 
-    def _check_copy(self, key: NodeKey, split: str, digest: str, payload: FeaturePayload) -> None:
+    def _check_copy(self, key: NodeKey, split: str, digest: str, mine: np.ndarray) -> None:
         for other, claims in self._claims.items():
             if other != key and claims.digests.get(split) == digest:
                 raise PayloadError(f"its features are a copy of node key {other!r}'s")
-        mine = sample_sketches(payload)
         if not len(mine):
             return
         for other, claims in self._claims.items():
@@ -191,15 +186,21 @@ class NodeRegistry:
         self._check_binding(key, node_id, connected, proof)
 
     def check_claims(
-        self, key: NodeKey, payload: FeaturePayload, split: str, digest: str | None
+        self,
+        key: NodeKey,
+        payload: FeaturePayload,
+        split: str,
+        digest: str | None,
+        sketches: np.ndarray | None = None,
     ) -> None:
         """Raise PayloadError when ``payload`` holds ids outside its key's partition
-        (with ``sample_ids``) or copies another key's features (``digest``).
-        Changes nothing."""
+        (with ``sample_ids``) or copies another key's features (``digest``, and
+        its ``sketches``: computed here when None). Changes nothing."""
         if self.sample_ids is not None:
             self._check_ids(key, payload.ids, split)
         if digest is not None:
-            self._check_copy(key, split, digest, payload)
+            mine = sample_sketches(payload) if sketches is None else sketches
+            self._check_copy(key, split, digest, mine)
 
     def commit(
         self,
@@ -209,9 +210,11 @@ class NodeRegistry:
         split: str = "train",
         digest: str | None = None,
         proof: KeyProof | None = None,
+        sketches: np.ndarray | None = None,
     ) -> int | None:
         """Record an accepted reply: bind ``key`` to ``node_id`` (and to the public
-        key of its ``proof``, when the key has none yet) and note its ids.
+        key of its ``proof``, when the key has none yet) and note its upload (its
+        ``sketches``: computed here when None).
 
         Returns the node id the key was bound to before, when it moved.
         """
@@ -227,7 +230,7 @@ class NodeRegistry:
             self._first_seen.setdefault(f"{key}/{split}", payload.num_samples)
             if digest is not None:
                 recent = claims.sketches.setdefault(split, [])
-                recent.append(sample_sketches(payload))
+                recent.append(sample_sketches(payload) if sketches is None else sketches)
                 del recent[:-SKETCH_UPLOADS]
                 claims.digests[split] = digest
         return previous if previous != node_id else None

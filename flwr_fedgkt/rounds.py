@@ -271,7 +271,13 @@ class RoundEngine:
             log.edge_precision[checked.precision] = log.edge_precision.get(checked.precision, 0) + 1
         split = "train" if training else "test"
         moved = self.registry.commit(
-            checked.key, checked.node_id, checked.payload, split, checked.digest, checked.proof
+            checked.key,
+            checked.node_id,
+            checked.payload,
+            split,
+            checked.digest,
+            checked.proof,
+            checked.sketches,
         )
         if moved is not None:
             logger.info(

@@ -12,7 +12,7 @@ import torch
 
 from .codec import FeaturePayload, decode_features
 
-__all__ = ["SKETCH_BITS", "sample_sketches"]
+__all__ = ["SKETCH_BITS", "sample_sketches", "sketches_of"]
 
 SKETCH_BITS = 64
 
@@ -20,11 +20,17 @@ _PLANES: dict[int, torch.Tensor] = {}
 
 
 def sample_sketches(payload: FeaturePayload) -> np.ndarray:
-    """One 64-bit sketch per sample: the signs of its features' projections on 64
-    fixed random directions (the same for every run and node). Two samples whose
-    features nearly agree share their sketch; independent samples almost never
-    do (measured in the tests)."""
-    features = decode_features(payload.features).float().reshape(payload.num_samples, -1)
+    """One 64-bit sketch per sample of ``payload`` (:func:`sketches_of` its decoded
+    features)."""
+    return sketches_of(decode_features(payload.features))
+
+
+def sketches_of(decoded: torch.Tensor) -> np.ndarray:
+    """One 64-bit sketch per sample of these decoded features: the signs of its
+    features' projections on 64 fixed random directions (the same for every run
+    and node). Two samples whose features nearly agree share their sketch;
+    independent samples almost never do (measured in the tests)."""
+    features = decoded.float().reshape(len(decoded), -1)
     width = features.shape[1]
     if width not in _PLANES:
         generator = torch.Generator().manual_seed(width)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..codec import FeaturePayload, NodeKey, decode_features
 
@@ -29,6 +30,7 @@ __all__ = [
     "FederationRange",
     "PayloadRange",
     "payload_range",
+    "range_of",
 ]
 
 FACTOR = 8.0
@@ -51,17 +53,20 @@ class PayloadRange:
 
 
 def payload_range(payload: FeaturePayload) -> PayloadRange:
-    """The range of one upload (channels: the features' first dimension after
-    the samples)."""
-    features = decode_features(payload.features).float().abs()
+    """The range of one upload (:func:`range_of` its decoded features)."""
+    return range_of(decode_features(payload.features), payload.logits)
+
+
+def range_of(decoded: torch.Tensor, logits: np.ndarray | None) -> PayloadRange:
+    """The range of an upload's decoded features (channels: the first dimension
+    after the samples) and of its edge logits."""
+    features = decoded.float().abs()
     if features.ndim == 1:
         features = features[:, None]
     channels = features.transpose(0, 1).reshape(features.shape[1], -1)
     per_channel = channels.amax(dim=1).double().numpy() if channels.numel() else np.zeros(0)
-    logits = None
-    if payload.logits is not None and payload.logits.size:
-        logits = float(np.abs(payload.logits).max())
-    return PayloadRange(per_channel, logits)
+    largest = float(np.abs(logits).max()) if logits is not None and logits.size else None
+    return PayloadRange(per_channel, largest)
 
 
 def _outside(mine: PayloadRange, others: list[PayloadRange], factor: float) -> str | None:
@@ -105,11 +110,16 @@ class FederationRange:
         self.ranges: dict[tuple[NodeKey, str], PayloadRange] = {}
 
     def screen(self, replies: Iterable[Any], split: str) -> tuple[list[Any], list[tuple[Any, str]]]:
-        """The replies (with ``key``, ``payload`` and ``digest``) that stay, and the
-        ones far outside the other nodes' range, each with its reason. Replies
+        """The replies (with ``key``, ``payload``, ``digest`` and ``span``: their
+        range as validation measured it, None to measure it here) that stay, and
+        the ones far outside the other nodes' range, each with its reason. Replies
         that sent no features (unchanged) stay; the kept ones' ranges are kept."""
         replies = list(replies)
-        fresh = {r.key: payload_range(r.payload) for r in replies if r.digest is not None}
+        fresh = {
+            r.key: r.span if r.span is not None else payload_range(r.payload)
+            for r in replies
+            if r.digest is not None
+        }
         held = {k: v for (k, s), v in self.ranges.items() if s == split}
         everyone = {**held, **fresh}
         kept, refused = [], []

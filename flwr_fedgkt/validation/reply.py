@@ -21,10 +21,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..codec import FeaturePayload, NodeKey, PayloadError, wire_dtype
+from ..codec import FeaturePayload, NodeKey, PayloadError, decode_features, wire_dtype
 from ..compression import CompressionError, inflate
 from ..identity import PROOF_KEY, PUBLIC_KEY, statement, verify_proof
 from ..registry import KeyProof, NodeRegistry, features_digest
+from ..sketch import sketches_of
+from .federation import PayloadRange, range_of
 from .payload import validate_metrics, validate_node_key, validate_payload, validate_update
 
 __all__ = [
@@ -101,6 +103,8 @@ class AcceptedReply:
     digest: str | None = None  # of the features it sent; None: it sent none (unchanged)
     precision: str | None = None  # the precision the node says it trained in
     proof: KeyProof | None = None  # its proof of the key (None: it sent none)
+    sketches: np.ndarray | None = None  # its samples' sketches (None: it sent no features)
+    span: PayloadRange | None = None  # its features' and logits' range (likewise)
 
 
 @dataclass
@@ -218,7 +222,7 @@ class ReplyValidator:
         codec = meta.get(COMPRESSION_KEY, "none")
         if codec not in ("none", self.compression):
             raise PayloadError(f"compression {codec!r}, the round uses {self.compression!r}")
-        digest = None
+        digest, sketches, span = None, None, None
         split = "train" if training else "test"
         if "features" in arrays:
             self._check_before_inflating(key, arrays, training, split)
@@ -242,8 +246,10 @@ class ReplyValidator:
                 max_logit_abs=self.max_logit_abs,
             )
             digest = features_digest(payload)
+            decoded = decode_features(payload.features)  # once, for sketches and range
+            sketches, span = sketches_of(decoded), range_of(decoded, payload.logits)
         checked = validate_metrics(metrics, payload.num_samples)
-        self.registry.check_claims(key, payload, split, digest)
+        self.registry.check_claims(key, payload, split, digest, sketches)
         precision = meta.get(PRECISION_KEY)
         return AcceptedReply(
             node_id,
@@ -253,6 +259,8 @@ class ReplyValidator:
             digest,
             precision if isinstance(precision, str) else None,
             proof,
+            sketches,
+            span,
         )
 
     def _check_before_inflating(
@@ -299,9 +307,7 @@ class ReplyValidator:
         anything is inflated (:func:`~flwr_fedgkt.compression.inflate`), and it
         is at most ``max-reply-bytes`` when that is set, as for uncompressed
         replies."""
-        ids = arrays.get("ids")
-        if ids is None or ids.ndim != 1:
-            raise PayloadError("compressed features need 1-D ids (they give their count)")
+        ids = arrays["ids"]  # present and 1-D (_check_before_inflating)
         dtype = wire_dtype(self.feature_dtype)
         per_sample = int(np.prod(self.feature_shape)) * dtype.itemsize
         expected = len(ids) * per_sample
