@@ -39,6 +39,7 @@ from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .edge_data import EdgeData, ordered_batches, training_batches
 from .models import seeded_model
 from .precision import autocast, loss_scaler, resolve_precision
+from .server_model import takes_channels_last, to_device
 from .training import (
     OptimizerFactory,
     StepOutcome,
@@ -202,6 +203,16 @@ class EdgeTrainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, lr, optimizer)
         self.scaler = loss_scaler(self.precision, self.device)  # float16 only
+        self._channels_last: bool | None = None  # probed on the first batch
+
+    def _to_device(self, images: Tensor) -> Tensor:
+        """A batch of images on the device, channels-last when the model takes it
+        (probed once, on the first batch: :func:`takes_channels_last`): ResNet-8's
+        convolutions ran 1.1x (training) to 3x (extraction) faster so on a CPU."""
+        if self._channels_last is None:
+            shape = tuple(images.shape[1:])
+            self._channels_last = takes_channels_last(self.model, shape)
+        return to_device(images, self.device, self._channels_last)
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
@@ -271,7 +282,7 @@ class EdgeTrainer:
 
         def step(batch: tuple[Tensor, Tensor, Tensor]) -> StepOutcome:
             images, labels, ids = batch
-            images, labels = images.to(self.device), labels.to(self.device)
+            images, labels = self._to_device(images), labels.to(self.device)
             with autocast(self.precision, self.device):
                 logits, _ = self.model(images)
             logits = logits.float()  # the loss and its softmaxes in float32
@@ -312,14 +323,16 @@ class EdgeTrainer:
         return DistillLoss(ce + alpha * kd, ce.detach(), kd.detach())
 
     @torch.no_grad()
-    def extract(self, data: EdgeData, batch_size: int = 256) -> Extracted:
+    def extract(self, data: EdgeData, batch_size: int = 32) -> Extracted:
         """Features, logits, labels and ids over ``data``, in eval mode, in order
-        (a ``SampleSet`` never augmented). ValueError when two samples share an id."""
+        (a ``SampleSet`` never augmented). ValueError when two samples share an id.
+        Small batches keep the activations in the CPU's caches (32 ran 5x faster
+        than 256 for ResNet-8 on 2 cores)."""
         self.model.eval()
         feats, logits, labels, ids = [], [], [], []
         for x, y, i in ordered_batches(data, batch_size):
-            out, f = self.model(x.to(self.device))
-            feats.append(f.float().cpu())
+            out, f = self.model(self._to_device(x))
+            feats.append(f.float().cpu().contiguous())
             logits.append(out.float().cpu())
             labels.append(y)
             ids.append(i)

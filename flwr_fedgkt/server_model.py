@@ -80,7 +80,7 @@ def server_model(
 def output_classes(model: nn.Module, feature_shape: tuple[int, ...]) -> int:
     """How many logits ``model`` gives for one sample of features ``feature_shape``
     (a forward pass on zeros in eval mode; the model's mode is restored)."""
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -90,7 +90,8 @@ def output_classes(model: nn.Module, feature_shape: tuple[int, ...]) -> int:
             f"the server model does not take features of shape {tuple(feature_shape)}: {err}"
         ) from err
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"the server model must map a batch of features to logits, gave {shape}")
@@ -121,7 +122,7 @@ def takes_channels_last(model: nn.Module, feature_shape: tuple[int, ...] | None)
     convolution (as Flower's quickstart ``Net`` does) cannot; it is converted back."""
     if feature_shape is None or len(feature_shape) != 3:
         return False
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # e.g. a frozen stem
     model.eval().to(memory_format=torch.channels_last)
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -134,4 +135,5 @@ def takes_channels_last(model: nn.Module, feature_shape: tuple[int, ...] | None)
         model.to(memory_format=torch.contiguous_format)
         return False
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training

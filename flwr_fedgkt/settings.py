@@ -131,6 +131,12 @@ class Settings:
         "hardware runs it natively: a CPU with AVX512-BF16 or AMX, a CUDA GPU with bfloat16; "
         "float32 elsewhere; never float16). See [Performance](#performance)",
     )
+    torch_threads: int = option(
+        0,
+        "torch's CPU threads in each process: 0 takes them from the process's resources (its "
+        "CPU affinity and quota, a simulated ClientApp's `num-cpus`); the server then also "
+        "leaves the CPUs that other processes keep busy. See [Performance](#performance)",
+    )
     round_timeout: float = option(3600.0, "seconds the server waits for replies in a round")
     max_reply_bytes: int = option(0, "replies larger than this are rejected (0: no limit)")
     max_staleness: int = option(
@@ -304,6 +310,8 @@ class Settings:
             fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
         if self.server_model not in SERVER_MODELS:
             fail("server-model", f"expected one of {', '.join(SERVER_MODELS)}")
+        if self.torch_threads < 0:
+            fail("torch-threads", "must be 0 (from the process's resources) or a thread count")
         if self.max_reply_bytes < 0:
             fail("max-reply-bytes", "must not be negative (0: no limit)")
         if not self.max_feature_abs > 0:

@@ -93,6 +93,7 @@ def test_the_edge_trains_in_its_precision_and_extracts_in_float32(precision) -> 
     gen = torch.Generator().manual_seed(1)
     data = SampleSet(torch.randn(8, 3, 8, 8, generator=gen), torch.arange(8) % 10, torch.arange(8))
     trainer = EdgeTrainer(10, device="cpu", seed=0, precision=precision)
+    trainer.train(data, epochs=1, batch_size=4)  # its first batch probes the layout once
     seen = _conv_dtypes(trainer.model)
     # Execute
     metrics = trainer.train(data, epochs=1, batch_size=4)
