@@ -47,6 +47,7 @@ on the node before any round, not an error deep inside its first round.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,6 +58,7 @@ from torch import nn
 
 from .edge import (
     EdgeData,
+    Extracted,
     LogitTable,
     OptimizerFactory,
     evaluate_metrics,
@@ -83,6 +85,8 @@ from .records import (
     METRICS_KEY,
     NODE_KEY,
     PRECISION_KEY,
+    TEST_FEATURES_KEY,
+    TEST_METRICS_KEY,
     features_record,
     record_arrays,
 )
@@ -355,7 +359,11 @@ class FedGKTClient:
 
     def train(self, msg: Message, context: Context) -> Message:
         """One round of edge training, then the upload of the training data's
-        features (unless the server holds them unchanged), logits, labels and ids."""
+        features (unless the server holds them unchanged), logits, labels and ids;
+        when the server asks (``test-features``) and the node has test data, the
+        test data's upload too, extracted by the model just trained, so that the
+        round needs no evaluation message to this node."""
+        began = time.perf_counter()
         round_config = _round_config(msg)
         ins = RoundInstructions.from_config(round_config)
         teacher = None
@@ -363,31 +371,53 @@ class FedGKTClient:
             arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
             teacher = LogitTable(arrays["ids"], arrays["logits"])
         node = self.node(context)
-        extracted, metrics = node.train(
-            self._train_samples,
-            ins.server_round,
-            teacher,
-            self.settings.for_round(round_config),
-            frozen=ins.frozen,
-        )
+        settings = self.settings.for_round(round_config)
+        test: tuple[Extracted, dict[str, float]] | None = None
+        if ins.with_test and self._test_samples is not None:
+            extracted, metrics, *tested = node.train_and_test(
+                self._train_samples,
+                self._test_samples,
+                ins.server_round,
+                teacher,
+                settings,
+                frozen=ins.frozen,
+            )
+            test = (tested[0], tested[1])
+        else:
+            extracted, metrics = node.train(
+                self._train_samples, ins.server_round, teacher, settings, frozen=ins.frozen
+            )
         check_feature_shape(extracted, ins.feature_shape)
-        record = features_record(extracted, ins)
-        metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
+        encoding = time.perf_counter()
+        content = RecordDict({FEATURES_KEY: features_record(extracted, ins)})
+        if test is not None:
+            content[TEST_FEATURES_KEY] = features_record(test[0], ins.for_test(), with_logits=False)
+            content[TEST_METRICS_KEY] = MetricRecord(
+                {"num-examples": len(test[0].ids), **evaluate_metrics(test[1])}
+            )
+        metrics["encode_seconds"] = time.perf_counter() - encoding
         meta = {**self._meta(msg, context, ins, node), PRECISION_KEY: node.precision}
-        return _reply(msg, record, metrics, meta)
+        metrics = {"num-examples": len(extracted.ids), **train_metrics(metrics)}
+        return _reply(msg, content, metrics, meta, began)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """The upload of the test data's features (unless the server holds them
         unchanged) and labels, with the edge model's own accuracy and loss on them."""
+        began = time.perf_counter()
         if self._test_samples is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
         ins = RoundInstructions.from_config(_round_config(msg))
         node = self.node(context)
         extracted, scores = node.evaluate(self._test_samples, ins.server_round)
         check_feature_shape(extracted, ins.feature_shape)
-        record = features_record(extracted, ins, with_logits=False)
-        metrics = {"num-examples": len(extracted.ids), **evaluate_metrics(scores)}
-        return _reply(msg, record, metrics, self._meta(msg, context, ins, node))
+        extracting = time.perf_counter()
+        content = RecordDict({FEATURES_KEY: features_record(extracted, ins, with_logits=False)})
+        metrics = {
+            "num-examples": len(extracted.ids),
+            **evaluate_metrics(scores),
+            "edge-encode-seconds": time.perf_counter() - extracting,
+        }
+        return _reply(msg, content, metrics, self._meta(msg, context, ins, node), began)
 
     def _meta(
         self, msg: Message, context: Context, ins: RoundInstructions, node: EdgeNode
@@ -419,13 +449,14 @@ def _round_config(msg: Message) -> ConfigRecord:
 
 
 def _reply(
-    msg: Message, record: ArrayRecord, metrics: Mapping[str, Any], meta: Mapping[str, Any]
+    msg: Message,
+    content: RecordDict,
+    metrics: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    began: float,
 ) -> Message:
-    content = RecordDict(
-        {
-            FEATURES_KEY: record,
-            METRICS_KEY: MetricRecord(dict(metrics)),
-            META_KEY: ConfigRecord(dict(meta)),
-        }
-    )
+    """The reply: ``content`` (the uploads), the metrics with the seconds since the
+    handler ``began`` (``node-seconds``), the meta record."""
+    content[METRICS_KEY] = MetricRecord({**metrics, "node-seconds": time.perf_counter() - began})
+    content[META_KEY] = ConfigRecord(dict(meta))
     return Message(content=content, reply_to=msg)

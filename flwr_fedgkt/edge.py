@@ -370,8 +370,12 @@ def extractor_of(model: nn.Module) -> nn.Module:
 
 
 def train_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    """The edge's training metrics as a reply carries them (Flower's kebab-case)."""
-    return {key.replace("_", "-"): value for key, value in metrics.items()}
+    """The edge's training metrics as a reply carries them (Flower's kebab-case;
+    the seconds as ``edge-train-seconds``, ``edge-extract-seconds``)."""
+    return {
+        (f"edge-{key}" if key.endswith("_seconds") else key).replace("_", "-"): value
+        for key, value in metrics.items()
+    }
 
 
 def evaluate_metrics(scores: Mapping[str, float]) -> dict[str, float]:

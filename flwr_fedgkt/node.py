@@ -17,6 +17,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -212,6 +213,12 @@ class RoundInstructions:
         (``feature-shape``, e.g. ``16x32x32``): a node checks its features against
         it before it replies (:func:`check_feature_shape`). None (a server that
         does not send it) means no check.
+    with_test : bool (default: False)
+        A training instruction that also asks for the test split's upload, made
+        right after training (``test-features``), so that the round needs no
+        evaluation message to this node.
+    held_test : str (default: "")
+        The digest of the test features the server holds (``held-test-features``).
     """
 
     server_round: int
@@ -220,6 +227,12 @@ class RoundInstructions:
     frozen: bool = False
     held: str = ""
     feature_shape: tuple[int, ...] | None = None
+    with_test: bool = False
+    held_test: str = ""
+
+    def for_test(self) -> RoundInstructions:
+        """These instructions for the test split's upload in a training reply."""
+        return dataclasses.replace(self, held=self.held_test, with_test=False, held_test="")
 
     @classmethod
     def from_config(cls, round_config: Mapping[str, Any], dtype: str = "int8") -> RoundInstructions:
@@ -234,6 +247,8 @@ class RoundInstructions:
             frozen=boolean(round_config.get("freeze-extractor", False)),
             held=str(round_config.get("held-features", "")),
             feature_shape=parse_feature_shape(round_config.get("feature-shape")),
+            with_test=boolean(round_config.get("test-features", False)),
+            held_test=str(round_config.get("held-test-features", "")),
         )
 
 
@@ -379,7 +394,41 @@ class EdgeNode:
         extract over ``data``, save as ``server_round``'s state; with ``frozen``
         the extractor is not trained this round (``freeze-after``). Returns the
         extraction and the training metrics (``train_loss``, ``train_ce``,
-        ``train_kd``, ``train_accuracy``)."""
+        ``train_kd``, ``train_accuracy``), with the seconds its training and its
+        extraction took (``train_seconds``, ``extract_seconds``)."""
+        extracted, metrics, _ = self._round(data, None, server_round, teacher, settings, frozen)
+        return extracted, metrics
+
+    def train_and_test(
+        self,
+        data: EdgeData,
+        test_data: EdgeData,
+        server_round: int,
+        teacher: LogitTable | None,
+        settings: EdgeSettings | None = None,
+        frozen: bool = False,
+    ) -> tuple[Extracted, dict[str, float], Extracted, dict[str, float]]:
+        """:meth:`train`, then the extraction over ``test_data`` and the edge
+        model's own scores on it from the model just trained: what
+        :meth:`evaluate` of this round would give, without restoring the state
+        again. Returns the training extraction and metrics, then the test
+        extraction and scores."""
+        extracted, metrics, test = self._round(
+            data, test_data, server_round, teacher, settings, frozen
+        )
+        assert test is not None
+        return extracted, metrics, test, EdgeTrainer.score(test.logits, test.labels)
+
+    # pylint: disable=too-many-arguments
+    def _round(
+        self,
+        data: EdgeData,
+        test_data: EdgeData | None,
+        server_round: int,
+        teacher: LogitTable | None,
+        settings: EdgeSettings | None,
+        frozen: bool,
+    ) -> tuple[Extracted, dict[str, float], Extracted | None]:
         settings = settings or self.settings
         trainer, restored = self._restore(settings, server_round)
         if not restored and server_round > 0:
@@ -387,6 +436,7 @@ class EdgeNode:
             # so that a server resumed from an older checkpoint that asks for this
             # round again finds it (the node may take part first in any round)
             self.store.save(trainer.state_bytes(), server_round - 1)
+        began = time.perf_counter()
         metrics = trainer.train(
             data,
             epochs=settings.epochs,
@@ -397,10 +447,14 @@ class EdgeNode:
             generator=edge_generator(self.seed, self.stream, server_round),
             frozen=frozen,
         )
+        trained = time.perf_counter()
         extracted = trainer.extract(data)
+        test = None if test_data is None else trainer.extract(test_data)
+        metrics["train_seconds"] = trained - began
+        metrics["extract_seconds"] = time.perf_counter() - trained
         self._note_extractor(trainer)
         self.store.save(trainer.state_bytes(), server_round)
-        return extracted, metrics
+        return extracted, metrics, test
 
     def evaluate(
         self, data: EdgeData, server_round: int | None = None

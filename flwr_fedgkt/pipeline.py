@@ -67,7 +67,9 @@ class PipelinedFedGKT(FedGKT):
         replies are validated against the store as that training left it; then
         start this round's server training in the background."""
         server_round += self.engine.round_offset
+        self._received(server_round, "train")
         self._close_pending()
+        replies = self._keep_test_uploads(replies)
         accepted = self._accept(replies, server_round, training=True)
         job = self.engine.start_training(server_round, accepted)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedgkt-server")
@@ -81,7 +83,9 @@ class PipelinedFedGKT(FedGKT):
         """Keep the test replies until the round's server training is done (the
         last round: wait for it now)."""
         server_round += self.engine.round_offset
-        self._to_score = self._accept(replies, server_round, training=False)
+        self._received(server_round, "evaluate")
+        tested, self._tested = self._tested.values(), {}
+        self._to_score = self._accept(replies, server_round, training=False, tested=tested)
         if server_round < self._last_round:
             return None  # scored once the round's server training is done
         metrics = self._close_pending()

@@ -31,6 +31,22 @@ __all__ = [
     "peak_rss_bytes",
 ]
 
+PROFILE_PARTS = {
+    "train_wait": "from the training messages sent to all replies received",
+    "evaluate_wait": "the same for evaluation messages (0 when training replies carried the test "
+    "uploads)",
+    "validate": "checking and decoding the replies",
+    "server_train": "server training",
+    "server_logits": "server logits for the nodes that replied",
+    "score": "scoring the test features",
+    "node_train": "the nodes' edge training (the sum over nodes, as they report it)",
+    "node_extract": "the nodes' extraction over their training and test data (sum)",
+    "node_encode": "the nodes' encoding and compression of their uploads (sum)",
+    "node_handler": "the nodes' message handlers from start to reply, all of the above and "
+    "restoring and saving their state (sum)",
+}
+"""The parts of a round's ``profile`` in ``results.json`` (seconds)."""
+
 # Under Flower's logger, so that the round's lines appear in Flower's log
 logger = logging.getLogger("flwr.fedgkt")
 
@@ -75,7 +91,13 @@ class RoundLog:
     eval_samples: int = 0
     seconds: float = 0.0
     ended_seconds: float = 0.0  # since this process began its first round
+    # where the round's seconds went (PROFILE_PARTS), the nodes' as they report them
+    profile: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def spent(self, part: str, seconds: float) -> None:
+        """Add ``seconds`` to the round's profile under ``part``."""
+        self.profile[part] = self.profile.get(part, 0.0) + float(seconds)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

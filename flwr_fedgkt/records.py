@@ -45,6 +45,9 @@ __all__ = [
     "LOGITS_KEY",
     "METRICS_KEY",
     "META_KEY",
+    "TEST_FEATURES_KEY",
+    "TEST_METRICS_KEY",
+    "has_test_upload",
     "CONFIG_KEY",
     "QUERY_KEY",
     "PRECISION_KEY",
@@ -62,6 +65,10 @@ FEATURES_KEY = "features"
 LOGITS_KEY = "server_logits"
 METRICS_KEY = "metrics"
 META_KEY = "meta"
+TEST_FEATURES_KEY = "test-features"
+"""A training reply's upload of the test split (asked for with ``test-features``)."""
+TEST_METRICS_KEY = "test-metrics"
+"""The edge model's own scores on that test split, in a training reply."""
 CONFIG_KEY = "config"
 QUERY_KEY = "fedgkt-query"
 """In a ``query`` Message's config: what the server asks (``node-key``: the node's
@@ -127,12 +134,21 @@ def round_config(values: dict[str, int | float | str]) -> ConfigRecord:
 
 
 class MessageReply:
-    """A reply Message, read as the engine reads replies (:class:`ReplyReader`)."""
+    """A reply Message, read as the engine reads replies (:class:`ReplyReader`).
 
-    def __init__(self, msg: Message) -> None:
+    With ``test`` it is the test split's upload that a training reply carries
+    (:data:`TEST_FEATURES_KEY`, :data:`TEST_METRICS_KEY`), read as an evaluation
+    reply whose proof was signed for the training message (``kind``); without,
+    the reply's own upload, its bytes counted without that test upload."""
+
+    def __init__(self, msg: Message, test: bool = False) -> None:
         self.msg = msg
         self.node_id = msg.metadata.src_node_id
-        self.nbytes = arrays_bytes(msg.content)
+        self.test = test
+        records = msg.content.array_records
+        test_bytes = records[TEST_FEATURES_KEY].count_bytes() if TEST_FEATURES_KEY in records else 0
+        self.nbytes = int(test_bytes) if test else arrays_bytes(msg.content) - int(test_bytes)
+        self.kind: str | None = "train" if test else None
 
     def read(self) -> ReplyParts:
         """The meta values, arrays (the uploaded features as views of the message's
@@ -141,12 +157,19 @@ class MessageReply:
         Records and arrays other than those in :mod:`flwr_fedgkt.records` are ignored.
         """
         content = self.msg.content
+        features = TEST_FEATURES_KEY if self.test else FEATURES_KEY
+        metrics = TEST_METRICS_KEY if self.test else METRICS_KEY
         for key, records, kind in (
-            (FEATURES_KEY, content.array_records, "ArrayRecord"),
+            (features, content.array_records, "ArrayRecord"),
             (META_KEY, content.config_records, "ConfigRecord"),
-            (METRICS_KEY, content.metric_records, "MetricRecord"),
+            (metrics, content.metric_records, "MetricRecord"),
         ):
             if key not in records:
                 raise PayloadError(f"missing {kind} {key!r}")
-        arrays = record_arrays(content.array_records[FEATURES_KEY], views=("features",))
-        return content.config_records[META_KEY], arrays, content.metric_records[METRICS_KEY]
+        arrays = record_arrays(content.array_records[features], views=("features",))
+        return content.config_records[META_KEY], arrays, content.metric_records[metrics]
+
+
+def has_test_upload(msg: Message) -> bool:
+    """Whether a training reply carries its node's test upload as well."""
+    return not msg.has_error() and TEST_FEATURES_KEY in msg.content.array_records

@@ -25,6 +25,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,16 @@ __all__ = ["RoundEngine", "sample_size"]
 
 # Under Flower's logger, so that the round's lines appear in Flower's log
 logger = logging.getLogger("flwr.fedgkt")
+
+
+NODE_PROFILE = {
+    "edge-train-seconds": "node_train",
+    "edge-extract-seconds": "node_extract",
+    "edge-encode-seconds": "node_encode",
+    "node-seconds": "node_handler",
+}
+"""The seconds a node reports (reply metrics) and the round profile's part each
+adds to (:data:`~flwr_fedgkt.recorder.PROFILE_PARTS`)."""
 
 
 def sample_size(num_nodes: int, fraction: float, minimum: int) -> int:
@@ -263,12 +274,17 @@ class RoundEngine:
         reason (None). Nothing a node sends raises out of here."""
         log = self.log_of(server_round)
         log.bytes_up += reply.nbytes
+        began = time.perf_counter()
         checked = self.validator.check(reply, server_round, training)
+        log.spent("validate", time.perf_counter() - began)
         if isinstance(checked, Rejection):
             self.recorder.reject(log, checked.node_id, checked.key, checked.reason)
             return None
         if training and checked.precision in TRAINING_PRECISIONS:  # what the node used
             log.edge_precision[checked.precision] = log.edge_precision.get(checked.precision, 0) + 1
+        for metric, part in NODE_PROFILE.items():
+            if metric in checked.metrics:
+                log.spent(part, checked.metrics[metric])
         split = "train" if training else "test"
         moved = self.registry.commit(
             checked.key,
@@ -336,7 +352,9 @@ class RoundEngine:
         """
         log = self.log_of(server_round)
         accepted = self.screen(log, accepted, "test")
+        began = time.perf_counter()
         self.step.score(log, accepted, lambda key: self.registry.first_seen(key, "test"))
+        log.spent("score", time.perf_counter() - began)
         self.logs.pop(server_round, None)
         self.recorder.close(log, self.state_dict, self.store.checkpointed)
         if log.accuracy is None or log.loss is None:

@@ -14,6 +14,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class TrainingJob:
     result: ServerTrainResult | None = None
     logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     failed: dict[NodeKey, str] = field(default_factory=dict)  # non-finite server logits
+    logits_seconds: float = 0.0
 
     @property
     def server_round(self) -> int:
@@ -146,6 +148,7 @@ class ServerStep:
         writes only the server model and the job, so it may run beside the
         validation of newer replies (``pipeline``)."""
         job.result = self.trainer.train(self.store, self.server_epochs)
+        began = time.perf_counter()
         for reply in job.accepted:
             if reply.key in job.result.excluded:
                 continue
@@ -153,6 +156,7 @@ class ServerStep:
                 job.logits[reply.key] = self.trainer.logits_for(self.store, reply.key)
             except NonFiniteOutput as err:
                 job.failed[reply.key] = str(err)
+        job.logits_seconds = time.perf_counter() - began
 
     def finish_training(self, job: TrainingJob) -> tuple[dict[str, float], list[AcceptedReply]]:
         """Take the nodes that spoiled the training out, keep the new server logits
@@ -191,6 +195,8 @@ class ServerStep:
                 metrics[f"edge-{key}"] = mean
         log.skipped_server_steps += result.skipped_steps
         log.server_train_seconds = result.seconds
+        log.spent("server_train", result.seconds)
+        log.spent("server_logits", job.logits_seconds)
         log.server_train_loss = result.loss
         log.server_train_ce = result.ce
         log.server_train_kd = result.kd

@@ -10,6 +10,13 @@ No weights are averaged. Each round:
 3. ``configure_evaluate``/``aggregate_evaluate`` score the server model on the
    nodes' test-split features and collect the edge model's own accuracy.
 
+A training instruction asks the node for its test split's upload too
+(``test-features``), made by the model it just trained: exactly what the
+evaluation message would fetch. Nodes sampled for evaluation whose training reply
+carried it get no evaluation message, so with both fractions at 1 (the default) a
+round is one message phase. Replies are pulled as they arrive
+(:class:`~flwr_fedgkt.grid.PromptGrid`), not every 3 seconds.
+
 A reply that fails validation is rejected with its reason (in the log and in the
 round's record) and touches neither the feature store nor the server model.
 
@@ -36,15 +43,14 @@ from flwr.supercore import log
 from torch import nn
 
 from .faces import HoldsEngine, log_engine_summary
+from .grid import learn_keys, prompt, wait_for_nodes
 from .models import extractor_and_server, module_digest
 from .records import (
     CONFIG_KEY,
     LOGITS_KEY,
-    META_KEY,
-    NODE_KEY,
-    QUERY_KEY,
     MessageReply,
     arrays_bytes,
+    has_test_upload,
     logits_record,
 )
 from .registry import SampleIds
@@ -53,55 +59,9 @@ from .server import ServerTrainer
 from .settings import DEFAULTS
 from .store import FeatureStore
 from .training import LRScheduleFactory, OptimizerFactory
-from .validation import AcceptedReply, proof_of
+from .validation import AcceptedReply
 
 __all__ = ["FedGKT", "learn_keys", "load_initial_arrays", "wait_for_nodes"]
-
-
-def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
-    """The ids of the connected nodes, once at least ``minimum`` are connected
-    (a log line every second while waiting)."""
-    while len(node_ids := list(grid.get_node_ids())) < minimum:
-        log(
-            INFO,
-            "Waiting for nodes to connect: %d connected (minimum required: %d).",
-            len(node_ids),
-            minimum,
-        )
-        time.sleep(1)
-    return node_ids
-
-
-def learn_keys(grid: Grid, engine: RoundEngine, node_ids: Collection[int], timeout: float) -> None:
-    """Ask the nodes among ``node_ids`` whose key the server does not know for it
-    (a ``query`` Message; :meth:`FedGKTClient.query <flwr_fedgkt.client.FedGKTClient.query>`
-    answers it), so that nodes are sampled by key and a resumed run's first
-    round sends every node its server logits. A node that cannot answer (a
-    ClientApp without a query handler) is not asked again; it gets its key
-    bound by its first training reply."""
-    unknown = engine.members.keys_to_ask(node_ids)
-    if not unknown:
-        return
-    messages = [
-        Message(
-            content=RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: NODE_KEY})}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node_id,
-        )
-        for node_id in unknown
-    ]
-    answered = set()
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node_id = reply.metadata.src_node_id
-        if reply.has_error() or META_KEY not in reply.content.config_records:
-            continue
-        answered.add(node_id)
-        meta = reply.content.config_records[META_KEY]
-        key = meta.get(NODE_KEY)
-        proof = proof_of(meta, "query", key, node_id, 0) if isinstance(key, str) else None
-        engine.members.learn_key(node_id, key, proof)
-    engine.members.no_key(set(unknown) - answered)
-    log(INFO, "node keys: %d asked, %d answered", len(unknown), len(answered))
 
 
 _SERVER_TRAINING = {  # FedGKT's argument: ServerTrainer's
@@ -259,6 +219,8 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         self.extractor = extractor
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
+        self._tested: dict[int, Message] = {}  # training replies with their test upload
+        self._sent_at = 0.0  # when the newest phase's messages were handed to Flower
 
     def summary(self) -> None:
         """Log FedGKT's settings."""
@@ -290,10 +252,15 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         return self.engine.members.sample(node_ids, size)
 
     def _accept(
-        self, replies: Iterable[Message], server_round: int, training: bool
+        self,
+        replies: Iterable[Message],
+        server_round: int,
+        training: bool,
+        tested: Iterable[Message] = (),
     ) -> list[AcceptedReply]:
-        """The replies that pass validation; failed, missing and rejected nodes
-        go into the round's log."""
+        """The replies that pass validation (and, for evaluation, the test uploads
+        of the ``tested`` training replies); failed, missing and rejected nodes go
+        into the round's log."""
         replies = list(replies)
         phase = "train" if training else "evaluate"
         self.engine.record_missing(
@@ -301,13 +268,15 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             self._sampled.get(phase, []),
             [msg.metadata.src_node_id for msg in replies],
         )
+        readers = [MessageReply(msg, test=True) for msg in tested]
         accepted = []
         for msg in replies:
             if msg.has_error():
                 self.engine.record_failure(server_round, msg.metadata.src_node_id, msg.error.reason)
-            elif (
-                reply := self.engine.accept(MessageReply(msg), server_round, training)
-            ) is not None:
+            else:
+                readers.append(MessageReply(msg))
+        for reader in readers:
+            if (reply := self.engine.accept(reader, server_round, training)) is not None:
                 accepted.append(reply)
         return accepted
 
@@ -321,6 +290,9 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         for node_id in node_ids:
             held, logits = self.engine.instructions(node_id, training=training)
             round_config = {**config, **self.engine.round_config(server_round, held)}
+            if training:  # the test upload too, from the model the node trains now
+                round_config["test-features"] = True
+                round_config["held-test-features"] = self.engine.instructions(node_id, False)[0]
             content = RecordDict({CONFIG_KEY: ConfigRecord(round_config)})
             if logits is not None:
                 content[LOGITS_KEY] = logits_record(*logits)
@@ -339,7 +311,17 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
         self._sampled["train"] = node_ids
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
-        return self._messages(server_round, config, node_ids, training=True)
+        return self._sent(self._messages(server_round, config, node_ids, training=True))
+
+    def _sent(self, messages: list[Message]) -> list[Message]:
+        """The phase's messages, noting when they went out."""
+        self._sent_at = time.perf_counter()
+        return messages
+
+    def _received(self, server_round: int, phase: str) -> None:
+        """Count the wait for the replies of ``phase`` into the round's profile."""
+        waited = time.perf_counter() - self._sent_at
+        self.engine.log_of(server_round).spent(f"{phase}_wait", waited)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -350,6 +332,8 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         sent to the nodes) and the round's training metrics.
         """
         server_round += self.engine.round_offset
+        self._received(server_round, "train")
+        replies = self._keep_test_uploads(replies)
         accepted = self._accept(replies, server_round, training=True)
         metrics = self.engine.train_round(server_round, accepted)
         return self.model_arrays(), MetricRecord(dict(metrics))
@@ -365,22 +349,35 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         )
 
+    def _keep_test_uploads(self, replies: Iterable[Message]) -> list[Message]:
+        """The training replies, with those that carry their node's test upload
+        kept for this round's evaluation."""
+        replies = list(replies)
+        self._tested = {msg.metadata.src_node_id: msg for msg in replies if has_test_upload(msg)}
+        return replies
+
     # -- evaluation ----------------------------------------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask sampled nodes for the features of their test split."""
+        """Ask sampled nodes for the features of their test split (but those whose
+        training reply of this round carried them)."""
         server_round += self.engine.round_offset
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        tested = {node_id: self._tested[node_id] for node_id in node_ids if node_id in self._tested}
+        self._tested = tested  # the sampled ones, scored in aggregate_evaluate
+        node_ids = [node_id for node_id in node_ids if node_id not in tested]
         self._sampled["evaluate"] = node_ids
-        return self._messages(server_round, config, node_ids, training=False)
+        return self._sent(self._messages(server_round, config, node_ids, training=False))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Score the server model on the test features; report edge accuracy too."""
         server_round += self.engine.round_offset
-        accepted = self._accept(replies, server_round, training=False)
+        self._received(server_round, "evaluate")
+        tested, self._tested = self._tested.values(), {}
+        accepted = self._accept(replies, server_round, training=False, tested=tested)
         metrics = self.engine.close_round(server_round, accepted)
         return None if metrics is None else MetricRecord(dict(metrics))
 
@@ -400,7 +397,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         decaying over the run's server epochs (unless the trainer has a schedule)."""
         self.prepare(initial_arrays, num_rounds)
         return super().start(
-            grid,
+            prompt(grid),
             self.model_arrays(),
             num_rounds,
             timeout,

@@ -59,7 +59,8 @@ class InProcessGrid:
         self.contexts = contexts
         self.handlers = handlers or {}
         self.silent = silent or set()
-        # the array names of each reply's "features" record, by (node, kind, round)
+        # the array names of each reply's "features" record, by (node, kind, round);
+        # a training reply's test upload ("test-features") counts as the evaluation's
         self.uploads: dict[tuple[int, str, int], list[str]] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -83,10 +84,13 @@ class InProcessGrid:
             try:
                 reply = handler(msg, self.contexts[node])
                 replies.append(reply)
-                if "features" in reply.content.array_records:
-                    server_round = int(msg.content.config_records["config"]["server-round"])
-                    names = sorted(reply.content.array_records["features"].keys())
-                    self.uploads[(node, kind, server_round)] = names
+                server_round = int(
+                    msg.content.config_records.get("config", {}).get("server-round", 0)
+                )
+                for record, upload in (("features", kind), ("test-features", MessageType.EVALUATE)):
+                    if not reply.has_error() and record in reply.content.array_records:
+                        names = sorted(reply.content.array_records[record].keys())
+                        self.uploads[(node, upload, server_round)] = names
             except Exception as err:  # what Flower does with a ClientApp exception
                 replies.append(
                     Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)

@@ -44,7 +44,8 @@ def _strategy(run_config: dict, **kwargs) -> FedGKT:
 
 
 class Recorder:
-    """Wraps the ClientApp functions and keeps every reply's array names per round."""
+    """Wraps the ClientApp functions and keeps every reply's array names per round
+    (a training reply's test upload as the evaluation's)."""
 
     def __init__(self) -> None:
         self.arrays: dict[tuple[int, str, int], list[str]] = {}
@@ -55,8 +56,11 @@ class Recorder:
         def handle(msg: Message, context) -> Message:
             reply = default(msg, context)
             server_round = int(msg.content.config_records["config"]["server-round"])
-            names = list(reply.content.array_records["features"].keys())
-            self.arrays[(msg.metadata.dst_node_id, kind, server_round)] = names
+            records = reply.content.array_records
+            for record, upload in (("features", kind), ("test-features", MessageType.EVALUATE)):
+                if record in records:
+                    names = list(records[record].keys())
+                    self.arrays[(msg.metadata.dst_node_id, upload, server_round)] = names
             return reply
 
         return handle

@@ -9,6 +9,7 @@ PACKAGE = REPO / "flwr_fedgkt"
 FLOWER_LAYER = {
     "strategy.py",
     "pipeline.py",
+    "grid.py",
     "compat.py",
     "legacy/__init__.py",
     "legacy/client.py",

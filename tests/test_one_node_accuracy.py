@@ -19,7 +19,7 @@ from inprocess import InProcessGrid, node_context
 from flwr_fedgkt import client_app
 from flwr_fedgkt.client import FedGKTClient, key_reply
 from flwr_fedgkt.node import edge_model_factory, load_node_partition, partition_sample_ids
-from flwr_fedgkt.records import FEATURES_KEY
+from flwr_fedgkt.records import FEATURES_KEY, TEST_FEATURES_KEY
 from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.strategy import FedGKT
@@ -73,6 +73,8 @@ class Hostile:
             return self._client(1, "3").train(msg, context)
         reply = client_app.train(msg, context)
         arrays = reply.content.array_records[FEATURES_KEY]
+        if self.case == "made-up" and TEST_FEATURES_KEY in reply.content.array_records:
+            _make_up(reply.content.array_records[TEST_FEATURES_KEY])  # its test upload
         if self.case == "extreme":
             scale = arrays["feature_scale"].numpy()
             arrays["feature_scale"] = Array(np.full_like(scale, 9000 / 255))
@@ -96,11 +98,14 @@ class Hostile:
             return self._client(3, "1").evaluate(msg, context)
         reply = client_app.evaluate(msg, context)
         if self.case == "made-up":
-            arrays = reply.content.array_records[FEATURES_KEY]
-            ids = arrays["ids"].numpy()
-            arrays["ids"] = Array(ids + 1_000_000)
-            arrays["labels"] = Array(np.zeros_like(arrays["labels"].numpy()))
+            _make_up(reply.content.array_records[FEATURES_KEY])
         return reply
+
+
+def _make_up(arrays) -> None:
+    """Test samples no partition holds: made-up ids, every label 0."""
+    arrays["ids"] = Array(arrays["ids"].numpy() + 1_000_000)
+    arrays["labels"] = Array(np.zeros_like(arrays["labels"].numpy()))
 
 
 def _run(tmp_path: Path, case: str | None) -> FedGKT:

@@ -231,6 +231,11 @@ _METRIC_RANGES: dict[str, tuple[float, float]] = {
     "train-accuracy": (0.0, 1.0),
     "edge-loss": (0.0, float("inf")),
     "edge-accuracy": (0.0, 1.0),
+    # where a node's time went (the round's profile)
+    "edge-train-seconds": (0.0, 1e7),
+    "edge-extract-seconds": (0.0, 1e7),
+    "edge-encode-seconds": (0.0, 1e7),
+    "node-seconds": (0.0, 1e7),
 }
 _METRIC_ALIASES = {
     "train_loss": "train-loss",

@@ -72,6 +72,8 @@ class ReplyReader(Protocol):
 
     node_id: int
     nbytes: int  # bytes of its arrays, as Flower counts them
+    # (optional) ``kind``: the message whose proof it carries, when not its own
+    # phase's ("train" for the test upload of a training reply)
 
     def read(self) -> ReplyParts:
         """Decode the reply; raise (anything) when it cannot be decoded."""
@@ -185,7 +187,9 @@ class ReplyValidator:
             except Exception as err:  # a corrupt array cannot even be decoded
                 raise PayloadError(f"undecodable reply: {type(err).__name__}: {err}") from None
             key = validate_node_key(meta.get(NODE_KEY))
-            return self._check(node_id, key, meta, arrays, metrics, server_round, training)
+            # the message the node signed: a test upload in a training reply names "train"
+            kind = getattr(reply, "kind", None) or ("train" if training else "evaluate")
+            return self._check(node_id, key, meta, arrays, metrics, server_round, training, kind)
         except PayloadError as err:
             return Rejection(node_id, key, str(err))
         except Exception as err:  # a check that itself failed: still only this reply
@@ -202,16 +206,17 @@ class ReplyValidator:
         metrics: Mapping[str, Any],
         server_round: int,
         training: bool,
+        kind: str,
     ) -> AcceptedReply:
         """Check a reply's round, dtype, key, arrays and metrics; raise PayloadError
-        naming what is wrong."""
+        naming what is wrong. ``kind``: the message whose proof the reply carries."""
         reply_round = meta.get("server-round")
         if reply_round != server_round:
             raise PayloadError(f"reply is for round {reply_round!r}, expected {server_round}")
         dtype = meta.get("feature-dtype")
         if dtype != self.feature_dtype:
             raise PayloadError(f"feature dtype {dtype!r}, expected {self.feature_dtype!r}")
-        proof = proof_of(meta, "train" if training else "evaluate", key, node_id, server_round)
+        proof = proof_of(meta, kind, key, node_id, server_round)
         self.registry.check_binding(key, node_id, self.connected(), proof)
         if self.extractor_digest is not None and meta.get(EXTRACTOR_KEY) != self.extractor_digest:
             raise PayloadError(
