@@ -44,6 +44,7 @@ def fedgkt_client(context: Context) -> FedGKTClient:
         seed=config.seed,
         state_dir=config.client_state_dir or None,
         precision=config.precision,
+        torch_threads=config.torch_threads,
     )
 
 

@@ -324,6 +324,9 @@ class EdgeNode:
         Training precision: ``float32``, ``bfloat16``, ``float16`` (with a
         gradient scaler) or ``auto`` (bfloat16 where this node's device runs it
         natively); ``self.precision`` is the one chosen.
+    torch_threads : int (default: 0)
+        torch's CPU threads (``torch-threads``; 0: from the process's resources,
+        see :class:`~flwr_fedgkt.edge.EdgeTrainer`).
     """
 
     # pylint: disable=too-many-arguments
@@ -339,8 +342,10 @@ class EdgeNode:
         freeze_extractor: bool = False,
         optimizer: OptimizerFactory | None = None,
         precision: str = "float32",
+        torch_threads: int = 0,
     ) -> None:
         self.edge_model = edge_model
+        self.torch_threads = torch_threads
         self.store = store
         self.settings = settings if settings is not None else EdgeSettings()
         self.seed = seed
@@ -372,6 +377,7 @@ class EdgeNode:
             model=self.edge_model(),
             optimizer=self.optimizer,
             precision=self.precision,
+            torch_threads=self.torch_threads,
         )
         blob = self.store.load(before_round)
         if blob is not None:
@@ -500,4 +506,5 @@ def partition_node(
         device=config.device,
         freeze_extractor=config.freeze_extractor,
         precision=config.precision,
+        torch_threads=config.torch_threads,
     )

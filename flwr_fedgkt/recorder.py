@@ -64,6 +64,7 @@ class RoundLog:
     failed_nodes: list[dict[str, Any]] = field(default_factory=list)
     skipped_server_steps: int = 0
     server_train_seconds: float = 0.0
+    server_threads: list[int] = field(default_factory=list)  # torch threads it trained with
     server_train_loss: float | None = None
     server_train_ce: float | None = None
     server_train_kd: float | None = None

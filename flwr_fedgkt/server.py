@@ -125,6 +125,7 @@ class ServerTrainResult:
     skipped_steps: int = 0
     ce: float = 0.0  # the loss's cross-entropy part
     kd: float = 0.0  # its KD part against the edge logits (loss = ce + alpha * kd)
+    threads: list[int] = field(default_factory=list)  # torch's CPU threads it trained with
 
 
 class ServerTrainer:
@@ -348,6 +349,7 @@ class ServerTrainer:
             skipped_steps=skipped,
             ce=means["ce"],
             kd=means["kd"],
+            threads=[] if self.threads is None else sorted(self.threads.used),
         )
 
     def _start_threads(self) -> None:

@@ -195,6 +195,7 @@ class ServerStep:
                 metrics[f"edge-{key}"] = mean
         log.skipped_server_steps += result.skipped_steps
         log.server_train_seconds = result.seconds
+        log.server_threads = sorted(set(log.server_threads) | set(result.threads))
         log.spent("server_train", result.seconds)
         log.spent("server_logits", job.logits_seconds)
         log.server_train_loss = result.loss

@@ -134,8 +134,10 @@ class Settings:
     torch_threads: int = option(
         0,
         "torch's CPU threads in each process: 0 takes them from the process's resources (its "
-        "CPU affinity and quota, a simulated ClientApp's `num-cpus`); the server then also "
-        "leaves the CPUs that other processes keep busy. See [Performance](#performance)",
+        "CPU affinity and quota, a simulated ClientApp's `num-cpus`) and leaves the CPUs that "
+        "other processes keep busy (results then repeat bit for bit only on a CPU not shared; "
+        "`server_threads` in results.json says what the server used); a count fixes them. See "
+        "[Performance](#performance)",
     )
     round_timeout: float = option(3600.0, "seconds the server waits for replies in a round")
     max_reply_bytes: int = option(0, "replies larger than this are rejected (0: no limit)")

@@ -12,6 +12,11 @@ one busy process ran at 0.29x of its speed alone with 2 threads on 2 cores, and 
 0.49x with 1 (``benchmarks/shared_cpu.py``). :class:`FairThreads` therefore
 watches how much CPU the other processes take (``/proc/stat`` less this
 process's own time) and, between training steps, uses only the CPUs they leave.
+The price: PyTorch's results depend on the thread count (a reduction split over
+more threads adds in another order), so a run whose threads changed does not
+repeat bit for bit a run on a quiet CPU; results.json names the counts each
+round's server training used (``server_threads``), and a positive
+``torch-threads`` fixes them.
 
 This module imports no Flower code.
 """
@@ -162,6 +167,7 @@ class FairThreads:
         self._last = self._sample()
         self.threads = self.cpus
         self.others = 0.0  # CPUs the other processes took in the last interval
+        self.used: set[int] = set()  # the thread counts set since the last start()
 
     def _sample(self) -> tuple[float, float | None, float]:
         return self._clock(), self._busy(), self._own()
@@ -172,6 +178,7 @@ class FairThreads:
         idle says nothing about the CPU it will share)."""
         self._last = self._sample()
         self.threads, self.others = self.cpus, 0.0
+        self.used = set()
         return self.update()
 
     def update(self) -> int:
@@ -187,4 +194,5 @@ class FairThreads:
                 self._last = now
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+        self.used.add(self.threads)
         return self.threads

@@ -10,6 +10,7 @@ FLOWER_LAYER = {
     "strategy.py",
     "pipeline.py",
     "grid.py",
+    "node_context.py",
     "compat.py",
     "legacy/__init__.py",
     "legacy/client.py",

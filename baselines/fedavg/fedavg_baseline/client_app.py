@@ -10,6 +10,8 @@ model and a fresh optimizer.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -49,6 +51,7 @@ def global_model(msg: Message, config: FedAvgConfig, num_classes: int) -> nn.Mod
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model ``client-epochs`` epochs on this node's training split."""
+    began = time.perf_counter()
     config = FedAvgConfig.from_mapping(context.run_config)
     partition_id, partition = node_partition(context, config)
     round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
@@ -57,6 +60,7 @@ def train(msg: Message, context: Context) -> Message:
 
     model = global_model(msg, config, partition.num_classes)
     optimizer = make_optimizer(model, config.optimizer, lr, config.momentum, config.weight_decay)
+    training = time.perf_counter()
     metrics = train_model(
         model,
         partition.train,
@@ -66,11 +70,12 @@ def train(msg: Message, context: Context) -> Message:
         generator=edge_generator(config.run.seed, partition_id, server_round),
         device=resolve_device(config.run.device),
     )
+    metrics["edge-train-seconds"] = time.perf_counter() - training
+    arrays = ArrayRecord(model.cpu().to(memory_format=torch.contiguous_format).state_dict())
+    metrics["node-seconds"] = time.perf_counter() - began
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(
-                model.cpu().to(memory_format=torch.contiguous_format).state_dict()
-            ),
+            ARRAYS_KEY: arrays,
             METRICS_KEY: MetricRecord({"num-examples": len(partition.train), **metrics}),
         }
     )
@@ -80,10 +85,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this node's test split."""
+    began = time.perf_counter()
     config = FedAvgConfig.from_mapping(context.run_config)
     _, partition = node_partition(context, config)
     model = global_model(msg, config, partition.num_classes)
     scores = evaluate_model(model, partition.test, device=resolve_device(config.run.device))
+    scores["node-seconds"] = time.perf_counter() - began
     content = RecordDict(
         {METRICS_KEY: MetricRecord({"num-examples": len(partition.test), **scores})}
     )

@@ -30,7 +30,9 @@ class MeteredFedAvg(FedAvg):
     each round ends with a record like FedGKT's: ``round``, ``accuracy``, ``loss``,
     ``edge_accuracy`` (the same full model: the edge trains it), ``bytes_up``,
     ``bytes_down`` (all messages of the round, training and evaluation), their
-    ``_train`` / ``_evaluate`` parts, ``per_client`` bytes, ``seconds`` and more.
+    ``_train`` / ``_evaluate`` parts, ``per_client`` bytes, ``seconds``, a
+    ``profile`` of the round's seconds (the phases' waits, the aggregation, the
+    nodes' reported seconds) and more.
 
     Parameters
     ----------
@@ -56,6 +58,7 @@ class MeteredFedAvg(FedAvg):
         self.ledger = ByteLedger()
         self.history: list[RoundRecord] = []
         self._round: RoundRecord = {}
+        self._sent_at = 0.0  # when the newest phase's messages were handed to Flower
 
     def summary(self) -> None:
         """Log summary configuration of the strategy."""
@@ -80,7 +83,25 @@ class MeteredFedAvg(FedAvg):
             self.ledger.add_content(
                 server_round, msg.metadata.dst_node_id, "down", "train", msg.content
             )
+        self._sent_at = time.perf_counter()
         return messages
+
+    def _spent(self, part: str, seconds: float) -> None:
+        """Add ``seconds`` to the round's ``profile`` (FedGKT's parts, where they apply)."""
+        profile = self._round.setdefault("profile", {})
+        profile[part] = profile.get(part, 0.0) + float(seconds)
+
+    def _node_seconds(self, replies: list[Message], phase: str) -> None:
+        """The seconds the nodes report, summed into the round's profile."""
+        for msg in replies:
+            if msg.has_error():
+                continue
+            for record in msg.content.metric_records.values():
+                for metric, part in (("edge-train-seconds", "node_train"), ("node-seconds", "")):
+                    value = record.get(metric)
+                    if isinstance(value, (int, float)) and 0 <= value < 1e7:
+                        name = part or ("node_handler" if phase == "train" else "node_evaluate")
+                        self._spent(name, float(value))
 
     def _count_replies(self, server_round: int, replies: list[Message], phase: str) -> None:
         for msg in replies:
@@ -96,9 +117,13 @@ class MeteredFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's weighted average of the replies' models, with the replies counted."""
+        self._spent("train_wait", time.perf_counter() - self._sent_at)
+        began = time.perf_counter()
         replies = list(replies)
         self._count_replies(server_round, replies, "train")
+        self._node_seconds(replies, "train")
         arrays, metrics = super().aggregate_train(server_round, replies)
+        self._spent("aggregate", time.perf_counter() - began)
         self._round["train_nodes"] = sum(1 for msg in replies if not msg.has_error())
         if metrics is not None:
             self._round["train_samples"] = _num_examples(replies, self.weighted_by_key)
@@ -116,14 +141,17 @@ class MeteredFedAvg(FedAvg):
             self.ledger.add_content(
                 server_round, msg.metadata.dst_node_id, "down", "evaluate", msg.content
             )
+        self._sent_at = time.perf_counter()
         return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """FedAvg's weighted average of the nodes' test scores; closes the round record."""
+        self._spent("evaluate_wait", time.perf_counter() - self._sent_at)
         replies = list(replies)
         self._count_replies(server_round, replies, "evaluate")
+        self._node_seconds(replies, "evaluate")
         metrics = super().aggregate_evaluate(server_round, replies)
         accuracy = _get(metrics, "accuracy")
         loss = _get(metrics, "loss")
