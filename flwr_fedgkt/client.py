@@ -302,7 +302,7 @@ class FedGKTClient:
         settings = self.settings.for_round(round_config)
         test: tuple[Extracted, dict[str, float]] | None = None
         if ins.with_test and self._test_samples is not None:
-            extracted, metrics, *tested = node.train_and_test(
+            extracted, metrics, tested, scores = node.train_and_test(
                 self._train_samples,
                 self._test_samples,
                 ins.server_round,
@@ -310,7 +310,7 @@ class FedGKTClient:
                 settings,
                 frozen=ins.frozen,
             )
-            test = (tested[0], tested[1])
+            test = (tested, scores)
         else:
             extracted, metrics = node.train(
                 self._train_samples, ins.server_round, teacher, settings, frozen=ins.frozen

@@ -88,3 +88,41 @@ def test_training_reduces_the_loss_and_state_round_trips() -> None:
         clone.optimizer.state_dict()["state"].keys()
         == trainer.optimizer.state_dict()["state"].keys()
     )
+
+
+def test_extraction_in_small_channels_last_batches_gives_the_plain_forward_pass() -> None:
+    # Prepare: a trained edge model, and a copy of it as it was before any
+    # extraction (contiguous layout, never probed)
+    import copy
+
+    gen = torch.Generator().manual_seed(5)
+    data = SampleSet(
+        torch.randn(70, 3, 32, 32, generator=gen), torch.arange(70) % 10, torch.arange(70)
+    )
+    trainer = EdgeTrainer(10, device="cpu", seed=5, precision="float32", torch_threads=1)
+    trainer.train(data, epochs=1, batch_size=16)
+    plain = copy.deepcopy(trainer.model).to(memory_format=torch.contiguous_format).eval()
+    # Execute: the trainer's extraction (batches of 32, channels-last) and one plain
+    # forward pass over all 70 images at once
+    extracted = trainer.extract(data)
+    with torch.no_grad():
+        logits, features = plain(data.images.contiguous())
+    # Assert: the same features and logits, in order, contiguous for the wire
+    assert trainer._channels_last is True
+    assert extracted.features.is_contiguous()
+    torch.testing.assert_close(extracted.features, features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(extracted.logits, logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(extracted.ids, torch.arange(70))
+
+
+def test_server_logits_in_small_batches_are_those_of_one_large_batch() -> None:
+    from flwr_fedgkt.server import ServerTrainer
+
+    # Prepare
+    trainer = ServerTrainer(10, device="cpu", seed=2, precision="float32", torch_threads=1)
+    features = torch.relu(torch.randn(70, 16, 32, 32, generator=torch.Generator().manual_seed(2)))
+    # Execute
+    small, large = trainer.predict(features), trainer.predict(features, batch_size=256)
+    # Assert
+    assert small.shape == (70, 10)
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)
