@@ -146,7 +146,9 @@ class FairThreads:
     setting : int (default: 0)
         ``torch-threads``: 0 adapts; a positive count is used as it is.
     interval : float (default: 0.5)
-        Seconds between measurements.
+        Seconds between measurements; the first after :meth:`start` comes after
+        ``first_interval`` (0.1 s: one step at the wrong count costs much more
+        than a short measurement's error).
     busy_seconds, process_seconds, clock
         Where the machine's busy CPU seconds, this process's CPU seconds and the
         wall clock come from (for tests).
@@ -156,6 +158,7 @@ class FairThreads:
         self,
         setting: int = 0,
         interval: float = 0.5,
+        first_interval: float = 0.1,
         busy_seconds: Callable[[], float | None] = machine_busy_seconds,
         process_seconds: Callable[[], float] = own_seconds,
         clock: Callable[[], float] = time.perf_counter,
@@ -163,6 +166,8 @@ class FairThreads:
         self.cpus = resolve_threads(setting)
         self.adaptive = setting == 0
         self.interval = interval
+        self.first_interval = first_interval
+        self._wait = interval  # until the next measurement
         self._busy, self._own, self._clock = busy_seconds, process_seconds, clock
         self._last = self._sample()
         self.threads = self.cpus
@@ -173,12 +178,13 @@ class FairThreads:
         return self._clock(), self._busy(), self._own()
 
     def start(self) -> int:
-        """Set the process's CPUs as threads for the work about to start and
-        measure the others from now on (what they took while this process was
-        idle says nothing about the CPU it will share)."""
+        """Begin work: measure the others from now on (what they took while this
+        process was idle says nothing about the CPU it will share), keep the
+        count the last work ended with (a busy neighbour usually still is; one
+        that has gone shows within ``first_interval``) and set it."""
         self._last = self._sample()
-        self.threads, self.others = self.cpus, 0.0
         self.used = set()
+        self._wait = self.first_interval
         return self.update()
 
     def update(self) -> int:
@@ -186,12 +192,12 @@ class FairThreads:
         if self.adaptive:
             now = self._sample()
             elapsed = now[0] - self._last[0]
-            if elapsed >= self.interval and elapsed > 0:
+            if elapsed >= self._wait and elapsed > 0:
                 if now[1] is not None and self._last[1] is not None:
                     others = (now[1] - self._last[1]) - (now[2] - self._last[2])
                     self.others = max(0.0, others / elapsed)
                     self.threads = max(1, min(self.cpus, int(self.cpus - self.others + 0.5)))
-                self._last = now
+                self._last, self._wait = now, self.interval
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         self.used.add(self.threads)

@@ -204,18 +204,42 @@ def test_an_update_before_the_interval_changes_nothing(two_cpus) -> None:
     machine = FakeMachine()
     fair = machine.fair()
     fair.start()
-    # Execute: 0.25 s in which the others took both CPUs (0.5 busy s, none this process's)
-    machine.step(0.25, busy=0.5, own=0.0)
+    # Execute: 0.05 s (before the first measurement, due 0.1 s after start) in
+    # which the others took both CPUs (0.1 busy s, none this process's)
+    machine.step(0.05, busy=0.1, own=0.0)
     threads_early = fair.update()
     # Assert: not measured yet
     assert threads_early == 2 and fair.others == 0.0
     assert torch.get_num_threads() == 2
-    # Execute: 0.25 s more in which only this process ran (0.25 busy s, all its own)
-    machine.step(0.25, busy=0.25, own=0.25)
-    # Assert: measured over the whole 0.5 s since start: others took
-    # (0.75 - 0.25) / 0.5 = 1.0 CPU -> 1 thread
+    # Execute: 0.07 s more in which only this process ran (0.07 busy s, all its own)
+    machine.step(0.07, busy=0.07, own=0.07)
+    # Assert: measured over the whole 0.12 s since start: others took
+    # (0.17 - 0.07) / 0.12 = 0.83 CPU -> 2 - 0.83 = 1.17 -> 1 thread
     assert fair.update() == 1
-    assert fair.others == pytest.approx(1.0)
+    assert fair.others == pytest.approx(0.1 / 0.12)
+    # Execute / Assert: from then on every 0.5 s: 0.25 s later, with the others
+    # gone, nothing is measured yet; at 0.5 s it is
+    machine.step(0.25, busy=0.5, own=0.5)
+    assert fair.update() == 1 and fair.others == pytest.approx(0.1 / 0.12)
+    machine.step(0.26, busy=0.52, own=0.52)
+    assert fair.update() == 2 and fair.others == pytest.approx(0.0, abs=1e-9)
+
+
+def test_work_starts_with_the_count_the_last_work_ended_with(two_cpus) -> None:
+    # Prepare: a busy neighbour took a CPU during the last training: 1 thread
+    machine = FakeMachine()
+    fair = machine.fair()
+    fair.start()
+    machine.step(0.2, busy=0.4, own=0.2)
+    assert fair.update() == 1
+    machine.step(30.0, busy=30.0, own=0.0)  # idle here; the neighbour ran on
+    # Execute: the next training starts
+    started = fair.start()
+    # Assert: still 1 thread (no step at the contended count of 2 first), and a
+    # neighbour gone shows at the first measurement
+    assert started == 1 and torch.get_num_threads() == 1
+    machine.step(0.11, busy=0.11, own=0.11)
+    assert fair.update() == 2
 
 
 def test_start_measures_from_now_not_from_the_idle_time_before(two_cpus) -> None:
