@@ -150,8 +150,8 @@ class FairThreads:
         ``first_interval`` (0.1 s: one step at the wrong count costs much more
         than a short measurement's error).
     busy_seconds, process_seconds, clock
-        Where the machine's busy CPU seconds, this process's CPU seconds and the
-        wall clock come from (for tests).
+        Where the machine's busy CPU seconds (None: :func:`machine_busy_seconds`),
+        this process's CPU seconds and the wall clock come from (for tests).
     """
 
     def __init__(
@@ -159,7 +159,7 @@ class FairThreads:
         setting: int = 0,
         interval: float = 0.5,
         first_interval: float = 0.1,
-        busy_seconds: Callable[[], float | None] = machine_busy_seconds,
+        busy_seconds: Callable[[], float | None] | None = None,
         process_seconds: Callable[[], float] = own_seconds,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -168,7 +168,9 @@ class FairThreads:
         self.interval = interval
         self.first_interval = first_interval
         self._wait = interval  # until the next measurement
-        self._busy, self._own, self._clock = busy_seconds, process_seconds, clock
+        # the machine's busy time: looked up when measured (None: this module's)
+        self._busy = busy_seconds or (lambda: machine_busy_seconds())
+        self._own, self._clock = process_seconds, clock
         self._last = self._sample()
         self.threads = self.cpus
         self.others = 0.0  # CPUs the other processes took in the last interval

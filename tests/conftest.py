@@ -16,11 +16,14 @@ from flower_processes import (
 )
 from flwr.app import Message, Metadata, RecordDict
 
+from flwr_fedgkt import threads
+
 # The Message-API app's end-to-end run that several test modules check (with the
-# default feature dtype, int8)
+# default feature dtype, int8). Its threads are fixed: the runs it is compared with
+# (resumed, legacy) must compute alike whatever else the machine runs meanwhile
 E2E_RUN_CONFIG = (
     "num-server-rounds=2 dataset='synthetic' synthetic-samples-per-node=300 server-epochs=2 "
-    "batch-size=16 client-epochs=1 seed=1 output-dir='{out}'"
+    "batch-size=16 client-epochs=1 seed=1 torch-threads=2 output-dir='{out}'"
 )
 E2E_NODES = 2
 
@@ -109,6 +112,17 @@ def set_task_identity(monkeypatch: pytest.MonkeyPatch):
 def task_identity(monkeypatch):
     """Give this process the identity a ServerApp/ClientApp process would have."""
     return set_task_identity(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads(request, monkeypatch):
+    """In-process training keeps the process's thread count whatever else the
+    machine runs (``FairThreads`` measures nothing), so that tests comparing two
+    trainings exactly do not depend on the load; ``test_threads.py`` checks the
+    adaptation itself on a fake machine."""
+    if request.module.__name__ != "test_threads":
+        monkeypatch.setattr(threads, "machine_busy_seconds", lambda *args, **kwargs: None)
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

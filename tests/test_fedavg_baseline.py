@@ -137,6 +137,33 @@ def test_strategy_counts_the_bytes_of_every_message_sent_and_received(task_ident
     assert sent[0].content.config_records["config"]["client-lr"] == pytest.approx(0.1)
 
 
+def test_strategy_profiles_the_round_with_the_seconds_its_nodes_report(task_identity) -> None:
+    # Prepare: three nodes report their seconds (one an absurd value, ignored)
+    records: list[dict] = []
+    strategy = MeteredFedAvg(on_round_end=records.append)
+    grid = FakeGrid([11, 22, 33])
+    sent = list(strategy.configure_train(1, _model_arrays(), ConfigRecord(), grid))
+    replies = [_reply(m, _model_arrays(i), 10) for i, m in enumerate(sent)]
+    reported = [(1.5, 2.0), (2.5, 3.0), (1e9, 1e9)]  # (edge-train-seconds, node-seconds)
+    for reply, (train, handler) in zip(replies, reported, strict=True):
+        reply.content.metric_records["metrics"]["edge-train-seconds"] = train
+        reply.content.metric_records["metrics"]["node-seconds"] = handler
+    # Execute: the round, the evaluation nodes reporting 0.25 s each
+    arrays, _ = strategy.aggregate_train(1, replies)
+    sent_eval = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), grid))
+    evals = [_eval_reply(m.metadata.dst_node_id, 0.5, 10) for m in sent_eval]
+    for reply in evals:
+        reply.content.metric_records["metrics"]["node-seconds"] = 0.25
+    strategy.aggregate_evaluate(1, evals)
+    # Assert: the sums by hand; the phase waits and the aggregation measured
+    profile = records[-1]["profile"]
+    assert profile["node_train"] == pytest.approx(1.5 + 2.5)
+    assert profile["node_handler"] == pytest.approx(2.0 + 3.0)
+    assert profile["node_evaluate"] == pytest.approx(3 * 0.25)
+    assert {"train_wait", "evaluate_wait", "aggregate"} <= set(profile)
+    assert all(v >= 0 for v in profile.values())
+
+
 def test_strategy_averages_the_models_weighted_by_examples(task_identity) -> None:
     # Prepare
     strategy = MeteredFedAvg()

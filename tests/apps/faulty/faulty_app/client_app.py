@@ -1,7 +1,8 @@
 """FedGKT's ClientApp with misbehaving partitions (for fault tests).
 
 Partition 2 sends labels out of range, 3 raises, 4 sends a list-valued metric (in
-training and evaluation), 5 sends int8 features whose scale is 1e37. Partitions 0
+training and evaluation: in the test upload of its training reply, or in its
+evaluation reply), 5 sends int8 features whose scale is 1e37. Partitions 0
 and 1 behave. With ``every-node-raises = true`` every node raises the same error.
 
 With ``impostor = true``, in a resumed run (``resume-from`` set) the last partition
@@ -86,6 +87,8 @@ def train(msg: Message, context: Context) -> Message:
         arrays["labels"] = Array(np.full(labels.shape, 1000, dtype=np.int64))
     if partition_id == 4:
         reply.content.metric_records["metrics"]["train-loss"] = [1.0, 2.0]
+        if "test-metrics" in reply.content.metric_records:  # its test upload, too
+            reply.content.metric_records["test-metrics"]["edge-accuracy"] = [0.5]
     if partition_id == 5:
         scale = arrays["feature_scale"].numpy()
         arrays["feature_scale"] = Array(np.full(scale.shape, 1e37, dtype=np.float32))
