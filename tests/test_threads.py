@@ -296,11 +296,9 @@ def _store(samples: int = 12) -> FeatureStore:
     return store
 
 
-def test_the_server_trains_with_torch_threads() -> None:
-    # Prepare: torch at 2 threads before; record the threads at every forward
-    torch.set_num_threads(2)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    trainer = ServerTrainer(
+def _one_thread_trainer(model: nn.Module) -> ServerTrainer:
+    """A trainer of ``model`` on 4 features, batches of 4, ``torch_threads=1``."""
+    return ServerTrainer(
         model=model,
         feature_shape=(4,),
         device="cpu",
@@ -308,6 +306,13 @@ def test_the_server_trains_with_torch_threads() -> None:
         batch_size=4,
         torch_threads=1,
     )
+
+
+def test_the_server_trains_with_torch_threads() -> None:
+    # Prepare: torch at 2 threads before; record the threads at every forward
+    torch.set_num_threads(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    trainer = _one_thread_trainer(model)
     seen: list[int] = []
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     # Execute
@@ -324,14 +329,7 @@ def test_each_server_step_sets_the_threads_again() -> None:
     # FairThreads, say) sets torch to 2 threads
     torch.set_num_threads(2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    trainer = ServerTrainer(
-        model=model,
-        feature_shape=(4,),
-        device="cpu",
-        precision="float32",
-        batch_size=4,
-        torch_threads=1,
-    )
+    trainer = _one_thread_trainer(model)
     seen: list[int] = []
 
     def record_then_change(module, args, output):
