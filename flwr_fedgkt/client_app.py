@@ -15,8 +15,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from .client import FedGKTClient, key_reply
-from .node import edge_model_factory, load_node_partition, partition_ids
+from .node import (
+    edge_model_factory,
+    load_node_partition,
+    partition_ids,
+)
 from .settings import RunConfig
+from .stragglers import node_slowdown, straggle
 
 app = ClientApp()
 
@@ -50,8 +55,14 @@ def fedgkt_client(context: Context) -> FedGKTClient:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of edge training, then upload features, logits, labels and ids."""
-    return fedgkt_client(context).train(msg, context)
+    """One round of edge training, then upload features, logits, labels and ids
+    (a simulated slow node, ``slow-partitions`` / ``slowdown``, holds its reply
+    back for ``slowdown - 1`` times its training time)."""
+    reply = fedgkt_client(context).train(msg, context)
+    slowdown = node_slowdown(RunConfig.from_mapping(context.run_config), context.node_config)
+    if slowdown > 1.0:
+        straggle(slowdown, float(reply.content.metric_records["metrics"]["edge-train-seconds"]))
+    return reply
 
 
 @app.evaluate()

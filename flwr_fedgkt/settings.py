@@ -215,6 +215,22 @@ class Settings:
     client_state_dir: str = option(
         "", "where each node also keeps its edge state on disk (needed to resume)"
     )
+    slow_partitions: str = option(
+        "",
+        "simulated stragglers: comma-separated partition ids whose nodes train `slowdown` "
+        "times as long (built-in ClientApp and FedAvg baseline)",
+    )
+    slowdown: float = option(
+        1.0,
+        "how many times as long a slow node's training takes: after training it waits "
+        "(slowdown - 1) x its training time, using no CPU; a node's `--node-config "
+        "slowdown=...` overrides it for that node",
+    )
+
+    @property
+    def slow_partition_ids(self) -> frozenset[int]:
+        """The partition ids of ``slow-partitions``."""
+        return frozenset(int(part) for part in self.slow_partitions.split(",") if part.strip())
 
     @property
     def edge_model_name(self) -> str:
@@ -312,6 +328,11 @@ class Settings:
             fail("feature-dtype", f"expected one of {', '.join(FEATURE_DTYPES)}")
         if self.server_model not in SERVER_MODELS:
             fail("server-model", f"expected one of {', '.join(SERVER_MODELS)}")
+        parts = [part.strip() for part in self.slow_partitions.split(",") if part.strip()]
+        if not all(part.isdecimal() for part in parts):
+            fail("slow-partitions", "expected comma-separated partition ids, e.g. '0,1'")
+        if not self.slowdown >= 1.0 or self.slowdown > 1e4:
+            fail("slowdown", "must be at least 1 (1: not slowed) and at most 10000")
         if self.torch_threads < 0:
             fail("torch-threads", "must be 0 (from the process's resources) or a thread count")
         if self.max_reply_bytes < 0:

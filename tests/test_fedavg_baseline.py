@@ -213,6 +213,18 @@ def test_client_trains_the_global_model_on_its_own_partition() -> None:
     assert arrays["stem.0.weight"].numpy().flags["C_CONTIGUOUS"]
 
 
+def test_a_slow_partition_holds_its_reply_back_as_fedgkts_node_does(monkeypatch) -> None:
+    # Prepare: partition 1 of 8 is slow, 3x
+    waits: list[float] = []
+    monkeypatch.setattr("flwr_fedgkt.stragglers.time.sleep", waits.append)
+    config = {**RUN_CONFIG, "slow-partitions": "1", "slowdown": 3.0}
+    # Execute
+    reply = train(_message(MessageType.TRAIN, _model_arrays(5)), node_context(101, 1, 8, config))
+    # Assert: it waited (3 - 1) x the training seconds it reports
+    trained = float(reply.content.metric_records["metrics"]["edge-train-seconds"])
+    assert trained > 0 and waits == [pytest.approx(2 * trained)]
+
+
 def test_client_training_is_reproducible_for_a_seed_node_and_round() -> None:
     # Prepare
     start = _model_arrays(5)

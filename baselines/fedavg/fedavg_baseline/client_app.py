@@ -22,6 +22,7 @@ from flwr_fedgkt.edge import resolve_device
 from flwr_fedgkt.edge_data import edge_generator
 from flwr_fedgkt.models import build_model
 from flwr_fedgkt.node import load_node_partition, partition_ids
+from flwr_fedgkt.stragglers import node_slowdown, straggle
 
 from .config import FedAvgConfig
 from .task import evaluate_model, make_optimizer, train_model
@@ -71,6 +72,8 @@ def train(msg: Message, context: Context) -> Message:
         device=resolve_device(config.run.device),
     )
     metrics["edge-train-seconds"] = time.perf_counter() - training
+    # a simulated slow node (slow-partitions / slowdown), as FedGKT's ClientApp
+    straggle(node_slowdown(config.run, context.node_config), metrics["edge-train-seconds"])
     arrays = ArrayRecord(model.cpu().to(memory_format=torch.contiguous_format).state_dict())
     metrics["node-seconds"] = time.perf_counter() - began
     content = RecordDict(
