@@ -145,8 +145,8 @@ def test_strategy_profiles_the_round_with_the_seconds_its_nodes_report(task_iden
     sent = list(strategy.configure_train(1, _model_arrays(), ConfigRecord(), grid))
     replies = [_reply(m, _model_arrays(i), 10) for i, m in enumerate(sent)]
     reported = [(1.5, 2.0), (2.5, 3.0), (1e9, 1e9)]  # (edge-train-seconds, node-seconds)
-    for reply, (train, handler) in zip(replies, reported, strict=True):
-        reply.content.metric_records["metrics"]["edge-train-seconds"] = train
+    for reply, (training, handler) in zip(replies, reported, strict=True):
+        reply.content.metric_records["metrics"]["edge-train-seconds"] = training
         reply.content.metric_records["metrics"]["node-seconds"] = handler
     # Execute: the round, the evaluation nodes reporting 0.25 s each
     arrays, _ = strategy.aggregate_train(1, replies)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from inprocess import node_context
 
 from flwr_fedgkt import client_app
 from flwr_fedgkt.records import CONFIG_KEY
 from flwr_fedgkt.settings import ConfigError, RunConfig
 from flwr_fedgkt.stragglers import node_slowdown, straggle
-from inprocess import node_context
 
 RUN_CONFIG = {
     "dataset": "synthetic",
