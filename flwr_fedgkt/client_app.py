@@ -61,7 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = fedgkt_client(context).train(msg, context)
     slowdown = node_slowdown(RunConfig.from_mapping(context.run_config), context.node_config)
     if slowdown > 1.0:
-        straggle(slowdown, float(reply.content.metric_records["metrics"]["edge-train-seconds"]))
+        trained = reply.content.metric_records["metrics"]["edge-train-seconds"]
+        straggle(slowdown, float(trained) if isinstance(trained, (int, float)) else 0.0)
     return reply
 
 

@@ -38,16 +38,18 @@ from .edge import (
 from .edge_data import EdgeData, edge_generator, shape_text
 from .edge_state import EdgeStateStore, edge_state_store, pick_round, stale_rounds
 from .models import module_digest, seeded_model
-from .node_data import (
+from .node_data import (  # re-exported: the node's data helpers live there
     check_node_data,
     load_node_partition,
     partition_ids,
+    partition_sample_ids,
 )
 from .precision import resolve_precision
 from .settings import RunConfig, boolean
 
 __all__ = [
     "partition_ids",
+    "partition_sample_ids",
     "load_node_partition",
     "check_node_data",
     "ROUND_KEYS",
