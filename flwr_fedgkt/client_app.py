@@ -15,11 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from .client import FedGKTClient, key_reply
-from .node import (
-    edge_model_factory,
-    load_node_partition,
-    partition_ids,
-)
+from .node import edge_model_factory, load_node_partition, partition_ids
 from .settings import RunConfig
 from .stragglers import node_slowdown, straggle
 
@@ -28,10 +24,10 @@ app = ClientApp()
 __all__ = ["app", "fedgkt_client", "train", "evaluate", "query"]
 
 
-def fedgkt_client(context: Context) -> FedGKTClient:
+def fedgkt_client(context: Context, config: RunConfig | None = None) -> FedGKTClient:
     """The built-in node: its partition of the run's data set and ResNet-8, with
-    the run config's settings."""
-    config = RunConfig.from_mapping(context.run_config)
+    the run config's settings (``config``: the context's, read already)."""
+    config = RunConfig.from_mapping(context.run_config) if config is None else config
     partition_id, num_partitions = partition_ids(context.node_config)
     partition = load_node_partition(partition_id, num_partitions, config)
     return FedGKTClient(
@@ -58,8 +54,9 @@ def train(msg: Message, context: Context) -> Message:
     """One round of edge training, then upload features, logits, labels and ids
     (a simulated slow node, ``slow-partitions`` / ``slowdown``, holds its reply
     back for ``slowdown - 1`` times its training time)."""
-    reply = fedgkt_client(context).train(msg, context)
-    slowdown = node_slowdown(RunConfig.from_mapping(context.run_config), context.node_config)
+    config = RunConfig.from_mapping(context.run_config)
+    reply = fedgkt_client(context, config).train(msg, context)
+    slowdown = node_slowdown(config, context.node_config)
     if slowdown > 1.0:
         trained = reply.content.metric_records["metrics"]["edge-train-seconds"]
         straggle(slowdown, float(trained) if isinstance(trained, (int, float)) else 0.0)

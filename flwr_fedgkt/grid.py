@@ -2,9 +2,9 @@
 them for their keys.
 
 Flower's ``Grid.send_and_receive`` pushes the messages, then pulls replies every
-3 seconds (the grid a ``flwr run`` ServerApp gets; 0.1 s in the in-memory grid):
-each message phase of a round waits on average 1.5 s after its last reply, twice
-a round. :class:`PromptGrid` wraps the run's grid and does the same with
+3 seconds in a deployment's ServerApp (its HTTP grid; every 0.1 s in the
+simulation's in-memory grid): there a message phase waits on average 1.5 s after
+its last reply. :class:`PromptGrid` wraps the run's grid and does the same with
 ``push_messages`` / ``pull_messages``, pulling every 20 ms at first and less
 often the longer nothing arrives (at most every ``max_interval`` seconds); each
 reply starts the short interval again. Everything else is the wrapped grid's.

@@ -148,7 +148,11 @@ class MessageReply:
         records = msg.content.array_records
         test_bytes = records[TEST_FEATURES_KEY].count_bytes() if TEST_FEATURES_KEY in records else 0
         self.nbytes = int(test_bytes) if test else arrays_bytes(msg.content) - int(test_bytes)
-        self.kind: str | None = "train" if test else None
+
+    @property
+    def kind(self) -> str | None:
+        """The message whose proof the reply carries, when not its own phase's."""
+        return "train" if self.test else None
 
     def read(self) -> ReplyParts:
         """The meta values, arrays (the uploaded features as views of the message's

@@ -26,13 +26,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["FairThreads", "available_cpus", "resolve_threads", "set_threads", "use_threads"]
+__all__ = ["FairThreads", "available_cpus", "resolve_threads"]
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 PROC_STAT = Path("/proc/stat")
@@ -78,32 +77,6 @@ def resolve_threads(setting: int = 0, environ: dict[str, str] | None = None) -> 
             f"torch-threads must be 0 (from the process's resources) or more, got {setting}"
         )
     return setting if setting > 0 else available_cpus(environ)
-
-
-def set_threads(setting: int = 0) -> int:
-    """Set torch's intra-op threads to :func:`resolve_threads` of ``setting``
-    (and its inter-op threads to the same, while torch still lets them be set);
-    returns the intra-op threads."""
-    threads = resolve_threads(setting)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    try:
-        if torch.get_num_interop_threads() != threads:
-            torch.set_num_interop_threads(threads)
-    except RuntimeError:  # inter-op threads are fixed once parallel work started
-        pass
-    return threads
-
-
-@contextmanager
-def use_threads(setting: int = 0) -> Iterator[int]:
-    """Within the block, torch's intra-op threads as :func:`set_threads` sets them;
-    the previous count after it."""
-    previous = torch.get_num_threads()
-    try:
-        yield set_threads(setting)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def machine_busy_seconds(proc_stat: Path = PROC_STAT) -> float | None:
