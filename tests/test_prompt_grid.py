@@ -7,17 +7,49 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import pytest
 from flwr.app import Message, MessageType, Metadata, RecordDict
 from flwr.serverapp import Grid
 from inprocess import InProcessGrid
 
-from flwr_fedgkt.grid import PromptGrid, prompt
+import flwr_fedgkt.grid as grid_module
+from flwr_fedgkt.grid import MAX_INTERVAL, MIN_INTERVAL, PromptGrid, prompt
+
+MAX_SLEEPS = 1000
+"""The fake clock fails the test after this many waits (a grid that never stops)."""
 
 NEVER = None
 """A reply that never comes."""
 
 SAFETY_SECONDS = 3.0
-"""The fake fails a pull this long after the push (a grid that kept pulling)."""
+"""The fake fails a pull this long (on the fake clock) after the push (a grid
+that kept pulling)."""
+
+
+class FakeClock:
+    """The grid's ``time``: ``sleep`` advances ``monotonic`` at once and is noted,
+    so that no test depends on how fast this machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if len(self.sleeps) > MAX_SLEEPS:  # e.g. zero-second waits past a timeout
+            raise AssertionError(f"still waiting after {MAX_SLEEPS} waits")
+
+
+@pytest.fixture(autouse=True)
+def clock(monkeypatch) -> FakeClock:
+    """Every test here runs PromptGrid on a :class:`FakeClock`."""
+    fake = FakeClock()
+    monkeypatch.setattr(grid_module, "time", fake)
+    return fake
 
 
 def _message(number: int, node_id: int) -> Message:
@@ -41,8 +73,9 @@ class FakeGrid(Grid):
     of seconds after the push (``("seconds", s)``), or never (None); by node id.
     Each reply is pulled once. Its own ``send_and_receive`` must not be used."""
 
-    def __init__(self, ready: dict[int, tuple[str, float] | None]) -> None:
+    def __init__(self, ready: dict[int, tuple[str, float] | None], clock: FakeClock) -> None:
         self.ready = ready
+        self.clock = clock
         self.pushed: list[Message] = []
         self.pushes = 0
         self.pulls: list[list[str]] = []  # the ids asked for, pull by pull
@@ -69,7 +102,7 @@ class FakeGrid(Grid):
         messages = list(messages)
         self.pushes += 1
         self.pushed.extend(messages)
-        self.pushed_at = time.monotonic()
+        self.pushed_at = self.clock.monotonic()
         return [msg.metadata.message_id for msg in messages]
 
     def _is_ready(self, msg: Message) -> bool:
@@ -79,12 +112,12 @@ class FakeGrid(Grid):
         unit, amount = when
         if unit == "pulls":
             return len(self.pulls) >= amount
-        return time.monotonic() - self.pushed_at >= amount
+        return self.clock.monotonic() - self.pushed_at >= amount
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         asked = sorted(message_ids)
         self.pulls.append(asked)
-        if time.monotonic() - self.pushed_at > SAFETY_SECONDS:
+        if self.clock.monotonic() - self.pushed_at > SAFETY_SECONDS:
             raise AssertionError(f"still pulling {SAFETY_SECONDS} s after the push")
         replies = []
         for msg in self.pushed:
@@ -103,9 +136,9 @@ def _replied_to(replies: Iterable[Message]) -> list[str]:
     return sorted(reply.metadata.reply_to_message_id for reply in replies)
 
 
-def test_every_reply_is_returned_and_only_pending_ids_are_pulled() -> None:
+def test_every_reply_is_returned_and_only_pending_ids_are_pulled(clock) -> None:
     # Prepare: three nodes whose replies are ready at the 1st, 3rd and 5th pull
-    fake = FakeGrid({1: ("pulls", 1), 2: ("pulls", 3), 3: ("pulls", 5)})
+    fake = FakeGrid({1: ("pulls", 1), 2: ("pulls", 3), 3: ("pulls", 5)}, clock)
     messages = [_message(1, 1), _message(2, 2), _message(3, 3)]
     # Execute
     replies = list(PromptGrid(fake).send_and_receive(messages))
@@ -123,38 +156,44 @@ def test_every_reply_is_returned_and_only_pending_ids_are_pulled() -> None:
     assert fake.own_send_and_receive == 0
 
 
-def test_a_reply_is_taken_soon_after_it_arrives() -> None:
+def test_a_reply_is_taken_soon_after_it_arrives(clock) -> None:
     # Prepare: one reply at once, one 0.3 s after the push
-    fake = FakeGrid({1: ("pulls", 1), 2: ("seconds", 0.3)})
+    fake = FakeGrid({1: ("pulls", 1), 2: ("seconds", 0.3)}, clock)
     grid = PromptGrid(fake)
     # Execute
-    began = time.monotonic()
+    began = clock.monotonic()
     replies = grid.send_and_receive([_message(1, 1), _message(2, 2)])
-    elapsed = time.monotonic() - began
-    # Assert: both, well before a 3-s poll would have found the second
+    elapsed = clock.monotonic() - began
+    # Assert: both, the second within one (short) pull interval of its arrival,
+    # well before a 3-s poll would have found it; the waits start short after a
+    # reply and grow, never past MAX_INTERVAL
     assert _replied_to(replies) == ["msg-1", "msg-2"]
-    assert 0.3 <= elapsed < 1.5, elapsed
+    assert 0.3 <= elapsed < 0.3 + MAX_INTERVAL, elapsed
+    assert clock.sleeps[0] == pytest.approx(MIN_INTERVAL)
+    assert all(b >= a for a, b in zip(clock.sleeps, clock.sleeps[1:], strict=False))
+    assert max(clock.sleeps) <= MAX_INTERVAL
     assert fake.own_send_and_receive == 0
 
 
-def test_a_timeout_returns_the_replies_there_are() -> None:
+def test_a_timeout_returns_the_replies_there_are(clock) -> None:
     # Prepare: one node replies at once, the other never
-    fake = FakeGrid({1: ("pulls", 1), 2: NEVER})
+    fake = FakeGrid({1: ("pulls", 1), 2: NEVER}, clock)
     grid = PromptGrid(fake)
     # Execute
-    began = time.monotonic()
+    began = clock.monotonic()
     replies = grid.send_and_receive([_message(1, 1), _message(2, 2)], timeout=0.2)
-    elapsed = time.monotonic() - began
-    # Assert: the one reply, after about the timeout, nothing raised
+    elapsed = clock.monotonic() - began
+    # Assert: the one reply, after the timeout exactly (the last wait cut to it),
+    # nothing raised
     assert _replied_to(replies) == ["msg-1"]
-    assert 0.2 <= elapsed < 1.5, elapsed
+    assert elapsed == pytest.approx(0.2)
     assert fake.pulls[-1] == ["msg-2"]
     assert fake.own_send_and_receive == 0
 
 
-def test_no_messages_means_no_pull() -> None:
+def test_no_messages_means_no_pull(clock) -> None:
     # Prepare
-    fake = FakeGrid({})
+    fake = FakeGrid({}, clock)
     # Execute
     replies = PromptGrid(fake).send_and_receive([])
     # Assert
@@ -162,9 +201,9 @@ def test_no_messages_means_no_pull() -> None:
     assert fake.pulls == [] and fake.own_send_and_receive == 0
 
 
-def test_everything_but_send_and_receive_is_the_wrapped_grids() -> None:
+def test_everything_but_send_and_receive_is_the_wrapped_grids(clock) -> None:
     # Prepare
-    fake = FakeGrid({5: ("pulls", 1)})
+    fake = FakeGrid({5: ("pulls", 1)}, clock)
     grid = PromptGrid(fake)
     msg = _message(9, 5)
     # Execute / Assert
@@ -183,9 +222,9 @@ def test_everything_but_send_and_receive_is_the_wrapped_grids() -> None:
     assert fake.own_send_and_receive == 0
 
 
-def test_prompt_wraps_a_flower_grid_once() -> None:
+def test_prompt_wraps_a_flower_grid_once(clock) -> None:
     # Prepare
-    fake = FakeGrid({})
+    fake = FakeGrid({}, clock)
     # Execute
     wrapped = prompt(fake)
     # Assert
