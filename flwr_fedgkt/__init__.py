@@ -21,7 +21,7 @@ The public API, importable from ``flwr_fedgkt``:
 The legacy Flower API (``NumPyClient``, legacy ``Strategy``) is
 :mod:`flwr_fedgkt.legacy`. The core (models, distill, edge, server, codec,
 validation, store, rounds, data, accounting, settings, results) is plain
-PyTorch; the Flower layer (strategy, pipeline, legacy, records, client,
+PyTorch; the Flower layer (strategy, pipeline, asynchronous, legacy, records, client,
 client_app, server_app) is thin and imports the core, never the reverse. Names
 are imported on first use, so ``import flwr_fedgkt.models`` loads no Flower code.
 """
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FedGKT": "strategy",
     "PipelinedFedGKT": "pipeline",
+    "AsyncFedGKT": "asynchronous",
     "FedGKTClient": "client",
     "default_node_key": "client",
     "key_reply": "client",
@@ -76,6 +77,7 @@ _INTERNAL = {
 }
 
 __all__ = [
+    "AsyncFedGKT",
     "ConfigError",
     "DEFAULTS",
     "DataUnavailableError",
@@ -104,6 +106,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .asynchronous import AsyncFedGKT
     from .client import FedGKTClient, default_node_key, key_reply
     from .codec import PayloadError
     from .cut import EdgeModel, ModelPair, cut_model

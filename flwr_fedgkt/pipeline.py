@@ -23,22 +23,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
+from .budget import complete_result
 from .server_step import TrainingJob
 from .strategy import FedGKT
 from .validation import AcceptedReply
 
 __all__ = ["PipelinedFedGKT"]
-
-PIPELINE_TRAIN_METRICS = {
-    "num-examples": "train_samples",
-    "replies": "train_nodes",
-    "server-train-loss": "server_train_loss",
-    "server-train-ce": "server_train_ce",
-    "server-train-kd": "server_train_kd",
-    "server-train-accuracy": "server_train_accuracy",
-    "server-train-seconds": "server_train_seconds",
-}
-"""The training metrics of a pipelined round's ``Result`` entry, from its record."""
 
 
 class PipelinedFedGKT(FedGKT):
@@ -91,6 +81,10 @@ class PipelinedFedGKT(FedGKT):
         metrics = self._close_pending()
         return None if metrics is None else MetricRecord(dict(metrics))
 
+    def budget_spent(self) -> None:
+        """Finish the round whose server training is under way."""
+        self._close_pending()
+
     def _close_pending(self) -> dict[str, float] | None:
         """Wait for the pending server training, then finish it and score and
         close its round; that round's evaluation metrics."""
@@ -129,22 +123,5 @@ class PipelinedFedGKT(FedGKT):
             if self._training is not None:  # a round failed: let its training end
                 self._training[1].exception()
                 self._training = None
-        result.arrays = self.model_arrays()
-        for record in self.engine.history[first:]:
-            server_round = int(record["round"]) - self.engine.round_offset
-            result.train_metrics_clientapp[server_round] = MetricRecord(
-                {
-                    key: float(record[field])
-                    for key, field in PIPELINE_TRAIN_METRICS.items()
-                    if record.get(field) is not None
-                }
-            )
-            if record.get("accuracy") is not None:
-                result.evaluate_metrics_clientapp[server_round] = MetricRecord(
-                    {
-                        "num-examples": float(record["eval_samples"]),
-                        "accuracy": float(record["accuracy"]),
-                        "loss": float(record["loss"]),
-                    }
-                )
+        complete_result(result, self, first)
         return result

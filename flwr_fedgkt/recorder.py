@@ -92,6 +92,10 @@ class RoundLog:
     eval_samples: int = 0
     seconds: float = 0.0
     ended_seconds: float = 0.0  # since this process began its first round
+    wall_seconds: float = 0.0  # the same: when the record was written
+    server_version: int | None = None  # server epochs (async) or rounds done when scored
+    replies_by_node: dict[str, int] = field(default_factory=dict)  # stored uploads by node key
+    staleness: dict[str, Any] = field(default_factory=dict)  # async: ages of logits, features
     # where the round's seconds went (PROFILE_PARTS), the nodes' as they report them
     profile: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter, repr=False)
@@ -274,16 +278,20 @@ class RoundRecorder:
         log: RoundLog,
         state: Callable[[], dict[str, Any]],
         checkpointed: Callable[[], None] | None = None,
+        checkpoint: bool = True,
     ) -> dict[str, Any]:
         """Finish round ``log.round``: totals and times, the log line, the history,
         ``on_round_end`` and the checkpoint (of ``state()``, then ``checkpointed()``
-        is called); then raise
+        is called; not when ``checkpoint`` is False); then raise
         :class:`NoProgressError` when the run has been idle too long. The record."""
         before = self.history[-1] if self.history else {}
         log.cumulative_bytes_up = before.get("cumulative_bytes_up", 0) + log.bytes_up
         log.cumulative_bytes_down = before.get("cumulative_bytes_down", 0) + log.bytes_down
         log.seconds = time.perf_counter() - log.started
         log.ended_seconds = time.perf_counter() - (self.began or log.started)
+        log.wall_seconds = log.ended_seconds
+        if log.server_version is None:
+            log.server_version = log.round
         record = log.to_dict()
         self.history.append(record)
         logger.info(
@@ -300,7 +308,7 @@ class RoundRecorder:
         )
         if self.on_round_end is not None:
             self.on_round_end(record)
-        if self.checkpoint_dir is not None:
+        if checkpoint and self.checkpoint_dir is not None:
             save_checkpoint(self.checkpoint_dir, log.round, state())
             if checkpointed is not None:
                 checkpointed()

@@ -138,6 +138,7 @@ class RoundEngine:
         self.members = Membership(global_sample_ids, seed, sample_ids)
         self.registry = self.members.registry
         self.round_offset = 0  # rounds done before a resume
+        self.version_offset = 0  # server versions done before a resume
         self.recorder = RoundRecorder(on_round_end, checkpoints, max_idle_rounds)
         self.step = ServerStep(trainer, store, server_epochs, max_staleness, self.recorder.reject)
         self.validator = ReplyValidator(
@@ -228,7 +229,9 @@ class RoundEngine:
         round K)."""
         return self.freeze_after is not None and server_round > self.freeze_after
 
-    def round_config(self, server_round: int, held: str = "") -> dict[str, Any]:
+    def round_config(
+        self, server_round: int, held: str = "", frozen: bool | None = None
+    ) -> dict[str, Any]:
         """The settings every instruction carries: the two each reply must echo
         back, the feature shape the server takes (``16x32x32``: a node checks its
         features against it before it sends them), the round's compression,
@@ -240,7 +243,7 @@ class RoundEngine:
             "feature-dtype": self.feature_dtype,
             "feature-shape": "x".join(map(str, self.feature_shape)),
             COMPRESSION_KEY: self.compression,
-            "freeze-extractor": self.frozen(server_round),
+            "freeze-extractor": self.frozen(server_round) if frozen is None else frozen,
             "held-features": held,
         }
 
@@ -267,12 +270,19 @@ class RoundEngine:
         """Sampled nodes that sent nothing back before the round's timeout."""
         self.recorder.missing(self.log_of(server_round), sampled, replied)
 
-    def accept(self, reply: ReplyReader, server_round: int, training: bool) -> AcceptedReply | None:
-        """Validate one reply of round ``server_round``
+    def accept(
+        self,
+        reply: ReplyReader,
+        server_round: int,
+        training: bool,
+        log: RoundLog | None = None,
+    ) -> AcceptedReply | None:
+        """Validate one reply to an instruction of round ``server_round``
         (:meth:`ReplyValidator.check`); an accepted one binds its node key and
-        notes its samples, a rejected one goes into the round's log with its
-        reason (None). Nothing a node sends raises out of here."""
-        log = self.log_of(server_round)
+        notes its samples, a rejected one goes into the round's log (``log``:
+        another record's) with its reason (None). Nothing a node sends raises out
+        of here."""
+        log = self.log_of(server_round) if log is None else log
         log.bytes_up += reply.nbytes
         began = time.perf_counter()
         checked = self.validator.check(reply, server_round, training)
@@ -342,21 +352,27 @@ class RoundEngine:
         return metrics
 
     def close_round(
-        self, server_round: int, accepted: list[AcceptedReply]
+        self,
+        server_round: int,
+        accepted: list[AcceptedReply],
+        checkpoint: bool = True,
+        screen: bool = True,
     ) -> dict[str, float] | None:
         """Score the server model on the accepted test features and close the
-        round's log (log line, history, ``on_round_end``, checkpoint; then
+        round's log (log line, history, ``on_round_end``, checkpoint unless
+        ``checkpoint`` is False; then
         :class:`~flwr_fedgkt.recorder.NoProgressError` when the run has been idle too long).
 
         Returns the round's evaluation metrics, or None when no sample was scored.
         """
         log = self.log_of(server_round)
-        accepted = self.screen(log, accepted, "test")
+        if screen:  # (an asynchronous run screens each test upload as it arrives)
+            accepted = self.screen(log, accepted, "test")
         began = time.perf_counter()
         self.step.score(log, accepted, lambda key: self.registry.first_seen(key, "test"))
         log.spent("score", time.perf_counter() - began)
         self.logs.pop(server_round, None)
-        self.recorder.close(log, self.state_dict, self.store.checkpointed)
+        self.recorder.close(log, self.state_dict, self.store.checkpointed, checkpoint)
         if log.accuracy is None or log.loss is None:
             return None
         metrics = {
@@ -390,3 +406,5 @@ class RoundEngine:
         self.range.load_state_dict(state.get("ranges", {}))
         self.recorder.history = list(state["history"])
         self.round_offset = int(state["round"])
+        epochs = self.round_offset * self.server_epochs  # a checkpoint of rounds
+        self.version_offset = int(state.get("server_version", epochs))

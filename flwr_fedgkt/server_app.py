@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .accounting import model_profile
+from .asynchronous import AsyncFedGKT
 from .checkpoint import CheckpointError, load_latest_checkpoint
 from .data import (
     DataUnavailableError,
@@ -29,6 +30,13 @@ from .settings import RunConfig
 from .strategy import FedGKT, wait_for_nodes
 
 app = ServerApp()
+
+SCHEDULES: dict[str, type[FedGKT]] = {
+    "sync": FedGKT,
+    "pipeline": PipelinedFedGKT,
+    "async": AsyncFedGKT,
+}
+"""The strategy of each ``mode``."""
 
 
 def federation_data(grid: Grid, config: RunConfig) -> tuple[int, str]:
@@ -141,7 +149,7 @@ def run(
         return "failed", str(err)
     plot_partitions(num_nodes, config, output_dir)
 
-    schedule = PipelinedFedGKT if config.pipeline else FedGKT
+    schedule = SCHEDULES[config.schedule]
     strategy = schedule.from_run_config(
         config,
         num_classes,
@@ -163,7 +171,14 @@ def run(
         engine.load_state_dict(state)
         writer.rounds = list(engine.history)
         writer.write()
-        log(INFO, "Resuming from %s: round %d is next", path, engine.round_offset + 1)
+        log(
+            INFO,
+            "Resuming from %s: %s",
+            path,
+            f"server epoch {engine.version_offset + 1} is next"
+            if config.schedule == "async"
+            else f"round {engine.round_offset + 1} is next",
+        )
     round_config = ConfigRecord(
         {
             "client-epochs": config.client_epochs,
@@ -177,7 +192,9 @@ def run(
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
-            num_rounds=config.num_server_rounds - engine.round_offset,
+            # asynchronous: the run's length, counting the server epochs done before
+            num_rounds=config.num_server_rounds
+            - (0 if config.schedule == "async" else engine.round_offset),
             timeout=config.round_timeout,
             train_config=round_config,
             evaluate_config=ConfigRecord(),

@@ -102,6 +102,8 @@ class ServerStep:
         self.reject = reject
         self.server_logits: dict[NodeKey, tuple[np.ndarray, np.ndarray]] = {}
         self.held_train: dict[NodeKey, str] = {}
+        # asynchronous runs: the server version each node's logits come from
+        self.logit_versions: dict[NodeKey, int] = {}
         # each node's newest test features with their digest
         self.test_cache: dict[NodeKey, tuple[str, FeaturePayload]] = {}
 
@@ -129,18 +131,30 @@ class ServerStep:
     def start_training(self, log: RoundLog, accepted: list[AcceptedReply]) -> TrainingJob:
         """Store the round's accepted features (and drop those past
         ``max-staleness``): the server training's input. Nothing trains yet."""
-        server_round = log.round
+        cached = self.keep(accepted, log.round)
+        self.drop_stale(log.round)
+        return TrainingJob(log, accepted, cached)
+
+    def keep(self, accepted: list[AcceptedReply], version: int) -> int:
+        """Store the accepted features as of server version ``version`` (a round,
+        or an asynchronous run's server epoch); the number of uploads whose
+        features the store held unchanged."""
         # features kept from an earlier upload (unchanged) are not stored again
-        cached = sum(self.store.put(r.key, r.payload, server_round) for r in accepted)
+        cached = sum(self.store.put(r.key, r.payload, version) for r in accepted)
         for reply in accepted:
             if reply.digest is not None:
                 self.held_train[reply.key] = reply.digest
-        if self.max_staleness is not None:
-            for key in self.store.nodes():
-                if server_round - self.store.last_round(key) > self.max_staleness:
-                    logger.info("dropping node key %r's features: older than max-staleness", key)
-                    self.store.remove(key)
-        return TrainingJob(log, accepted, cached)
+        return cached
+
+    def drop_stale(self, version: int) -> None:
+        """Drop the features of nodes whose newest upload is more than
+        ``max-staleness`` server versions older than ``version``."""
+        if self.max_staleness is None:
+            return
+        for key in self.store.nodes():
+            if version - self.store.last_round(key) > self.max_staleness:
+                logger.info("dropping node key %r's features: older than max-staleness", key)
+                self.store.remove(key)
 
     def run_training(self, job: TrainingJob) -> None:
         """Train the server model on the store and compute the server logits of the
@@ -166,13 +180,13 @@ class ServerStep:
         if result is None:
             raise RuntimeError(f"round {job.server_round}'s server training did not run")
         for key, reason in result.excluded.items():
-            self._drop(job.log, key, reason, job.accepted)
+            self.drop(job.log, key, reason, job.accepted)
         kept = []
         for reply in job.accepted:
             if reply.key in result.excluded:
                 continue
             if reply.key in job.failed:
-                self._drop(job.log, reply.key, job.failed[reply.key], [reply])
+                self.drop(job.log, reply.key, job.failed[reply.key], [reply])
                 continue
             self.server_logits[reply.key] = job.logits[reply.key]
             kept.append(reply)
@@ -203,6 +217,7 @@ class ServerStep:
         log.server_train_kd = result.kd
         log.server_train_accuracy = result.accuracy
         log.train_nodes = len(kept)
+        log.replies_by_node = {r.key: 1 for r in kept}
         log.train_samples = num_examples
         log.cached_feature_nodes = job.cached
         log.stored_nodes = len(self.store)
@@ -211,9 +226,7 @@ class ServerStep:
         log.server_peak_rss_bytes = peak_rss_bytes()
         return metrics, kept
 
-    def _drop(
-        self, log: RoundLog, key: NodeKey, reason: str, accepted: list[AcceptedReply]
-    ) -> None:
+    def drop(self, log: RoundLog, key: NodeKey, reason: str, accepted: list[AcceptedReply]) -> None:
         """Take node key ``key`` out of the round after its reply was accepted: its
         stored features and server logits go, and its reply counts as rejected (or,
         for features stored in an earlier round, the drop is logged)."""
@@ -279,6 +292,7 @@ class ServerStep:
             "server_logits": self.server_logits,
             "store": self.store.state_dict(),
             "held_train": dict(self.held_train),
+            "logit_versions": dict(self.logit_versions),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -286,3 +300,5 @@ class ServerStep:
         self.server_logits = {str(k): v for k, v in state["server_logits"].items()}
         self.store.load_state_dict(state.get("store"))
         self.held_train = {str(k): str(v) for k, v in state.get("held_train", {}).items()}
+        versions = state.get("logit_versions", {})
+        self.logit_versions = {str(k): int(v) for k, v in versions.items()}

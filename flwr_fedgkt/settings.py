@@ -32,6 +32,10 @@ from .validation.payload import MAX_FEATURE_ABS, MAX_LOGIT_ABS
 __all__ = ["DEFAULTS", "ConfigError", "RunConfig", "Settings", "boolean", "option_table"]
 
 
+SCHEDULES = ("sync", "pipeline", "async")
+"""The values of ``mode``."""
+
+
 class ConfigError(ValueError):
     """A run-config value is missing or invalid."""
 
@@ -142,7 +146,9 @@ class Settings:
     round_timeout: float = option(3600.0, "seconds the server waits for replies in a round")
     max_reply_bytes: int = option(0, "replies larger than this are rejected (0: no limit)")
     max_staleness: int = option(
-        -1, "train on features of nodes seen within this many rounds (-1: no limit)"
+        -1,
+        "train on features of nodes seen within this many rounds (`async`: server epochs; -1:"
+        " no limit)",
     )
     max_idle_rounds: int = option(
         3,
@@ -177,6 +183,30 @@ class Settings:
         "evaluate and train round t+1, which distils from server logits one round older; see "
         "[Pipelined rounds, GPUs, more than one "
         "machine](#pipelined-rounds-gpus-more-than-one-machine). Message API only",
+    )
+    mode: str = option(
+        "sync",
+        "the schedule: `sync` (rounds), `pipeline` (the same as `pipeline = true`) or `async` "
+        "(no rounds: every connected node gets its next instruction as soon as its reply is "
+        "in, and the server trains on what it holds without pause; see [Asynchronous "
+        "training](#asynchronous-training)). Message API only",
+    )
+    max_logit_age: int = option(
+        4,
+        "`async`: a reply computed against server logits more than this many server epochs "
+        "old is still stored but flagged (counted in `staleness.flagged`, logged); -1: never",
+    )
+    time_budget: float = option(
+        0.0,
+        "`async`: seconds after which the run ends even before `num-server-rounds` x "
+        "`server-epochs` server epochs (checked between epochs); 0: no limit",
+    )
+    eval_every: int = option(
+        1, "`async`: score the server model and write a record every this many server epochs"
+    )
+    checkpoint_every: int = option(
+        1,
+        "`async`: write a checkpoint every this many server epochs (rounds write one every round)",
     )
     compression: str = option(
         "zstd",
@@ -226,6 +256,12 @@ class Settings:
         "(slowdown - 1) x its training time, using no CPU; a node's `--node-config "
         "slowdown=...` overrides it for that node",
     )
+
+    @property
+    def schedule(self) -> str:
+        """The schedule the run asks for: ``sync``, ``pipeline`` or ``async``
+        (``pipeline = true`` is ``pipeline``)."""
+        return "pipeline" if self.pipeline else self.mode
 
     @property
     def slow_partition_ids(self) -> frozenset[int]:
@@ -289,6 +325,11 @@ class Settings:
                 ) from None
             values[f.name] = value
         config = cls(**values)
+        if config.pipeline and "mode" in mapping and config.mode != "pipeline":
+            raise ConfigError(
+                f"run-config 'pipeline' = true asks for mode 'pipeline', but 'mode' = "
+                f"{config.mode!r}: set one of them"
+            )
         config.validate()
         return config
 
@@ -347,6 +388,17 @@ class Settings:
             fail("max-idle-rounds", "must not be negative (0: never stop)")
         if self.max_staleness < -1:
             fail("max-staleness", "must be -1 (no limit) or a number of rounds")
+        if self.mode not in SCHEDULES:
+            fail("mode", f"expected one of {', '.join(SCHEDULES)}")
+        if self.pipeline and self.mode not in ("sync", "pipeline"):
+            fail("mode", "'pipeline' = true asks for mode 'pipeline': set one of them")
+        if self.max_logit_age < -1:
+            fail("max-logit-age", "must be -1 (never flag) or a number of server epochs")
+        if not 0 <= self.time_budget < 1e9:
+            fail("time-budget", "must be 0 (no limit) or a number of seconds")
+        for key in ("eval-every", "checkpoint-every"):
+            if getattr(self, key.replace("-", "_")) < 1:
+                fail(key, "must be at least 1")
         if self.precision not in PRECISIONS:
             fail("precision", f"expected one of {', '.join(PRECISIONS)}")
         if self.compression not in COMPRESSIONS:

@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 from torch import nn
 
+from .budget import BudgetSpent, TimeBudget, complete_result
 from .faces import HoldsEngine, log_engine_summary
 from .grid import learn_keys, prompt, wait_for_nodes
 from .models import extractor_and_server, module_digest
@@ -56,7 +57,7 @@ from .records import (
 from .registry import SampleIds
 from .rounds import RoundEngine, sample_size
 from .server import ServerTrainer
-from .settings import DEFAULTS
+from .settings import DEFAULTS, RunConfig
 from .store import FeatureStore
 from .training import LRScheduleFactory, OptimizerFactory
 from .validation import AcceptedReply
@@ -121,6 +122,8 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
     extractor : nn.Module | None (default: None)
         The frozen extractor every node shares (one seed, ``FedGKTClient(
         freeze_extractor=True)``); replies with another are rejected.
+    time_budget : float (default: 0.0)
+        ``time-budget``: no round starts after this many seconds (0: no limit).
 
     The run's model is the deployable model with ``extractor`` (extractor, then
     server model: :func:`~flwr_fedgkt.models.extractor_and_server`, raw inputs to
@@ -168,6 +171,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         device: str | None = None,
         extractor: nn.Module | None = None,
         sample_ids: SampleIds | None = None,
+        time_budget: float = DEFAULTS.time_budget,
     ) -> None:
         given: dict[str, Any] = {
             "server_lr": server_lr,
@@ -217,6 +221,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             sample_ids=sample_ids,
         )
         self.extractor = extractor
+        self.budget = TimeBudget(time_budget)
         self._grid: Grid | None = None
         self._sampled: dict[str, list[int]] = {}  # this round's sampled nodes, by phase
         self._tested: dict[int, Message] = {}  # training replies with their test upload
@@ -306,6 +311,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One Message per sampled node, each carrying that node's own server logits."""
+        self.budget.check()  # BudgetSpent: no further round
         server_round += self.engine.round_offset
         self.engine.begin_round(server_round)
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
@@ -396,15 +402,30 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         taken from ``initial_arrays`` (when it holds any) and its learning rate
         decaying over the run's server epochs (unless the trainer has a schedule)."""
         self.prepare(initial_arrays, num_rounds)
-        return super().start(
-            prompt(grid),
-            self.model_arrays(),
-            num_rounds,
-            timeout,
-            train_config,
-            evaluate_config,
-            evaluate_fn,
-        )
+        first = len(self.engine.history)
+        try:
+            return super().start(
+                prompt(grid),
+                self.model_arrays(),
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        except BudgetSpent as spent:
+            log(INFO, "The run ends: %s", spent)
+            self.budget_spent()
+            result = Result()
+            complete_result(result, self, first)
+            return result
+
+    def budget_spent(self) -> None:
+        """Finish what is open when the time budget ends the run (nothing here)."""
+
+    @classmethod
+    def face_settings(cls, config: RunConfig) -> dict[str, Any]:
+        return {"time_budget": config.time_budget}
 
     def prepare(self, initial_arrays: ArrayRecord, num_rounds: int) -> None:
         """Before the first round: the server model's starting weights from

@@ -5,7 +5,11 @@ repeatable rounds (resume, faults) without the cost of a federation."""
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterable
+from uuid import uuid4
 
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
@@ -121,3 +125,101 @@ class HandlerGrid:
             except Exception as err:  # as Flower reports a ClientApp exception
                 replies.append(Message(Error(code=0, reason=repr(err)), reply_to=msg))
         return replies
+
+
+class AsyncGrid:
+    """Flower's ``push_messages`` / ``pull_messages`` in process: each node runs
+    its messages in order in a thread of its own (the ClientApp functions, or
+    ``handlers`` by (node, message type)), so nodes reply independently.
+
+    ``events`` lists ``("sent" | "replied", node, server-round)`` in the order
+    they happened; ``connected`` is the set of node ids the grid reports (a test
+    may add or remove nodes mid-run: a removed node's replies are dropped).
+    """
+
+    def __init__(
+        self,
+        contexts: dict[int, Context],
+        handlers: dict[tuple[int, str], Handler] | None = None,
+    ) -> None:
+        self.contexts = contexts
+        self.handlers = handlers or {}
+        self.connected = set(contexts)
+        self.events: list[tuple[str, int, int]] = []
+        self._lock = threading.Lock()
+        self._replies: dict[str, Message] = {}
+        self._queues: dict[int, queue.Queue] = {}
+        self._threads: list[threading.Thread] = []
+        for node in contexts:
+            self._queues[node] = queue.Queue()
+            thread = threading.Thread(target=self._serve, args=(node,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.connected)
+
+    def _note(self, kind: str, msg: Message, node: int) -> None:
+        config = msg.content.config_records.get("config", {})
+        with self._lock:
+            self.events.append((kind, node, int(config.get("server-round", 0))))
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            node = msg.metadata.dst_node_id
+            if node not in self.connected:
+                continue
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self._note("sent", msg, node)
+            self._queues[node].put(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        with self._lock:
+            found = [self._replies.pop(i) for i in list(self._replies) if i in wanted]
+        return found
+
+    def send_and_receive(
+        self, messages: Iterable[Message], timeout: float | None = None
+    ) -> list[Message]:
+        pending = set(self.push_messages(messages))
+        end = time.monotonic() + (60.0 if timeout is None else timeout)
+        replies: list[Message] = []
+        while pending and time.monotonic() < end:
+            for reply in self.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            time.sleep(0.01)
+        return replies
+
+    def close(self) -> None:
+        """Stop the nodes once their current message is done (a thread left inside
+        torch at interpreter exit aborts the process)."""
+        for node_queue in self._queues.values():
+            node_queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=300)
+
+    def _serve(self, node: int) -> None:
+        while (msg := self._queues[node].get()) is not None:
+            kind = msg.metadata.message_type
+            default = {
+                MessageType.TRAIN: client_app.train,
+                MessageType.EVALUATE: client_app.evaluate,
+                MessageType.QUERY: client_app.query,
+            }[kind]
+            handler = self.handlers.get((node, kind), default)
+            try:
+                reply = handler(msg, self.contexts[node])
+            except Exception as err:  # what Flower does with a ClientApp exception
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if node not in self.connected:
+                continue
+            if kind == MessageType.TRAIN:
+                self._note("replied", msg, node)
+            with self._lock:
+                self._replies[msg.metadata.message_id] = reply

@@ -12,6 +12,7 @@ from dataclasses import fields
 import pytest
 from flower_processes import REPO
 
+from flwr_fedgkt.asynchronous import AsyncFedGKT
 from flwr_fedgkt.client import FedGKTClient
 from flwr_fedgkt.node import EdgeSettings
 from flwr_fedgkt.rounds import RoundEngine
@@ -37,6 +38,12 @@ SHARED = {
         "seed": "seed",
         "query_timeout": "query_timeout",
         "max_idle_rounds": "max_idle_rounds",
+        "time_budget": "time_budget",
+    },
+    AsyncFedGKT: {
+        "eval_every": "eval_every",
+        "checkpoint_every": "checkpoint_every",
+        "max_logit_age": "max_logit_age",
     },
     RoundEngine: {
         "server_epochs": "server_epochs",

@@ -67,6 +67,7 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=run.min_train_nodes,
         min_evaluate_nodes=run.min_evaluate_nodes,
         min_available_nodes=run.min_available_nodes,
+        time_budget=run.time_budget,
     )
     strategy.start(
         grid=grid,
@@ -78,3 +79,4 @@ def main(grid: Grid, context: Context) -> None:
         ),
         evaluate_config=ConfigRecord(),
     )
+    writer.finish("completed")

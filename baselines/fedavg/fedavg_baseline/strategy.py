@@ -10,10 +10,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
 from flwr_fedgkt.accounting import ByteLedger
+from flwr_fedgkt.budget import BudgetSpent, TimeBudget
 
 __all__ = ["MeteredFedAvg"]
 
@@ -41,6 +42,8 @@ class MeteredFedAvg(FedAvg):
         ``lr_for_round(server_round)`` (a learning-rate schedule).
     on_round_end : Callable[[dict], None] | None (default: None)
         Called with each round's record once its evaluation is aggregated.
+    time_budget : float (default: 0.0)
+        No round starts after this many seconds from the first (0: no limit).
     **kwargs
         Passed to :class:`~flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ...).
@@ -50,9 +53,11 @@ class MeteredFedAvg(FedAvg):
         self,
         lr_for_round: Callable[[int], float] | None = None,
         on_round_end: Callable[[RoundRecord], None] | None = None,
+        time_budget: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.budget = TimeBudget(time_budget)
         self.lr_for_round = lr_for_round
         self.on_round_end = on_round_end
         self.ledger = ByteLedger()
@@ -70,6 +75,7 @@ class MeteredFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's messages (the global model to every sampled node), counted."""
+        self.budget.check()  # BudgetSpent: no further round
         self._round = {
             "round": server_round,
             "started": time.perf_counter(),
@@ -169,6 +175,8 @@ class MeteredFedAvg(FedAvg):
             }
         )
         record["seconds"] = time.perf_counter() - record.pop("started", time.perf_counter())
+        # since the first round began, as FedGKT's records count
+        record["wall_seconds"] = time.monotonic() - (self.budget.began or time.monotonic())
         self.history.append(record)
         log(
             INFO,
@@ -182,6 +190,14 @@ class MeteredFedAvg(FedAvg):
         if self.on_round_end is not None:
             self.on_round_end(record)
         return metrics
+
+    def start(self, *args: Any, **kwargs: Any) -> Result:
+        """FedAvg's rounds, until the last or until the time budget is spent."""
+        try:
+            return super().start(*args, **kwargs)
+        except BudgetSpent as spent:
+            log(INFO, "The run ends: %s", spent)
+            return Result()
 
 
 def _get(metrics: MetricRecord | None, key: str) -> float | None:
