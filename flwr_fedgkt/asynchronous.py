@@ -4,7 +4,7 @@
 (``Grid.push_messages`` / ``Grid.pull_messages``): each node has one training
 instruction out at a time, and as soon as its reply is in, the reply is validated
 exactly as in rounds and the node gets its next instruction, with server logits
-of the newest server version on the features it has just sent. The server trains
+of the newest server version (at most one epoch old). The server trains
 without pause on what it holds (:class:`~flwr_fedgkt.continuous.ContinuousServer`:
 one server epoch after another over the store, the uploads that arrived during
 an epoch joining it when the epoch ends).
@@ -217,7 +217,7 @@ class _Loop:
                 next_poll = now + NODE_POLL_SECONDS
             arrived = list(self.grid.pull_messages(list(self.out))) if self.out else []
             ready = [self.receive(msg) for msg in arrived]
-            self.send([pair for pair in ready if pair is not None])
+            self.send([node_id for node_id in ready if node_id is not None])
             self.expire(time.monotonic())
             interval = MIN_INTERVAL if arrived else min(interval * GROWTH, MAX_INTERVAL)
             self.server.wait(interval)
@@ -231,11 +231,11 @@ class _Loop:
         idle = [
             n for n in sorted(connected) if n not in self.busy and self.retry_at.get(n, 0.0) <= now
         ]
-        self.send([(n, None) for n in idle])
+        self.send(idle)
 
-    def receive(self, msg: Message) -> tuple[int, Any] | None:
-        """Validate one reply; the node and its accepted upload (None: rejected),
-        or None when the node is to wait before it is asked again."""
+    def receive(self, msg: Message) -> int | None:
+        """Validate one reply; its node, to be asked again at once, or None when
+        the node is to wait before it is asked again."""
         sent = self.out.pop(msg.metadata.reply_to_message_id, None)
         if sent is None:
             return None
@@ -250,13 +250,13 @@ class _Loop:
             self.wait_before_asking(node_id, time.monotonic())
             return None
         self.failures.pop(node_id, None)
-        return node_id, accepted
+        return node_id
 
-    def send(self, ready: Iterable[tuple[int, Any]]) -> None:
+    def send(self, ready: Iterable[int]) -> None:
         """Push each ready node its next instruction, all in one call."""
         messages, sent = [], []
-        for node_id, accepted in ready:
-            ins = self.server.instruction(accepted, self.engine.registry.key_of(node_id))
+        for node_id in ready:
+            ins = self.server.instruction(self.engine.registry.key_of(node_id))
             messages.append(self.strategy.instruct(self.server, node_id, ins, self.config))
             sent.append(_Sent(node_id, ins, time.monotonic()))
         if not messages:

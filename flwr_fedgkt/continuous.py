@@ -10,9 +10,10 @@ What the server trains on at any moment: the newest accepted upload of every
 node whose newest upload is at most ``max-staleness`` server epochs old. An
 upload that arrives during an epoch joins the store when that epoch ends, so
 every epoch trains on one fixed set of features. A *server version* is one server
-epoch; a node's server logits come from the newest version at the moment its
-reply arrives, computed on the features it has just sent (a copy of the model
-predicts them, beside the training). A reply computed against logits more than
+epoch. After each epoch the training's thread computes every stored node's
+server logits with the new version, so a node's next instruction, sent the
+moment its reply is in, carries logits at most one version old (of its features
+as stored at that epoch's start). A reply computed against logits more than
 ``max-logit-age`` versions old is stored all the same (its features are valid)
 and flagged.
 
@@ -27,7 +28,6 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -36,13 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .checkpoint import save_checkpoint
-from .codec import NodeKey, decode_features
+from .codec import NodeKey
 from .recorder import peak_rss_bytes
 from .rounds import RoundEngine
+from .server import NonFiniteOutput
 from .validation import AcceptedReply, ReplyReader
 
 __all__ = ["ContinuousServer", "Instruction"]
@@ -124,7 +123,6 @@ class ContinuousServer:
         self._tests: dict[NodeKey, AcceptedReply] = {}  # newest test upload per key
         self._tested: set[NodeKey] = set()  # keys with a test upload since the last record
         self._period = _Period()
-        self._model: nn.Module | None = None  # the newest version, for logits
         self._task = 0
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -187,14 +185,21 @@ class ContinuousServer:
             self._stop.wait(IDLE_WAIT)
             return False
         result = self.engine.trainer.train(self.engine.store, 1)
+        refreshed = self._refresh_logits()
         with self.lock:
             self.version += 1
             self._period.epochs += 1
             for key, reason in result.excluded.items():
                 self.engine.step.drop(self.log, key, reason, arrived)
+            for key, logits in refreshed.items():
+                if key in result.excluded or key not in self.engine.store:
+                    continue
+                if isinstance(logits, str):  # non-finite: never sent
+                    self.engine.step.drop(self.log, key, logits, arrived)
+                    continue
+                self.engine.server_logits[key] = logits
+                self.engine.step.logit_versions[key] = self.version
             self._note_epoch(result)
-            # the new version, to predict logits with while the next epoch trains
-            self._model = copy.deepcopy(self.engine.trainer.model).eval()
             if self.version % self.eval_every == 0:
                 self._evaluate()
             if self.version % self.checkpoint_every == 0:
@@ -266,40 +271,31 @@ class ContinuousServer:
             self.engine.recorder.failure(self.log, node_id, reason)
             self._bad_replies += 1
 
-    def instruction(self, reply: AcceptedReply | None, key: NodeKey | None) -> Instruction:
-        """The next instruction of node key ``key``: with ``reply`` (its upload,
-        just accepted) and a server that trained since the node's logits were
-        computed, server logits of the newest version on the features it has just
-        sent; else the logits the server holds for the key, if any. Logits that
-        are not finite are not sent (the reply is rejected)."""
+    def instruction(self, key: NodeKey | None) -> Instruction:
+        """The next instruction of node key ``key``: the server logits it holds
+        for the key (of the newest version: every epoch refreshes them), if any."""
         with self.lock:
             self._task = max(self._task + 1, time.time_ns() // 1_000_000)
-            task = self._task
-            version = self.version
             with_test = key is None or key not in self._tested
-            model = self._model
             held = self.engine.server_logits.get(key) if key is not None else None
-            held_version = None
+            version = None
             if key is not None and held is not None:
-                held_version = self.engine.step.logit_versions.get(key)
-            # the server has not trained since the node's logits were computed
-            current = held_version is not None and held_version >= version
-            if reply is None or model is None or current:
-                return Instruction(task, held_version, held, with_test)
+                version = self.engine.step.logit_versions.get(key)
+            return Instruction(self._task, version, held, with_test)
+
+    def _refresh_logits(self) -> dict[NodeKey, tuple[np.ndarray, np.ndarray] | str]:
+        """Server logits of every stored node on its stored features, computed in
+        the training's thread right after an epoch (so that nothing else competes
+        with the training for its threads): the node's logits, or why not."""
+        refreshed: dict[NodeKey, tuple[np.ndarray, np.ndarray] | str] = {}
         began = time.perf_counter()
-        features = decode_features(reply.payload.features)
-        logits = self.engine.trainer.predict(features, model=model)
-        with self.lock:
-            self.log.spent("server_logits", time.perf_counter() - began)
-            if not bool(torch.isfinite(logits).all()):
-                reason = "the server model's logits on its features are not finite"
-                self.engine.recorder.reject(self.log, reply.node_id, reply.key, reason)
-                self._pending = [r for r in self._pending if r is not reply]
-                return Instruction(task, None, None, with_test)
-            pair = (reply.payload.ids, logits.numpy())
-            self.engine.server_logits[reply.key] = pair
-            self.engine.step.logit_versions[reply.key] = version
-            return Instruction(task, version, pair, with_test)
+        for key in self.engine.store.nodes():
+            try:
+                refreshed[key] = self.engine.trainer.logits_for(self.engine.store, key)
+            except NonFiniteOutput as err:
+                refreshed[key] = str(err)
+        self.log.spent("server_logits", time.perf_counter() - began)
+        return refreshed
 
     # -- records and checkpoints ------------------------------------------------------------
     def _evaluate(self, final: bool = False) -> None:

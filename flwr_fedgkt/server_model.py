@@ -10,15 +10,33 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .models import COMPACT, SERVER_MODELS, feature_shape_of, seeded_model
+from .models import (
+    COMPACT,
+    SERVER_MODELS,
+    extractor_and_server,
+    feature_shape_of,
+    module_digest,
+    seeded_model,
+)
 
-__all__ = ["takes_channels_last", "ServerModel", "server_model", "output_classes", "to_device"]
+if TYPE_CHECKING:
+    from .server import ServerTrainer
+
+__all__ = [
+    "ServerModel",
+    "load_server_state",
+    "output_classes",
+    "server_model",
+    "takes_channels_last",
+    "to_device",
+]
 
 
 class ServerModel(NamedTuple):
@@ -137,3 +155,27 @@ def takes_channels_last(model: nn.Module, feature_shape: tuple[int, ...] | None)
     finally:
         for module, training in modes:
             module.training = training
+
+
+def load_server_state(
+    trainer: ServerTrainer, state: dict[str, Tensor], extractor: nn.Module | None = None
+) -> None:
+    """Load ``state`` into ``trainer``'s server model: a server model's
+    ``state_dict``, or with ``extractor`` a deployable model's (extractor, then
+    server model: :func:`~flwr_fedgkt.models.extractor_and_server`), whose
+    extractor must be ``extractor``. A ValueError names what does not fit."""
+    model: nn.Module = trainer.model
+    loaded_extractor = None
+    if extractor is not None and any(key.startswith("extractor.") for key in state):
+        loaded_extractor = copy.deepcopy(extractor)
+        model = extractor_and_server(loaded_extractor, trainer.model)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(
+            f"initial_arrays is not a state_dict of the server model ({trainer.model_name}) "
+            f"or of the deployable model: {err}"
+        ) from None
+    if loaded_extractor is not None and extractor is not None:
+        if module_digest(loaded_extractor) != module_digest(extractor):
+            raise ValueError("initial_arrays holds another extractor than the strategy's")

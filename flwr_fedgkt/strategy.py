@@ -29,7 +29,6 @@ server's training with the next round.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Collection, Iterable
 from logging import INFO
@@ -57,6 +56,7 @@ from .records import (
 from .registry import SampleIds
 from .rounds import RoundEngine, sample_size
 from .server import ServerTrainer
+from .server_model import load_server_state
 from .settings import DEFAULTS, RunConfig
 from .store import FeatureStore
 from .training import LRScheduleFactory, OptimizerFactory
@@ -440,23 +440,7 @@ def load_initial_arrays(
     trainer: ServerTrainer, initial_arrays: ArrayRecord, extractor: nn.Module | None = None
 ) -> None:
     """Load ``initial_arrays`` into the server model when it holds any: a server
-    model's ``state_dict``, or with ``extractor`` a deployable model's (whose
-    extractor must be ``extractor``). A ValueError names what does not fit."""
-    if len(initial_arrays) == 0:
-        return
-    state = initial_arrays.to_torch_state_dict()
-    model: nn.Module = trainer.model
-    loaded_extractor = None
-    if extractor is not None and any(key.startswith("extractor.") for key in state):
-        loaded_extractor = copy.deepcopy(extractor)
-        model = extractor_and_server(loaded_extractor, trainer.model)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(
-            f"initial_arrays is not a state_dict of the server model ({trainer.model_name}) "
-            f"or of the deployable model: {err}"
-        ) from None
-    if loaded_extractor is not None and extractor is not None:
-        if module_digest(loaded_extractor) != module_digest(extractor):
-            raise ValueError("initial_arrays holds another extractor than the strategy's")
+    model's ``state_dict``, or with ``extractor`` a deployable model's
+    (:func:`~flwr_fedgkt.server_model.load_server_state`)."""
+    if len(initial_arrays):
+        load_server_state(trainer, initial_arrays.to_torch_state_dict(), extractor)

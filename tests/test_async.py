@@ -188,6 +188,7 @@ def test_a_hostile_reply_is_rejected_as_in_rounds(task_identity, case) -> None:
     dtype, phase, build, reason = CASES[case]
     records: list[dict] = []
     engine = hostile_strategy(dtype, on_round_end=records.append).engine
+    engine.connected = lambda: {*HONEST, HOSTILE}  # as the run's grid reports them
     server = ContinuousServer(engine, total_epochs=2)
     for task in (1, 2):
         honest_like = _hostile()

@@ -59,6 +59,41 @@ PLANTS = [
         '            correct += scores["accuracy"]\n            loss_sum += scores["loss"]\n            total += 1',
         ["tests/test_round_metrics.py", "tests/test_strategy.py"],
     ),
+    (
+        "asynchronous: a round barrier (no node instructed while another is out)",
+        "flwr_fedgkt/asynchronous.py",
+        "            ready = [self.receive(msg) for msg in arrived]\n",
+        "            ready = [self.receive(msg) for msg in arrived]\n            ready = ready if not self.out else []\n",
+        ["tests/test_async.py::test_a_slow_node_never_delays_another_nodes_next_instruction"],
+    ),
+    (
+        "asynchronous: stale replies never flagged",
+        "flwr_fedgkt/continuous.py",
+        "age > self.max_logit_age:",
+        "age > self.max_logit_age + 100:",
+        ["tests/test_async.py::test_a_reply_older_than_max_logit_age_is_stored_and_flagged"],
+    ),
+    (
+        "asynchronous: the training upload validated in place of the test upload",
+        "flwr_fedgkt/continuous.py",
+        "                tested = self.engine.accept(test, instruction.task, False, log)",
+        "                tested = self.engine.accept(train, instruction.task, False, log)",
+        ["tests/test_async.py::test_a_hostile_reply_is_rejected_as_in_rounds"],
+    ),
+    (
+        "asynchronous: a checkpoint without its server version",
+        "flwr_fedgkt/continuous.py",
+        '            "server_version": self.version,',
+        "",
+        ["tests/test_async.py::test_a_killed_async_run_resumes_from_its_checkpoint"],
+    ),
+    (
+        "asynchronous: nodes listed once, at the start",
+        "flwr_fedgkt/asynchronous.py",
+        "                next_poll = now + NODE_POLL_SECONDS",
+        "                next_poll = float('inf')",
+        ["tests/test_async.py::test_nodes_join_and_leave_mid_run"],
+    ),
 ]
 only = sys.argv[1:]
 for i, (name, path, old, new, tests) in enumerate(PLANTS):
