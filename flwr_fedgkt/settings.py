@@ -186,7 +186,8 @@ class Settings:
     )
     mode: str = option(
         "sync",
-        "the schedule: `sync` (rounds), `pipeline` (the same as `pipeline = true`) or `async` "
+        "the schedule: `sync` (rounds), `pipeline` (the same as `pipeline = true`, which turns "
+        "the default `sync` into `pipeline` and is an error beside `async`) or `async` "
         "(no rounds: every connected node gets its next instruction as soon as its reply is "
         "in, and the server trains on what it holds without pause; see [Asynchronous "
         "training](#asynchronous-training)). Message API only",
@@ -325,11 +326,6 @@ class Settings:
                 ) from None
             values[f.name] = value
         config = cls(**values)
-        if config.pipeline and "mode" in mapping and config.mode != "pipeline":
-            raise ConfigError(
-                f"run-config 'pipeline' = true asks for mode 'pipeline', but 'mode' = "
-                f"{config.mode!r}: set one of them"
-            )
         config.validate()
         return config
 
@@ -391,7 +387,7 @@ class Settings:
         if self.mode not in SCHEDULES:
             fail("mode", f"expected one of {', '.join(SCHEDULES)}")
         if self.pipeline and self.mode not in ("sync", "pipeline"):
-            fail("mode", "'pipeline' = true asks for mode 'pipeline': set one of them")
+            fail("mode", "but 'pipeline' = true asks for mode 'pipeline': set one of them")
         if self.max_logit_age < -1:
             fail("max-logit-age", "must be -1 (never flag) or a number of server epochs")
         if not 0 <= self.time_budget < 1e9:

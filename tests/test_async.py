@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 import threading
+import tomllib
 
 import numpy as np
 import pytest
 from conftest import make_message
+from flower_processes import REPO
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from inprocess import AsyncGrid, node_context
 from test_hostile_replies import CASES, HONEST, HOSTILE, _honest, _hostile
@@ -283,10 +285,14 @@ def test_nodes_join_and_leave_mid_run(task_identity) -> None:
 def test_mode_and_pipeline_cannot_disagree() -> None:
     assert RunConfig.from_mapping({"pipeline": True}).schedule == "pipeline"
     assert RunConfig.from_mapping({"mode": "async"}).schedule == "async"
-    with pytest.raises(ConfigError, match="'pipeline' = true.*'mode' = 'async'"):
+    # the app's pyproject.toml holds mode = "sync", so a run config that only says
+    # pipeline = true reaches the ServerApp as both keys: that is pipelined rounds
+    assert RunConfig.from_mapping({"pipeline": True, "mode": "sync"}).schedule == "pipeline"
+    app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    merged = {**app_config["config"], "pipeline": True}  # flwr run --run-config pipeline=true
+    assert RunConfig.from_mapping(merged).schedule == "pipeline"
+    with pytest.raises(ConfigError, match="'mode' = 'async'.*'pipeline' = true"):
         RunConfig.from_mapping({"pipeline": True, "mode": "async"})
-    with pytest.raises(ConfigError, match="'pipeline' = true.*'mode' = 'sync'"):
-        RunConfig.from_mapping({"pipeline": True, "mode": "sync"})
     with pytest.raises(ConfigError, match="mode"):
         RunConfig.from_mapping({"mode": "rounds"})
     for key, bad in (("eval-every", 0), ("checkpoint-every", 0), ("time-budget", -1)):

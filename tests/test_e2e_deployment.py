@@ -87,6 +87,7 @@ def test_pipelined_rounds_on_superlink_and_two_supernodes(tmp_path) -> None:
     # Assert
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert all(p.poll() is not None for p in started)
+    assert (out / "results.json").is_file(), result.stdout[-4000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "completed"
     rounds = results["rounds"]

@@ -9,6 +9,8 @@ PACKAGE = REPO / "flwr_fedgkt"
 FLOWER_LAYER = {
     "strategy.py",
     "pipeline.py",
+    "asynchronous.py",
+    "budget.py",
     "grid.py",
     "node_context.py",
     "compat.py",
