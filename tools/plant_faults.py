@@ -27,8 +27,8 @@ PLANTS = [
     (
         "server logits in train mode",
         "flwr_fedgkt/server.py",
-        '        """Logits of the server model on float features, in eval mode (CPU tensor)."""\n        self.model.eval()',
-        '        """Logits of the server model on float features, in eval mode (CPU tensor)."""\n        self.model.train()',
+        "        self._start_threads()\n        self.model.eval()\n        out = []",
+        "        self._start_threads()\n        self.model.train()\n        out = []",
         ["tests/test_kd_alignment.py"],
     ),
     (
@@ -55,8 +55,8 @@ PLANTS = [
     (
         "accuracy averaged per node instead of per sample",
         "flwr_fedgkt/server_step.py",
-        '            correct += scores["accuracy"] * n\n            loss_sum += scores["loss"] * n\n            total += n',
-        '            correct += scores["accuracy"]\n            loss_sum += scores["loss"]\n            total += 1',
+        '        log.accuracy = weighted_mean([(s["accuracy"], w) for _, s, w in scored])',
+        '        log.accuracy = weighted_mean([(s["accuracy"], 1.0) for _, s, w in scored])',
         ["tests/test_round_metrics.py", "tests/test_strategy.py"],
     ),
     (
