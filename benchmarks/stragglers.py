@@ -263,7 +263,12 @@ def main() -> None:
         default=0.0,
         help="FedAvg's round timeout; 0: half the median training wait of the FedAvg run",
     )
-    parser.add_argument("--partitioners", nargs="+", default=["iid", "dirichlet"])
+    parser.add_argument(
+        "--partitioners",
+        nargs="*",
+        default=["iid", "dirichlet"],
+        help="the settings with slow nodes (none: only --no-slow's)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-slow", action="store_true", help="also IID without slow nodes")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "stragglers")
