@@ -60,6 +60,8 @@ _EXPORTS = {
     "NoProgressError": "recorder",
     "DataUnavailableError": "data",
     "PartitionError": "data",
+    "Defences": "privacy",
+    "StagedEdge": "models",
 }
 # importable from here for code written against earlier versions; not the API
 _INTERNAL = {
@@ -81,6 +83,7 @@ __all__ = [
     "ConfigError",
     "DEFAULTS",
     "DataUnavailableError",
+    "Defences",
     "EdgeModel",
     "EdgeResNet",
     "FeatureStore",
@@ -98,6 +101,7 @@ __all__ = [
     "ServerResNet",
     "ServerTrainer",
     "Settings",
+    "StagedEdge",
     "build_model",
     "ce_kd_loss",
     "cut_model",
@@ -112,8 +116,16 @@ if TYPE_CHECKING:
     from .cut import EdgeModel, ModelPair, cut_model
     from .data import DataUnavailableError, PartitionError
     from .distill import ce_kd_loss
-    from .models import SERVER_MODELS, EdgeResNet, FullResNet, ServerResNet, build_model
+    from .models import (
+        SERVER_MODELS,
+        EdgeResNet,
+        FullResNet,
+        ServerResNet,
+        StagedEdge,
+        build_model,
+    )
     from .pipeline import PipelinedFedGKT
+    from .privacy import Defences
     from .recorder import NoProgressError
     from .results import ResultsWriter
     from .server import ServerTrainer

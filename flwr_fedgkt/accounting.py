@@ -40,7 +40,7 @@ __all__ = [
 
 def input_shape(name: str) -> tuple[int, int, int]:
     """Per-sample input shape: features for server models, images otherwise."""
-    if name.removesuffix(COMPACT) in SERVER_MODELS:
+    if name.removesuffix(COMPACT) in SERVER_MODELS or "-server" in name:
         return feature_shape_of(name)
     return (3, 32, 32)
 

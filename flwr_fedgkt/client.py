@@ -79,6 +79,7 @@ from .node_context import (
     key_reply,
     node_identity,
 )
+from .privacy import Defences
 from .records import (
     COMPRESSION_KEY,
     CONFIG_KEY,
@@ -181,6 +182,17 @@ class FedGKTClient:
     torch_threads : int (default: 0)
         torch's CPU threads on this node: 0 takes the process's CPUs (a
         simulated ClientApp's ``num-cpus``) less those other processes keep busy.
+    feature_noise : float (default: 0.0)
+        Gaussian noise on every uploaded feature map, its standard deviation
+        ``feature_noise * feature_clip`` (:mod:`flwr_fedgkt.privacy`).
+    feature_clip : float (default: 0.0)
+        Each uploaded sample's feature map scaled down to this L2 norm (0: not
+        clipped; noise needs a clip).
+    label_epsilon : float (default: 0.0)
+        Labels sent through randomized response with this epsilon (0: as they are).
+    nopeek_weight : float (default: 0.0)
+        Weight of NoPeek's distance correlation between a batch's images and
+        features in the edge's training loss.
 
     Raises
     ------
@@ -198,6 +210,9 @@ class FedGKTClient:
     ``epochs``, ``lr``, ``batch_size``, ``temperature`` and ``alpha`` are
     defaults: the round's config from the strategy (``client-epochs``,
     ``client-lr``, ``batch-size``, ``temperature``, ``alpha``) overrides them.
+    The defences are the node's own: a round's config may ask for more
+    protection (more noise, a smaller label epsilon, a larger NoPeek weight),
+    never for less, and every reply names the defences applied.
     """
 
     # pylint: disable=too-many-arguments,too-many-instance-attributes
@@ -223,8 +238,13 @@ class FedGKTClient:
         state_dir: str | None = None,
         precision: str = DEFAULTS.precision,
         torch_threads: int = DEFAULTS.torch_threads,
+        feature_noise: float = DEFAULTS.feature_noise,
+        feature_clip: float = DEFAULTS.feature_clip,
+        label_epsilon: float = DEFAULTS.label_epsilon,
+        nopeek_weight: float = DEFAULTS.nopeek_weight,
     ) -> None:
         self.edge_model = edge_model
+        self.defences = Defences(feature_noise, feature_clip, label_epsilon, nopeek_weight)
         self.torch_threads = torch_threads
         self.train_data = train_data
         self.test_data = test_data
@@ -260,10 +280,12 @@ class FedGKTClient:
         if self._test_samples is not None:
             check_edge_data(model, self._test_samples, "test_data")
 
-    def node(self, context: Context) -> EdgeNode:
+    def node(self, context: Context, round_config: Mapping[str, Any] | None = None) -> EdgeNode:
         """This node's round engine, its edge state in ``context.state`` (and
-        ``state_dir``)."""
+        ``state_dir``), with this node's defences raised to what ``round_config``
+        asks for."""
         key = self.key(context)
+        asked = Defences.from_meta(dict(round_config or {}))
         return EdgeNode(
             self.edge_model,
             edge_state_store(ContextStateStore(context), self.state_dir, key),
@@ -275,6 +297,7 @@ class FedGKTClient:
             optimizer=self.optimizer,
             precision=self.precision,
             torch_threads=self.torch_threads,
+            defences=self.defences.at_least(asked),
         )
 
     def key(self, context: Context) -> str:
@@ -298,7 +321,7 @@ class FedGKTClient:
         if LOGITS_KEY in msg.content.array_records:
             arrays = record_arrays(msg.content.array_records[LOGITS_KEY])
             teacher = LogitTable(arrays["ids"], arrays["logits"])
-        node = self.node(context)
+        node = self.node(context, round_config)
         settings = self.settings.for_round(round_config)
         test: tuple[Extracted, dict[str, float]] | None = None
         if ins.with_test and self._test_samples is not None:
@@ -334,8 +357,9 @@ class FedGKTClient:
         began = time.perf_counter()
         if self._test_samples is None:
             raise ValueError("FedGKTClient needs test_data to evaluate")
-        ins = RoundInstructions.from_config(_round_config(msg))
-        node = self.node(context)
+        round_config = _round_config(msg)
+        ins = RoundInstructions.from_config(round_config)
+        node = self.node(context, round_config)
         extracted, scores = node.evaluate(self._test_samples, ins.server_round)
         check_feature_shape(extracted, ins.feature_shape)
         extracting = time.perf_counter()
@@ -364,6 +388,7 @@ class FedGKTClient:
         }
         if node.extractor_digest is not None:
             meta[EXTRACTOR_KEY] = node.extractor_digest
+        meta.update(node.defences.meta())
         return meta
 
 

@@ -46,6 +46,10 @@ def fedgkt_client(context: Context, config: RunConfig | None = None) -> FedGKTCl
         state_dir=config.client_state_dir or None,
         precision=config.precision,
         torch_threads=config.torch_threads,
+        feature_noise=config.feature_noise,
+        feature_clip=config.feature_clip,
+        label_epsilon=config.label_epsilon,
+        nopeek_weight=config.nopeek_weight,
     )
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .privacy.mechanisms import corrected_cross_entropy
+
 __all__ = ["kd_loss", "ce_kd_loss", "DistillLoss"]
 
 
@@ -62,13 +64,20 @@ def ce_kd_loss(
     teacher_logits: Tensor | None,
     temperature: float = 3.0,
     alpha: float = 1.0,
+    label_keep: Tensor | None = None,
 ) -> DistillLoss:
     """``CE(logits, labels) + alpha * KD(logits, teacher_logits)``, with its parts.
 
     Without a teacher (``teacher_logits=None``, e.g. a client's first round) this is
-    plain cross-entropy and ``kd`` is 0.
+    plain cross-entropy and ``kd`` is 0. With ``label_keep`` (per sample: the
+    probability that randomized response kept its label) the cross-entropy is
+    corrected for the flips
+    (:func:`~flwr_fedgkt.privacy.mechanisms.corrected_cross_entropy`).
     """
-    ce = F.cross_entropy(logits, labels)
+    if label_keep is None:
+        ce = F.cross_entropy(logits, labels)
+    else:
+        ce = corrected_cross_entropy(logits, labels, label_keep)
     if teacher_logits is None or alpha == 0:
         return DistillLoss(ce, ce.detach(), torch.zeros((), device=ce.device))
     kd = kd_loss(logits, teacher_logits, temperature)

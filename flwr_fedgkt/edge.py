@@ -23,6 +23,7 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import io
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from .distill import DistillLoss, ce_kd_loss, kd_loss
 from .edge_data import EdgeData, ordered_batches, training_batches
 from .models import seeded_model
 from .precision import autocast, loss_scaler, resolve_precision
+from .privacy.mechanisms import distance_correlation
 from .server_model import takes_channels_last, to_device
 from .threads import FairThreads
 from .training import (
@@ -211,6 +213,9 @@ class EdgeTrainer:
         self.optimizer = make_optimizer(trainable, lr, optimizer)
         self.scaler = loss_scaler(self.precision, self.device)  # float16 only
         self._channels_last: bool | None = None  # probed on the first batch
+        # the node's secret for what it draws before an upload (flwr_fedgkt.privacy):
+        # kept with the edge state, never sent, never derived from the run's seed
+        self.privacy_secret = secrets.randbits(63)
 
     def _to_device(self, images: Tensor) -> Tensor:
         """A batch of images on the device, channels-last when the model takes it
@@ -226,11 +231,13 @@ class EdgeTrainer:
 
     # -- state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The model, optimizer and loss-scale state (float16; empty otherwise)."""
+        """The model, optimizer and loss-scale state (float16; empty otherwise),
+        with the node's privacy secret."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "privacy_secret": self.privacy_secret,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -239,6 +246,8 @@ class EdgeTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if "privacy_secret" in state:
+            self.privacy_secret = int(state["privacy_secret"])
 
     def state_bytes(self) -> bytes:
         """:meth:`state_dict`, serialised (for a client's persistent state)."""
@@ -264,6 +273,7 @@ class EdgeTrainer:
         generator: torch.Generator | None = None,
         augment: Augmentation | None = None,
         frozen: bool = False,
+        nopeek_weight: float = 0.0,
     ) -> dict[str, float]:
         """Train ``epochs`` over ``data``; KD targets come from ``teacher`` by sample id.
         With ``frozen`` (or a trainer built with ``freeze_extractor``) the
@@ -273,8 +283,13 @@ class EdgeTrainer:
         ``data.augmentation`` (to train without, pass a set whose augmentation is
         ``None``), drawing from ``generator``; ids stay with their images, so KD
         targets stay aligned.
+        With ``nopeek_weight`` > 0 the loss gains that weight times the distance
+        correlation of each batch's images and features (NoPeek,
+        :func:`~flwr_fedgkt.privacy.distance_correlation`), so that the features
+        say less about the images.
         Returns the last epoch's mean training loss, its cross-entropy and KD parts
-        (``train_loss = train_ce + alpha * train_kd``) and accuracy.
+        (``train_loss = train_ce + alpha * train_kd``, without the NoPeek term)
+        and accuracy.
         """
         self.model.train()
         if self.threads is not None:
@@ -295,10 +310,13 @@ class EdgeTrainer:
                 self.threads.update()  # leave the CPUs other processes keep busy
             images, labels = self._to_device(images), labels.to(self.device)
             with autocast(self.precision, self.device):
-                logits, _ = self.model(images)
+                logits, features = self.model(images)
             logits = logits.float()  # the loss and its softmaxes in float32
             parts = self._loss(logits, labels, ids, teacher, temperature, alpha)
-            optimizer_step(self.optimizer, parts.loss, self.scaler)
+            loss = parts.loss
+            if nopeek_weight > 0:
+                loss = loss + nopeek_weight * distance_correlation(images, features.float())
+            optimizer_step(self.optimizer, loss, self.scaler)
             return parts, logits, labels
 
         try:

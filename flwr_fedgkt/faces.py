@@ -45,6 +45,7 @@ def engine_settings(config: RunConfig, output_dir: str | Path | None = None) -> 
         "global_sample_ids": True,
         "seed": config.seed,
         "max_idle_rounds": config.max_idle_rounds,
+        "defences": config.defences,
     }
 
 

@@ -11,18 +11,20 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from .data import Partition
 from .edge import Extracted, LogitTable, evaluate_metrics, train_metrics
 from .edge_state import MemoryStateStore
 from .faces import engine_settings
-from .node import load_node_partition, partition_node
+from .node import EdgeNode, load_node_partition, partition_node
 from .rounds import RoundEngine
 from .server import ServerTrainer
 from .settings import RunConfig
 from .validation import NODE_KEY, ReplyParts
 
-__all__ = ["run_local"]
+__all__ = ["LocalRun", "local_engine", "run_local"]
 
 
 class LocalReply:
@@ -44,9 +46,11 @@ def _upload(
     key: str,
     metrics: dict[str, float],
     training: bool,
+    defences: dict[str, float],
+    held: str = "",
 ) -> ReplyParts:
-    arrays = extracted.arrays(dtype, with_logits=training)
-    meta = {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: key}
+    arrays = extracted.arrays(dtype, with_logits=training, held=held)
+    meta = {"server-round": server_round, "feature-dtype": dtype, NODE_KEY: key, **defences}
     return meta, arrays, {"num-examples": len(extracted.labels), **metrics}
 
 
@@ -55,11 +59,33 @@ def run_local(
 ) -> list[dict[str, Any]]:
     """Run ``config.num_server_rounds`` FedGKT rounds over ``num_partitions`` nodes
     with full participation; return one record per round (as in ``results.json``)."""
-    partitions = [load_node_partition(i, num_partitions, config) for i in range(num_partitions)]
+    return local_engine(config, num_partitions, verbose).engine.history
+
+
+@dataclass
+class LocalRun:
+    """A finished in-process run: the server's round engine (history, server
+    model, store, privacy ledger), and each node with its partition."""
+
+    engine: RoundEngine
+    nodes: list[EdgeNode]
+    partitions: list[Partition]
+
+
+def local_engine(
+    config: RunConfig,
+    num_partitions: int,
+    verbose: bool = False,
+    taking_part: list[int] | None = None,
+) -> LocalRun:
+    """:func:`run_local`, returning the run's engine, nodes and partitions; only
+    the partitions ``taking_part`` (all when None) have a node, so that the
+    others' data stays out of the run."""
+    ids = list(range(num_partitions)) if taking_part is None else list(taking_part)
+    partitions = [load_node_partition(i, num_partitions, config) for i in ids]
     num_classes = partitions[0].num_classes
-    nodes = [
-        partition_node(config, i, num_classes, MemoryStateStore()) for i in range(num_partitions)
-    ]
+    nodes = [partition_node(config, i, num_classes, MemoryStateStore()) for i in ids]
+    num_partitions = len(ids)
     on_round_end = (lambda record: print(record, flush=True)) if verbose else None
     trainer = ServerTrainer.from_run_config(config, num_classes)
     engine = RoundEngine(trainer, on_round_end=on_round_end, **engine_settings(config))
@@ -69,11 +95,20 @@ def run_local(
         engine.begin_round(server_round)
         accepted = []
         for i, (node, part) in enumerate(zip(nodes, partitions, strict=True)):
-            _, logits = engine.instructions(i, training=True)
+            held, logits = engine.instructions(i, training=True)
             teacher = None if logits is None else LogitTable(*logits)
             frozen = engine.frozen(server_round)
             extracted, metrics = node.train(part.train, server_round, teacher, frozen=frozen)
-            parts = _upload(extracted, dtype, server_round, str(i), train_metrics(metrics), True)
+            parts = _upload(
+                extracted,
+                dtype,
+                server_round,
+                str(i),
+                train_metrics(metrics),
+                True,
+                node.defences.meta(),
+                held,
+            )
             reply = engine.accept(LocalReply(i, parts), server_round, training=True)
             if reply is not None:
                 accepted.append(reply)
@@ -82,10 +117,17 @@ def run_local(
         for i, (node, part) in enumerate(zip(nodes, partitions, strict=True)):
             extracted, scores = node.evaluate(part.test, server_round)
             parts = _upload(
-                extracted, dtype, server_round, str(i), evaluate_metrics(scores), training=False
+                extracted,
+                dtype,
+                server_round,
+                str(i),
+                evaluate_metrics(scores),
+                False,
+                node.defences.meta(),
+                engine.instructions(i, training=False)[0],
             )
             reply = engine.accept(LocalReply(i, parts), server_round, training=False)
             if reply is not None:
                 scored.append(reply)
         engine.close_round(server_round, scored)
-    return engine.history
+    return LocalRun(engine, nodes, partitions)

@@ -31,6 +31,7 @@ __all__ = [
     "feature_shape_of",
     "Bottleneck",
     "EdgeResNet",
+    "StagedEdge",
     "ServerResNet",
     "FullResNet",
     "MODEL_NAMES",
@@ -43,6 +44,8 @@ __all__ = [
     "SERVER_MODELS",
     "FULL_MODEL_OF",
     "FULL_MODELS",
+    "MAX_EDGE_STAGES",
+    "staged_names",
 ]
 
 FEATURE_CHANNELS = 16
@@ -101,13 +104,13 @@ def _stem(channels: int = FEATURE_CHANNELS) -> nn.Sequential:
 
 
 def _stages(
-    blocks: tuple[int, ...], in_planes: int = FEATURE_CHANNELS
+    blocks: tuple[int, ...], in_planes: int = FEATURE_CHANNELS, first: int = 0
 ) -> tuple[nn.Sequential, int]:
-    """Bottleneck stages on ``in_planes``-channel input; returns the stages and their
-    output width."""
+    """Bottleneck stages ``first``, ``first + 1``, ... of a CIFAR ResNet on
+    ``in_planes``-channel input; returns the stages and their output width."""
     stages = []
-    for index, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks, strict=False)):
-        stride = 1 if index == 0 else 2
+    for index, (planes, count) in enumerate(zip(STAGE_WIDTHS[first:], blocks, strict=False)):
+        stride = 1 if index + first == 0 else 2
         layers = []
         for block in range(count):
             layers.append(Bottleneck(in_planes, planes, stride if block == 0 else 1))
@@ -147,17 +150,40 @@ class EdgeResNet(nn.Module):
         return self.fc(out), features
 
 
+class StagedEdge(nn.Module):
+    """The first stages of a CIFAR ResNet on the edge (``edge-stages``): the stem
+    and ``len(blocks)`` Bottleneck stages extract the features, a global pool and
+    fc on them give the edge's own logits.
+
+    ``forward`` returns ``(logits, features)``.
+    """
+
+    def __init__(self, blocks: tuple[int, ...], num_classes: int = 10) -> None:
+        super().__init__()
+        body, width = _stages(blocks)
+        self.extractor = nn.Sequential(_stem(), body)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.extractor(x)
+        return self.fc(self.pool(features).flatten(1)), features
+
+
 class ServerResNet(nn.Module):
-    """The large model without its stem: three Bottleneck stages on edge features."""
+    """The large model without its stem: three Bottleneck stages on edge features
+    (the stages from ``first`` on, when the edge keeps the earlier ones)."""
 
     def __init__(
         self,
-        blocks: tuple[int, int, int],
+        blocks: tuple[int, ...],
         num_classes: int = 10,
         feature_channels: int = FEATURE_CHANNELS,
+        first: int = 0,
     ) -> None:
         super().__init__()
-        self.body, width = _stages(blocks, feature_channels)
+        self.body, width = _stages(blocks, feature_channels, first)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(width, num_classes)
         _init_weights(self)
@@ -192,6 +218,42 @@ _FACTORIES: dict[str, Callable[[int], nn.Module]] = {
     "resnet110": lambda n: FullResNet((12, 12, 12), n),
 }
 
+STAGED = {"resnet55": ("resnet56", 6), "resnet109": ("resnet110", 12)}
+"""Server models whose network the edge may keep the first stages of: the whole
+model's name and its blocks per stage."""
+MAX_EDGE_STAGES = 2
+
+
+def staged_names(server: str, stages: int) -> tuple[str, str]:
+    """The edge and server models when the edge keeps the first ``stages`` stages
+    of the network that ``server`` completes: ``resnet56-edge1`` and
+    ``resnet56-server1`` for ``resnet55`` and one stage."""
+    whole = STAGED[server][0]
+    return f"{whole}-edge{stages}", f"{whole}-server{stages}"
+
+
+def _stage_width(stages: int) -> int:
+    return STAGE_WIDTHS[stages - 1] * Bottleneck.expansion
+
+
+def _staged_factories(blocks: int, stages: int) -> tuple[Callable[[int], nn.Module], ...]:
+    """The edge and server factories of a network of ``blocks`` per stage whose
+    first ``stages`` stay on the edge."""
+
+    def edge(n: int) -> nn.Module:
+        return StagedEdge((blocks,) * stages, n)
+
+    def server(n: int) -> nn.Module:
+        return ServerResNet((blocks,) * (3 - stages), n, _stage_width(stages), first=stages)
+
+    return edge, server
+
+
+for _server, (_whole, _blocks) in STAGED.items():
+    for _stages_kept in range(1, MAX_EDGE_STAGES + 1):
+        _names = staged_names(_server, _stages_kept)
+        _FACTORIES.update(zip(_names, _staged_factories(_blocks, _stages_kept), strict=True))
+
 MODEL_NAMES = tuple(_FACTORIES)
 EDGE_MODEL = "resnet8"
 SERVER_MODELS = ("resnet55", "resnet109")
@@ -205,7 +267,13 @@ FULL_MODELS = tuple(FULL_MODEL_OF.values())
 
 def feature_shape_of(name: str) -> tuple[int, int, int]:
     """The per-sample features a built-in edge model sends or a built-in server
-    model takes: ``16 x 32 x 32``, or ``3 x 32 x 32`` for the compact models."""
+    model takes: ``16 x 32 x 32``, ``3 x 32 x 32`` for the compact models, and
+    after ``s`` stages on the edge (``...-edge<s>`` / ``...-server<s>``) the
+    stage's output: ``64 x 32 x 32`` after one, ``128 x 16 x 16`` after two."""
+    for stages in range(1, MAX_EDGE_STAGES + 1):
+        if name.endswith((f"-edge{stages}", f"-server{stages}")):
+            side = 32 // 2 ** (stages - 1)
+            return (_stage_width(stages), side, side)
     channels = COMPACT_CHANNELS if name.endswith(COMPACT) else FEATURE_CHANNELS
     return (channels, 32, 32)
 

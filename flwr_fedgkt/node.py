@@ -26,7 +26,6 @@ from typing import Any
 
 from torch import nn
 
-from .compression import check_compression
 from .edge import (
     EdgeTrainer,
     Extracted,
@@ -35,8 +34,9 @@ from .edge import (
     extractor_of,
     resolve_device,
 )
-from .edge_data import EdgeData, edge_generator, shape_text
+from .edge_data import EdgeData, edge_generator
 from .edge_state import EdgeStateStore, edge_state_store, pick_round, stale_rounds
+from .instructions import RoundInstructions, check_feature_shape, parse_feature_shape
 from .models import module_digest, seeded_model
 from .node_data import (  # re-exported: the node's data helpers live there
     check_node_data,
@@ -45,7 +45,8 @@ from .node_data import (  # re-exported: the node's data helpers live there
     partition_sample_ids,
 )
 from .precision import resolve_precision
-from .settings import RunConfig, boolean
+from .privacy import Defences, release
+from .settings import RunConfig
 
 __all__ = [
     "partition_ids",
@@ -125,96 +126,6 @@ class EdgeSettings:
         return self.from_run_config(RunConfig.from_mapping({**self._keys(), **overrides}))
 
 
-@dataclass(frozen=True)
-class RoundInstructions:
-    """What the server's round config tells a node besides training settings.
-
-    Parameters
-    ----------
-    server_round : int
-        The round (replies echo it).
-    dtype : str
-        The features' wire dtype (replies echo it).
-    compression : str (default: "none")
-        The codec of the uploaded feature bytes (:mod:`flwr_fedgkt.compression`).
-    frozen : bool (default: False)
-        Train this round with the extractor frozen (``freeze-extractor``,
-        ``freeze-after``).
-    held : str (default: "")
-        The digest of the features the server holds for this node (of this split):
-        features with that digest are not sent again.
-    feature_shape : tuple[int, ...] | None (default: None)
-        The shape of one sample's features that the server model takes
-        (``feature-shape``, e.g. ``16x32x32``): a node checks its features against
-        it before it replies (:func:`check_feature_shape`). None (a server that
-        does not send it) means no check.
-    with_test : bool (default: False)
-        A training instruction that also asks for the test split's upload, made
-        right after training (``test-features``), so that the round needs no
-        evaluation message to this node.
-    held_test : str (default: "")
-        The digest of the test features the server holds (``held-test-features``).
-    """
-
-    server_round: int
-    dtype: str
-    compression: str = "none"
-    frozen: bool = False
-    held: str = ""
-    feature_shape: tuple[int, ...] | None = None
-    with_test: bool = False
-    held_test: str = ""
-
-    def for_test(self) -> RoundInstructions:
-        """These instructions for the test split's upload in a training reply."""
-        return dataclasses.replace(self, held=self.held_test, with_test=False, held_test="")
-
-    @classmethod
-    def from_config(cls, round_config: Mapping[str, Any], dtype: str = "int8") -> RoundInstructions:
-        """Read a round's config from the server (``dtype`` when it names none);
-        ValueError names a value that is wrong."""
-        compression = str(round_config.get("compression", "none"))
-        check_compression(compression)
-        return cls(
-            server_round=int(round_config.get("server-round", 0)),
-            dtype=str(round_config.get("feature-dtype", dtype)),
-            compression=compression,
-            frozen=boolean(round_config.get("freeze-extractor", False)),
-            held=str(round_config.get("held-features", "")),
-            feature_shape=parse_feature_shape(round_config.get("feature-shape")),
-            with_test=boolean(round_config.get("test-features", False)),
-            held_test=str(round_config.get("held-test-features", "")),
-        )
-
-
-def parse_feature_shape(text: Any) -> tuple[int, ...] | None:
-    """A round config's ``feature-shape`` (``16x32x32``, ``6``) as a tuple; None
-    when absent or empty. ValueError names a value that is not such a shape."""
-    if text is None or str(text).strip() == "":
-        return None
-    parts = str(text).strip().lower().split("x")
-    if not all(part.strip().isdecimal() and int(part) > 0 for part in parts):
-        raise ValueError(
-            f"the round config's feature-shape {text!r} is not a shape such as '16x32x32' or '6'"
-        )
-    return tuple(int(part) for part in parts)
-
-
-def check_feature_shape(extracted: Extracted, expected: tuple[int, ...] | None) -> None:
-    """ValueError when one sample's features in ``extracted`` are not of the shape
-    the server takes (``expected``; None: not known, nothing to check; no
-    samples: nothing to compare)."""
-    if expected is None or len(extracted.ids) == 0:
-        return
-    got = tuple(extracted.features.shape[1:])
-    if got != tuple(expected):
-        raise ValueError(
-            f"features are {shape_text(got)}; the server takes {shape_text(expected)}: cut the "
-            "edge model where the server model starts, or give FedGKT the feature_shape the "
-            "edge produces"
-        )
-
-
 # -- edge rounds --------------------------------------------------------------------
 def node_stream(node_key: str) -> int:
     """A number for a node key that seeds the node's shuffling: the key itself when
@@ -262,6 +173,12 @@ class EdgeNode:
     torch_threads : int (default: 0)
         torch's CPU threads (``torch-threads``; 0: from the process's resources,
         see :class:`~flwr_fedgkt.edge.EdgeTrainer`).
+    defences : Defences | None (default: None)
+        What the node applies before anything leaves it (:mod:`flwr_fedgkt.privacy`):
+        every extraction's features and labels go through
+        :func:`~flwr_fedgkt.privacy.release`, and NoPeek joins the training loss
+        (a client builds its node with its own defences raised to what the
+        round asks for: :meth:`~flwr_fedgkt.privacy.Defences.at_least`).
     """
 
     # pylint: disable=too-many-arguments
@@ -278,8 +195,10 @@ class EdgeNode:
         optimizer: OptimizerFactory | None = None,
         precision: str = "float32",
         torch_threads: int = 0,
+        defences: Defences | None = None,
     ) -> None:
         self.edge_model = edge_model
+        self.defences = defences if defences is not None else Defences()
         self.torch_threads = torch_threads
         self.store = store
         self.settings = settings if settings is not None else EdgeSettings()
@@ -358,7 +277,7 @@ class EdgeNode:
             data, test_data, server_round, teacher, settings, frozen
         )
         assert test is not None
-        return extracted, metrics, test, EdgeTrainer.score(test.logits, test.labels)
+        return extracted, metrics, test[0], test[1]
 
     # pylint: disable=too-many-arguments
     def _round(
@@ -369,7 +288,7 @@ class EdgeNode:
         teacher: LogitTable | None,
         settings: EdgeSettings | None,
         frozen: bool,
-    ) -> tuple[Extracted, dict[str, float], Extracted | None]:
+    ) -> tuple[Extracted, dict[str, float], tuple[Extracted, dict[str, float]] | None]:
         settings = settings or self.settings
         trainer, restored = self._restore(settings, server_round)
         if not restored and server_round > 0:
@@ -387,10 +306,16 @@ class EdgeNode:
             alpha=settings.alpha,
             generator=edge_generator(self.seed, self.stream, server_round),
             frozen=frozen,
+            nopeek_weight=self.defences.nopeek_weight,
         )
         trained = time.perf_counter()
-        extracted = trainer.extract(data)
-        test = None if test_data is None else trainer.extract(test_data)
+        release_key = 0 if frozen or trainer.stem is not None else server_round
+        extracted = self._release(trainer, trainer.extract(data), "train", release_key)
+        test = None
+        if test_data is not None:
+            tested = trainer.extract(test_data)
+            scores = EdgeTrainer.score(tested.logits, tested.labels)  # on the true labels
+            test = (self._release(trainer, tested, "test", release_key), scores)
         metrics["train_seconds"] = trained - began
         metrics["extract_seconds"] = time.perf_counter() - trained
         self._note_extractor(trainer)
@@ -406,8 +331,30 @@ class EdgeNode:
         before = None if not server_round else server_round + 1
         trainer = self.trainer(before_round=before)
         extracted = trainer.extract(data)
+        scores = EdgeTrainer.score(extracted.logits, extracted.labels)  # on the true labels
         self._note_extractor(trainer)
-        return extracted, EdgeTrainer.score(extracted.logits, extracted.labels)
+        release_key = 0 if trainer.stem is not None else (server_round or 0)
+        return self._release(trainer, extracted, "test", release_key), scores
+
+    def _release(
+        self, trainer: EdgeTrainer, extracted: Extracted, split: str, release_key: int
+    ) -> Extracted:
+        """``extracted`` as it may leave the node under :attr:`defences`; the
+        feature noise drawn for ``release_key``: the round, or 0 for every round
+        while the extractor is frozen (the same features, which the server then
+        holds, so that nothing is sent again)."""
+        if not self.defences.active:
+            return extracted
+        features, labels = release(
+            extracted.features,
+            extracted.labels,
+            self.defences,
+            num_classes=extracted.logits.shape[1],
+            secret=trainer.privacy_secret,
+            split=split,
+            release_key=release_key,
+        )
+        return dataclasses.replace(extracted, features=features, labels=labels)
 
     def _note_extractor(self, trainer: EdgeTrainer) -> None:
         """Keep the digest of a frozen extractor (replies name it; a strategy
@@ -442,4 +389,5 @@ def partition_node(
         freeze_extractor=config.freeze_extractor,
         precision=config.precision,
         torch_threads=config.torch_threads,
+        defences=config.defences,
     )

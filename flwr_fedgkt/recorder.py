@@ -96,6 +96,8 @@ class RoundLog:
     server_version: int | None = None  # server epochs (async) or rounds done when scored
     replies_by_node: dict[str, int] = field(default_factory=dict)  # stored uploads by node key
     staleness: dict[str, Any] = field(default_factory=dict)  # async: ages of logits, features
+    # what left the nodes so far: defences, epsilon (worst node), label flips
+    privacy: dict[str, Any] = field(default_factory=dict)
     # where the round's seconds went (PROFILE_PARTS), the nodes' as they report them
     profile: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter, repr=False)
@@ -306,6 +308,17 @@ class RoundRecorder:
             log.seconds,
             len(log.rejected_replies),
         )
+        if log.privacy.get("defences"):
+            epsilon = log.privacy["epsilon"]
+            logger.info(
+                "round %d privacy: %s | epsilon %s at delta %g over %d releases | label flip %.3f",
+                log.round,
+                ", ".join(log.privacy["defences"]),
+                "unbounded (a release without noise)" if epsilon is None else f"{epsilon:.3g}",
+                log.privacy["delta"],
+                log.privacy["releases_max"],
+                log.privacy["label_flip"],
+            )
         if self.on_round_end is not None:
             self.on_round_end(record)
         if checkpoint and self.checkpoint_dir is not None:

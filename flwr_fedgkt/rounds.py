@@ -38,6 +38,7 @@ from .codec import NodeKey, check_dtype_name
 from .compression import check_compression
 from .membership import Membership
 from .precision import TRAINING_PRECISIONS
+from .privacy import Defences
 from .recorder import RoundLog, RoundRecorder
 from .registry import SampleIds
 from .server import ServerTrainer, output_classes
@@ -105,6 +106,7 @@ class RoundEngine:
         max_idle_rounds: int = DEFAULTS.max_idle_rounds,
         extractor_digest: str | None = None,
         sample_ids: SampleIds | None = None,
+        defences: Defences | None = None,
     ) -> None:
         check_dtype_name(feature_dtype)
         check_compression(compression)
@@ -141,6 +143,7 @@ class RoundEngine:
         self.version_offset = 0  # server versions done before a resume
         self.recorder = RoundRecorder(on_round_end, checkpoints, max_idle_rounds)
         self.step = ServerStep(trainer, store, server_epochs, max_staleness, self.recorder.reject)
+        self.step.asked = Defences() if defences is None else defences
         self.validator = ReplyValidator(
             feature_dtype=feature_dtype,
             feature_shape=self.feature_shape,
@@ -245,6 +248,7 @@ class RoundEngine:
             COMPRESSION_KEY: self.compression,
             "freeze-extractor": self.frozen(server_round) if frozen is None else frozen,
             "held-features": held,
+            **self.step.asked.meta(),  # the defences every node is asked for, at least
         }
 
     def instructions(

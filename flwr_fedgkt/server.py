@@ -29,6 +29,7 @@ from .edge import resolve_device
 from .models import count_parameters
 from .nonfinite import culprits, gradients_finite, restore_buffers, saved_buffers, without
 from .precision import autocast, loss_scaler, resolve_precision
+from .privacy.mechanisms import corrected_cross_entropy, debiased_accuracy
 from .server_model import output_classes, server_model, takes_channels_last, to_device
 from .settings import DEFAULTS, RunConfig
 from .store import Batch, FeatureStore
@@ -226,6 +227,9 @@ class ServerTrainer:
         self._scheduler_state: dict[str, Any] | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.scaler = loss_scaler(self.precision, self.device)  # float16 only
+        # per node key: the probability that its labels were kept by randomized
+        # response (label-epsilon); nodes not here send their labels as they are
+        self.label_keep: dict[NodeKey, float] = {}
 
     @classmethod
     def from_run_config(cls, config: RunConfig, num_classes: int) -> ServerTrainer:
@@ -371,8 +375,12 @@ class ServerTrainer:
         with autocast("float32" if check else self.precision, self.device):
             logits = self.model(feats)
         logits = logits.float()  # the loss and its softmaxes in float32
+        keep = None
+        if self.label_keep:
+            rows = [self.label_keep.get(owner, 1.0) for owner in batch.owners]
+            keep = torch.tensor(rows, device=self.device)
         parts = ce_kd_loss(
-            logits, labels, batch.edge_logits.to(self.device), self.temperature, self.alpha
+            logits, labels, batch.edge_logits.to(self.device), self.temperature, self.alpha, keep
         )
         finite = bool(torch.isfinite(parts.loss))
         if finite:
@@ -429,8 +437,16 @@ class ServerTrainer:
         return payload.ids, logits.numpy()
 
     @torch.no_grad()
-    def evaluate(self, features: Tensor, labels: Tensor) -> dict[str, float]:
+    def evaluate(
+        self, features: Tensor, labels: Tensor, label_keep: float = 1.0
+    ) -> dict[str, float]:
         """Loss and accuracy of the server model on test features.
+
+        With ``label_keep`` < 1 the labels went through randomized response that
+        kept each with that probability: the loss is corrected for the flips and
+        the accuracy is the unbiased estimate of the accuracy on the true labels
+        (:func:`~flwr_fedgkt.privacy.debiased_accuracy`), never the agreement with
+        the noisy ones.
 
         Raises NonFiniteOutput when the model's logits on ``features`` are not finite.
         """
@@ -439,8 +455,15 @@ class ServerTrainer:
             raise NonFiniteOutput("the server model's logits on its features are not finite")
         if len(labels) == 0:
             return {"loss": 0.0, "accuracy": 0.0, "num_examples": 0}
+        agreement = float((logits.argmax(1) == labels).float().mean())
+        if label_keep < 1.0:
+            return {
+                "loss": float(corrected_cross_entropy(logits, labels, label_keep)),
+                "accuracy": debiased_accuracy(agreement, label_keep, logits.shape[1]),
+                "num_examples": len(labels),
+            }
         return {
             "loss": float(torch.nn.functional.cross_entropy(logits, labels)),
-            "accuracy": float((logits.argmax(1) == labels).float().mean()),
+            "accuracy": agreement,
             "num_examples": len(labels),
         }

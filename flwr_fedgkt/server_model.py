@@ -19,11 +19,14 @@ from torch import Tensor, nn
 
 from .models import (
     COMPACT,
+    MAX_EDGE_STAGES,
     SERVER_MODELS,
+    STAGED,
     extractor_and_server,
     feature_shape_of,
     module_digest,
     seeded_model,
+    staged_names,
 )
 
 if TYPE_CHECKING:
@@ -75,10 +78,15 @@ def server_model(
         Seeds the built-in model's initialisation.
     """
     if model is None:
-        if model_name.removesuffix(COMPACT) not in SERVER_MODELS:
+        staged = any(
+            model_name == staged_names(s, n)[1]
+            for s in STAGED
+            for n in range(1, MAX_EDGE_STAGES + 1)
+        )
+        if model_name.removesuffix(COMPACT) not in SERVER_MODELS and not staged:
             raise ValueError(
                 f"server model must be one of {', '.join(SERVER_MODELS)} (or their "
-                f"{COMPACT} variants), got {model_name!r}"
+                f"{COMPACT} variants, or the rest of one after edge-stages), got {model_name!r}"
             )
         if num_classes is None:
             raise ValueError("num_classes is required for a built-in server model")

@@ -13,7 +13,9 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from .codec import FeaturePayload, NodeKey, decode_features
+from .privacy import Defences, ReleaseLedger, keep_probability
 from .recorder import RoundLog, peak_rss_bytes
 from .server import NonFiniteOutput, ServerTrainer, ServerTrainResult
 from .store import FeatureStore
@@ -106,6 +109,10 @@ class ServerStep:
         self.logit_versions: dict[NodeKey, int] = {}
         # each node's newest test features with their digest
         self.test_cache: dict[NodeKey, tuple[str, FeaturePayload]] = {}
+        # what left each node: its feature releases and the defences it applied
+        self.ledger = ReleaseLedger()
+        self.defences: dict[NodeKey, Defences] = {}
+        self.asked = Defences()  # what every node is asked to apply, at least
 
     # -- what the server holds per node ------------------------------------------------
     def held(self, key: NodeKey | None, training: bool) -> str:
@@ -144,7 +151,52 @@ class ServerStep:
         for reply in accepted:
             if reply.digest is not None:
                 self.held_train[reply.key] = reply.digest
+                self.note_release(reply, "train")
+                keep = self.label_keep(reply)
+                if keep < 1.0:
+                    self.trainer.label_keep[reply.key] = keep
+                else:
+                    self.trainer.label_keep.pop(reply.key, None)
         return cached
+
+    # -- what left the nodes -------------------------------------------------------------
+    def note_release(self, reply: AcceptedReply, split: str) -> None:
+        """Count an upload that carried features (a release of every sample in it)
+        with the noise its node says it applied."""
+        if not reply.defences.covers(self.asked) and self.defences.get(reply.key) != reply.defences:
+            logger.warning(
+                "node key %r applies %s, less than the strategy asks for (%s)",
+                reply.key,
+                reply.defences.active or "no defences",
+                ", ".join(self.asked.active),
+            )
+        self.defences[reply.key] = reply.defences
+        self.ledger.record(reply.key, split, reply.defences.feature_noise)
+
+    def label_keep(self, reply: AcceptedReply) -> float:
+        """The probability that the reply's labels are the true ones (1.0 without
+        randomized response)."""
+        epsilon = reply.defences.label_epsilon
+        return keep_probability(epsilon, self.trainer.num_classes) if epsilon > 0 else 1.0
+
+    def privacy(self) -> dict[str, Any]:
+        """The run's privacy so far, for a round's record: the defences any node
+        applied, the worst node's epsilon at ``delta`` over its feature releases
+        (None when a release carried no noise: no bound), the releases of the node
+        that released most, and the largest label-flip probability in force."""
+        worst = self.ledger.worst()
+        active = sorted({name for d in self.defences.values() for name in d.active})
+        flips = [1.0 - keep for keep in self.trainer.label_keep.values()]
+        releases = [
+            self.ledger.count(k, s) for k in self.ledger.releases for s in ("train", "test")
+        ]
+        return {
+            "defences": active,
+            "epsilon": worst if worst is not None and math.isfinite(worst) else None,
+            "delta": self.ledger.delta,
+            "releases_max": max(releases, default=0),
+            "label_flip": max(flips, default=0.0),
+        }
 
     def drop_stale(self, version: int) -> None:
         """Drop the features of nodes whose newest upload is more than
@@ -259,13 +311,16 @@ class ServerStep:
             payload = reply.payload
             try:
                 scores = self.trainer.evaluate(
-                    decode_features(payload.features), torch.from_numpy(payload.labels)
+                    decode_features(payload.features),
+                    torch.from_numpy(payload.labels),
+                    self.label_keep(reply),
                 )
             except NonFiniteOutput as err:
                 self.reject(log, reply.node_id, reply.key, str(err))
                 continue
             if reply.digest is not None:
                 self.test_cache[reply.key] = (reply.digest, payload)
+                self.note_release(reply, "test")
             else:
                 cached += 1
             cap = weight_cap(reply.key)
@@ -281,6 +336,7 @@ class ServerStep:
         log.edge_loss = weighted_mean(
             [(r.metrics["edge-loss"], w) for r, _, w in scored if "edge-loss" in r.metrics]
         )
+        log.privacy = self.privacy()
         log.eval_nodes = len(scored)
         log.eval_samples = sum(r.payload.num_samples for r, _, _ in scored)
         log.cached_test_nodes = cached
@@ -293,6 +349,9 @@ class ServerStep:
             "store": self.store.state_dict(),
             "held_train": dict(self.held_train),
             "logit_versions": dict(self.logit_versions),
+            "releases": self.ledger.state(),
+            "defences": {k: dataclasses.asdict(d) for k, d in self.defences.items()},
+            "label_keep": dict(self.trainer.label_keep),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -302,3 +361,7 @@ class ServerStep:
         self.held_train = {str(k): str(v) for k, v in state.get("held_train", {}).items()}
         versions = state.get("logit_versions", {})
         self.logit_versions = {str(k): int(v) for k, v in versions.items()}
+        self.ledger.load_state(state.get("releases", {}))
+        self.defences = {str(k): Defences(**d) for k, d in state.get("defences", {}).items()}
+        keep = state.get("label_keep", {})
+        self.trainer.label_keep = {str(k): float(v) for k, v in keep.items()}

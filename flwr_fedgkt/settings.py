@@ -25,8 +25,9 @@ from typing import Any
 from .codec import FEATURE_DTYPES
 from .compression import COMPRESSIONS
 from .data import DATASET_NAMES, PARTITIONERS
-from .models import COMPACT, EDGE_MODEL, SERVER_MODELS
+from .models import COMPACT, EDGE_MODEL, MAX_EDGE_STAGES, SERVER_MODELS, staged_names
 from .precision import PRECISIONS
+from .privacy import Defences
 from .validation.payload import MAX_FEATURE_ABS, MAX_LOGIT_ABS
 
 __all__ = ["DEFAULTS", "ConfigError", "RunConfig", "Settings", "boolean", "option_table"]
@@ -257,6 +258,38 @@ class Settings:
         "(slowdown - 1) x its training time, using no CPU; a node's `--node-config "
         "slowdown=...` overrides it for that node",
     )
+    edge_stages: int = option(
+        0,
+        "how many stages of the server model's network stay on the edge: 0 (the stem, as in "
+        "the paper), 1 or 2 (features further from the pixels, at more edge FLOPs; built-in "
+        "models only, not with `compact-features`)",
+    )
+    feature_noise: float = option(
+        0.0,
+        "Gaussian noise on every uploaded feature map, its standard deviation a multiple of "
+        "`feature-clip` (the noise multiplier; needs `feature-clip`); see [Security: what "
+        "leaves a client](#security-what-leaves-a-client)",
+    )
+    feature_clip: float = option(
+        0.0, "each uploaded sample's feature map scaled down to this L2 norm (0: not clipped)"
+    )
+    label_epsilon: float = option(
+        0.0,
+        "labels sent through randomized response with this epsilon (0: sent as they are; "
+        "the server's loss and accuracy account for the flips)",
+    )
+    nopeek_weight: float = option(
+        0.0,
+        "weight of the distance correlation between images and features in the edge's "
+        "loss (NoPeek; 0: off)",
+    )
+
+    @property
+    def defences(self) -> Defences:
+        """The privacy defences these settings ask for (:mod:`flwr_fedgkt.privacy`)."""
+        return Defences(
+            self.feature_noise, self.feature_clip, self.label_epsilon, self.nopeek_weight
+        )
 
     @property
     def schedule(self) -> str:
@@ -273,12 +306,16 @@ class Settings:
     def edge_model_name(self) -> str:
         """The built-in edge model: ``resnet8``, or ``resnet8-compact`` with
         ``compact-features``."""
+        if self.edge_stages:
+            return staged_names(self.server_model, self.edge_stages)[0]
         return EDGE_MODEL + (COMPACT if self.compact_features else "")
 
     @property
     def server_model_name(self) -> str:
         """The built-in server model: ``server-model``, with ``-compact`` for
         ``compact-features``."""
+        if self.edge_stages:
+            return staged_names(self.server_model, self.edge_stages)[1]
         return self.server_model + (COMPACT if self.compact_features else "")
 
     @classmethod
@@ -422,6 +459,14 @@ class Settings:
             )
         if self.min_partition_size < 0:
             fail("min-partition-size", "must not be negative")
+        if not 0 <= self.edge_stages <= MAX_EDGE_STAGES:
+            fail("edge-stages", f"must lie in [0, {MAX_EDGE_STAGES}]")
+        if self.edge_stages and self.compact_features:
+            fail("edge-stages", "the compact models keep the stem only: not with compact-features")
+        try:
+            self.defences  # noqa: B018  (its checks name a bad value)
+        except ValueError as err:
+            raise ConfigError(f"run-config {err}") from None
         if self.data_dir and not os.path.isabs(os.path.expanduser(self.data_dir)):
             fail("data-dir", "must be an absolute path (apps may run in other directories)")
 

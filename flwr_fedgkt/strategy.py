@@ -45,6 +45,7 @@ from .budget import BudgetSpent, TimeBudget, complete_result
 from .faces import HoldsEngine, log_engine_summary
 from .grid import learn_keys, prompt, wait_for_nodes
 from .models import extractor_and_server, module_digest
+from .privacy import Defences
 from .records import (
     CONFIG_KEY,
     LOGITS_KEY,
@@ -124,6 +125,12 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         freeze_extractor=True)``); replies with another are rejected.
     time_budget : float (default: 0.0)
         ``time-budget``: no round starts after this many seconds (0: no limit).
+    defences : Defences | None (default: None)
+        The privacy defences (:class:`~flwr_fedgkt.privacy.Defences`) every node
+        is asked to apply at least: what the server expects, for its accounting.
+        A node's own setting is authoritative: it may apply more, never less
+        than it is asked for; a reply that declares less is logged. Each round's
+        record counts what the nodes say they applied (``privacy``).
 
     The run's model is the deployable model with ``extractor`` (extractor, then
     server model: :func:`~flwr_fedgkt.models.extractor_and_server`, raw inputs to
@@ -172,6 +179,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         extractor: nn.Module | None = None,
         sample_ids: SampleIds | None = None,
         time_budget: float = DEFAULTS.time_budget,
+        defences: Defences | None = None,
     ) -> None:
         given: dict[str, Any] = {
             "server_lr": server_lr,
@@ -219,6 +227,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             max_idle_rounds=max_idle_rounds,
             extractor_digest=None if extractor is None else module_digest(extractor),
             sample_ids=sample_ids,
+            defences=defences,
         )
         self.extractor = extractor
         self.budget = TimeBudget(time_budget)

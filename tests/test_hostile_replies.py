@@ -92,6 +92,7 @@ def _reply(
     training: bool = True,
     key: object = None,
     metrics: dict | None = None,
+    meta: dict | None = None,
 ) -> Message:
     n = len(arrays["ids"])
     values = {"num-examples": n}
@@ -110,6 +111,7 @@ def _reply(
                     "server-round": server_round,
                     "feature-dtype": dtype,
                     "node-key": str(node_id) if key is None else key,
+                    **(meta or {}),
                 }
             ),
         }
@@ -251,6 +253,42 @@ CASES: dict[str, tuple[str, str, Build, str]] = {
     ),
     "a node key that is not a string": ("int8", "train", _hostile(key=7), "node-key is a int"),
     "an empty node key": ("int8", "evaluate", _hostile(key=""), "printable characters"),
+    "a defence that is text": (
+        "int8",
+        "train",
+        _hostile(meta={"privacy-feature-noise": "lots"}),
+        "defences: privacy-feature-noise = 'lots' is not a number",
+    ),
+    "a negative noise": (
+        "int8",
+        "train",
+        _hostile(meta={"privacy-feature-noise": -1.0, "privacy-feature-clip": 1.0}),
+        r"defences: feature-noise = -1.0 must lie in \[0, 10000\]",
+    ),
+    "a noise that is not a number": (
+        "bfloat16",
+        "train",
+        _hostile(meta={"privacy-feature-noise": float("nan"), "privacy-feature-clip": 1.0}),
+        "defences: feature-noise = nan must lie in",
+    ),
+    "an absurd noise": (
+        "float16",
+        "evaluate",
+        _hostile(meta={"privacy-feature-noise": 1e300, "privacy-feature-clip": 1.0}),
+        "defences: feature-noise = 1e[+]?300",
+    ),
+    "a label epsilon that keeps labels with probability 1/K": (
+        "int8",
+        "evaluate",
+        _hostile(meta={"privacy-label-epsilon": 1e-300}),
+        "defences: label-epsilon = 1e-300 must be 0",
+    ),
+    "noise without a clip": (
+        "int8",
+        "train",
+        _hostile(meta={"privacy-feature-noise": 0.5}),
+        "defences: feature-noise = 0.5 needs feature-clip",
+    ),
 }
 
 

@@ -15,6 +15,17 @@ PARAMS_10_CLASSES = {
     "resnet8-compact": 10_586 + 54 - 1_040,
     "resnet55-compact": 590_858 - 1_040,
     "resnet109-compact": 1_147_274 - 1_040,
+    # edge-stages: the edge keeps the stem and the first stages, with an fc of its
+    # own on their output (64 x 10 + 10 after one stage, 128 x 10 + 10 after two);
+    # the server has the rest: each pair is the whole network plus that fc
+    "resnet56-edge1": 28_762,
+    "resnet56-server1": 591_322 + 650 - 28_762,
+    "resnet56-edge2": 142_554,
+    "resnet56-server2": 591_322 + 1_290 - 142_554,
+    "resnet110-edge1": 56_026,
+    "resnet110-server1": 1_147_738 + 650 - 56_026,
+    "resnet110-edge2": 276_570,
+    "resnet110-server2": 1_147_738 + 1_290 - 276_570,
 }
 
 

@@ -76,6 +76,10 @@ SHARED = {
         "device": "device",
         "seed": "seed",
         "precision": "precision",
+        "feature_noise": "feature_noise",
+        "feature_clip": "feature_clip",
+        "label_epsilon": "label_epsilon",
+        "nopeek_weight": "nopeek_weight",
     },
     EdgeSettings: {
         "epochs": "client_epochs",

@@ -41,6 +41,9 @@ digits 2.86x, one shared 1.11x; the quickstart Net's extractor 1.08x, the MLP's
 2.83x)."""
 RELATIVE_FLOOR = 0.05
 """A channel's reference is at least this share of the largest channel's."""
+NOISE_SIGMAS = 8.0
+"""Standard deviations of declared feature noise a feature value may reach: the
+chance that one of 10^12 Gaussian draws exceeds 8 of them is about 10^-3."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,27 @@ def range_of(decoded: torch.Tensor, logits: np.ndarray | None) -> PayloadRange:
     return PayloadRange(per_channel, largest)
 
 
-def _outside(mine: PayloadRange, others: list[PayloadRange], factor: float) -> str | None:
-    """Why ``mine`` is far outside ``others`` (None: it is not)."""
+def noise_bound(defences: Any) -> float | None:
+    """The largest feature magnitude that a node's declared clip and noise
+    explain (None: it declared no noise): a clipped element is at most the clip
+    itself, and Gaussian noise of standard deviation ``noise * clip`` stays below
+    :data:`NOISE_SIGMAS` of them in any upload a server can hold."""
+    if defences is None or not defences.feature_noise > 0:
+        return None
+    return defences.feature_clip * (1.0 + NOISE_SIGMAS * defences.feature_noise)
+
+
+def _outside(
+    mine: PayloadRange,
+    others: list[PayloadRange],
+    factor: float,
+    explained: float | None = None,
+) -> str | None:
+    """Why ``mine`` is far outside ``others`` (None: it is not); features up to
+    ``explained`` (the declared noise's bound) are taken whatever the others send."""
     same = [o for o in others if o.features.shape == mine.features.shape]
-    if len(same) >= 2 and mine.features.size:
+    noise_explains = explained is not None and float(mine.features.max(initial=0.0)) <= explained
+    if len(same) >= 2 and mine.features.size and not noise_explains:
         reference = np.median(np.stack([o.features for o in same]), axis=0)
         floor = RELATIVE_FLOOR * float(reference.max())
         limit = factor * np.maximum(reference, floor)
@@ -126,7 +146,8 @@ class FederationRange:
         for reply in replies:
             mine = fresh.get(reply.key) if reply.digest is not None else None
             others = [v for k, v in everyone.items() if k != reply.key]
-            reason = None if mine is None else _outside(mine, others, self.factor)
+            explained = noise_bound(getattr(reply, "defences", None))
+            reason = None if mine is None else _outside(mine, others, self.factor, explained)
             if reason is None:
                 kept.append(reply)
                 if mine is not None:

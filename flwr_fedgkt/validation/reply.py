@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from ..codec import FeaturePayload, NodeKey, PayloadError, decode_features, wire_dtype
 from ..compression import CompressionError, inflate
 from ..identity import PROOF_KEY, PUBLIC_KEY, statement, verify_proof
+from ..privacy import Defences
 from ..registry import KeyProof, NodeRegistry, features_digest
 from ..sketch import sketches_of
 from .federation import PayloadRange, range_of
@@ -107,6 +108,7 @@ class AcceptedReply:
     proof: KeyProof | None = None  # its proof of the key (None: it sent none)
     sketches: np.ndarray | None = None  # its samples' sketches (None: it sent no features)
     span: PayloadRange | None = None  # its features' and logits' range (likewise)
+    defences: Defences = field(default_factory=Defences)  # what the node says it applied
 
 
 @dataclass
@@ -224,6 +226,10 @@ class ReplyValidator:
                 f"({self.extractor_digest!r}): build every node's edge model from the same "
                 "seed and keep its extractor frozen (FedGKTClient(freeze_extractor=True))"
             )
+        try:
+            defences = Defences.from_meta(meta)
+        except ValueError as err:
+            raise PayloadError(f"defences: {err}") from None
         codec = meta.get(COMPRESSION_KEY, "none")
         if codec not in ("none", self.compression):
             raise PayloadError(f"compression {codec!r}, the round uses {self.compression!r}")
@@ -266,6 +272,7 @@ class ReplyValidator:
             proof,
             sketches,
             span,
+            defences,
         )
 
     def _check_before_inflating(

@@ -23,6 +23,7 @@ from flwr_fedgkt.edge_data import edge_generator
 from flwr_fedgkt.models import build_model
 from flwr_fedgkt.node import load_node_partition, partition_ids
 from flwr_fedgkt.stragglers import node_slowdown, straggle
+from flwr_fedgkt.threads import FairThreads
 
 from .config import FedAvgConfig
 from .task import evaluate_model, make_optimizer, train_model
@@ -54,6 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model ``client-epochs`` epochs on this node's training split."""
     began = time.perf_counter()
     config = FedAvgConfig.from_mapping(context.run_config)
+    FairThreads(config.run.torch_threads).start()  # torch-threads, as FedGKT's nodes
     partition_id, partition = node_partition(context, config)
     round_config = msg.content.config_records.get(CONFIG_KEY, ConfigRecord())
     server_round = int(round_config.get("server-round", 0))  # type: ignore[arg-type]
@@ -90,6 +92,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the global model on this node's test split."""
     began = time.perf_counter()
     config = FedAvgConfig.from_mapping(context.run_config)
+    FairThreads(config.run.torch_threads).start()
     _, partition = node_partition(context, config)
     model = global_model(msg, config, partition.num_classes)
     scores = evaluate_model(model, partition.test, device=resolve_device(config.run.device))
