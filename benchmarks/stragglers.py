@@ -122,7 +122,6 @@ def run_config(method: str, partitioner: str, seed: int, args, slow: bool, out: 
     if method == "fedavg-timeout":
         timeout = args.fedavg_timeout or auto_timeout(out.parent.parent / "fedavg" / out.name)
         values["round-timeout"] = timeout
-        values["query-timeout"] = timeout
     return " ".join(f"{key}={_toml(value)}" for key, value in values.items())
 
 

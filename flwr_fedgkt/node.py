@@ -343,7 +343,7 @@ class EdgeNode:
         feature noise drawn for ``release_key``: the round, or 0 for every round
         while the extractor is frozen (the same features, which the server then
         holds, so that nothing is sent again)."""
-        if not self.defences.active:
+        if not self.defences.active or len(extracted.ids) == 0:
             return extracted
         features, labels = release(
             extracted.features,

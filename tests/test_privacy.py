@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from flwr_fedgkt import FedGKTClient
 from flwr_fedgkt.accounting import model_profile
-from flwr_fedgkt.codec import EncodedFeatures, decode_features, encode_features, encoded_digest
+from flwr_fedgkt.codec import (
+    EncodedFeatures,
+    FeaturePayload,
+    decode_features,
+    encode_features,
+    encoded_digest,
+)
 from flwr_fedgkt.edge import EdgeTrainer
 from flwr_fedgkt.local import local_engine
 from flwr_fedgkt.models import build_model, count_parameters
@@ -34,7 +40,10 @@ from flwr_fedgkt.privacy import (
 )
 from flwr_fedgkt.records import FEATURES_KEY, META_KEY
 from flwr_fedgkt.records import record_arrays as arrays_of
+from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.settings import ConfigError, RunConfig
+from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.validation.federation import FederationRange, PayloadRange
 
 CLASSES, WIDTH = 4, 64
 
@@ -430,3 +439,77 @@ def test_a_run_with_two_stages_on_the_edge_trains_on_their_features() -> None:
     assert tuple(engine.store.node_features("0").shape[1:]) == (128, 16, 16)
     with pytest.raises(ConfigError, match="edge-stages"):
         RunConfig.from_mapping({"edge-stages": 1, "compact-features": True})
+
+
+# -- the server learns from what arrives ------------------------------------------------
+class _Reply:
+    """What the federation screen reads of an accepted reply."""
+
+    def __init__(self, key: str, largest: float, defences: Defences | None = None) -> None:
+        self.key, self.digest, self.payload = key, "fresh", None
+        self.span = PayloadRange(np.full(4, largest), 5.0)
+        self.defences = defences if defences is not None else Defences()
+
+
+def test_declared_noise_is_not_taken_for_an_out_of_range_node() -> None:
+    # Prepare: two clean nodes whose features reach 7; a third whose clipped
+    # features (clip 50) carry noise of sd 50 and reach 300, 43x their median
+    screen = FederationRange()
+    noisy = Defences(feature_noise=1.0, feature_clip=50.0)
+    clean = [_Reply("a", 7.0), _Reply("b", 7.0)]
+    # Execute
+    kept, refused = screen.screen([*clean, _Reply("c", 300.0, noisy)], "train")
+    _, refused_undeclared = FederationRange().screen([*clean, _Reply("c", 300.0)], "train")
+    _, refused_beyond = FederationRange().screen([*clean, _Reply("c", 500.0, noisy)], "train")
+    # Assert: what the declared noise explains (50 x (1 + 8 x 1) = 450) is taken;
+    # the same values undeclared, or beyond the noise's reach, are refused
+    assert [r.key for r in kept] == ["a", "b", "c"] and refused == []
+    assert [r.key for r, _ in refused_undeclared] == ["c"]
+    assert [r.key for r, _ in refused_beyond] == ["c"]
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, CLASSES)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc(features)
+
+
+def test_the_server_trains_and_scores_noisy_labels_with_their_flip_probability() -> None:
+    # Prepare: one node's 16 samples in one batch, its labels kept with 0.6
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(16, 6, generator=gen)
+    with torch.no_grad():  # labels the model mostly predicts already (12 of 16)
+        labels = _Linear()(features).argmax(1)
+    labels[12:] = (labels[12:] + 1) % CLASSES
+    trainer = ServerTrainer(
+        model=_Linear(),
+        feature_shape=(6,),
+        batch_size=16,
+        precision="float32",
+        device="cpu",
+        alpha=0.0,
+        torch_threads=1,
+    )
+    store = FeatureStore()
+    encoded = encode_features(features, "float32")
+    store.put(
+        "n",
+        FeaturePayload(encoded, np.zeros((16, CLASSES), np.float32), labels.numpy(), np.arange(16)),
+        1,
+    )
+    trainer.label_keep["n"] = 0.6
+    with torch.no_grad():
+        before = _Linear()(features)
+    # Execute
+    result = trainer.train(store, 1)
+    # Assert: the step's cross-entropy is the corrected one on the model's logits
+    # before it; scoring reports the debiased accuracy, not the agreement
+    assert result.ce == pytest.approx(float(corrected_cross_entropy(before, labels, 0.6)), rel=1e-5)
+    scores = trainer.evaluate(features, labels, label_keep=0.6)
+    agreement = float((trainer.predict(features).argmax(1) == labels).float().mean())
+    assert scores["accuracy"] == pytest.approx(debiased_accuracy(agreement, 0.6, CLASSES))
+    assert scores["accuracy"] != pytest.approx(agreement)

@@ -94,6 +94,90 @@ PLANTS = [
         "                next_poll = float('inf')",
         ["tests/test_async.py::test_nodes_join_and_leave_mid_run"],
     ),
+    (
+        "privacy: features not clipped",
+        "flwr_fedgkt/privacy/mechanisms.py",
+        "    scale = torch.clamp(clip / norms.clamp_min(1e-12), max=1.0)",
+        "    scale = torch.ones_like(norms)",
+        ["tests/test_privacy.py::test_clipped_features_on_the_wire_are_within_the_clip"],
+    ),
+    (
+        "privacy: noise of sd `noise` instead of `noise * clip`",
+        "flwr_fedgkt/privacy/mechanisms.py",
+        "    return clipped + draw * (noise * clip)",
+        "    return clipped + draw * noise",
+        ["tests/test_privacy.py::test_the_noise_on_the_wire_has_the_configured_standard_deviation"],
+    ),
+    (
+        "privacy: randomized response keeps too few labels",
+        "flwr_fedgkt/privacy/mechanisms.py",
+        "    flip = torch.rand(labels.shape, generator=generator) >= keep",
+        "    flip = torch.rand(labels.shape, generator=generator) >= keep * 0.9",
+        ["tests/test_privacy.py::test_randomized_response_flips_at_the_configured_rate"],
+    ),
+    (
+        "privacy: the accountant counts one release whatever the count",
+        "flwr_fedgkt/privacy/accountant.py",
+        "        accountant.compose(GaussianDpEvent(multiplier), count)",
+        "        accountant.compose(GaussianDpEvent(multiplier), 1)",
+        [
+            "tests/test_privacy.py::test_the_accountant_matches_the_analytic_gaussian_mechanism_over_a_real_runs_releases"
+        ],
+    ),
+    (
+        "privacy: fresh noise every round with a frozen extractor",
+        "flwr_fedgkt/node.py",
+        "        release_key = 0 if frozen or trainer.stem is not None else server_round",
+        "        release_key = server_round",
+        ["tests/test_privacy.py::test_a_frozen_extractor_sends_the_same_noisy_features_once"],
+    ),
+    (
+        "privacy: noise drawn from the run's seed",
+        "flwr_fedgkt/node.py",
+        "            secret=trainer.privacy_secret,",
+        "            secret=self.seed,",
+        ["tests/test_privacy.py::test_the_noise_comes_from_the_nodes_own_secret_not_the_run_seed"],
+    ),
+    (
+        "privacy: declared noise not taken into account by the range screen",
+        "flwr_fedgkt/validation/federation.py",
+        '            explained = noise_bound(getattr(reply, "defences", None))',
+        "            explained = None",
+        ["tests/test_privacy.py::test_declared_noise_is_not_taken_for_an_out_of_range_node"],
+    ),
+    (
+        "privacy: the server's loss ignores the label flips",
+        "flwr_fedgkt/server.py",
+        "        if self.label_keep:\n",
+        "        if False:\n",
+        [
+            "tests/test_privacy.py::test_the_server_trains_and_scores_noisy_labels_with_their_flip_probability"
+        ],
+    ),
+    (
+        "privacy: the server scores noisy test labels as if they were true",
+        "flwr_fedgkt/server_step.py",
+        "                    self.label_keep(reply),\n",
+        "                    1.0,\n",
+        [
+            "tests/test_privacy.py::test_the_server_trains_and_scores_noisy_labels_with_their_flip_probability",
+            "tests/test_e2e_privacy.py",
+        ],
+    ),
+    (
+        "privacy: a round asks for less and the node complies",
+        "flwr_fedgkt/client.py",
+        "            defences=self.defences.at_least(asked),",
+        "            defences=asked,",
+        ["tests/test_privacy.py::test_the_server_can_ask_for_more_protection_never_less"],
+    ),
+    (
+        "privacy: NoPeek's term dropped",
+        "flwr_fedgkt/edge.py",
+        "                loss = loss + nopeek_weight * distance_correlation(images, features.float())",
+        "                loss = loss + 0 * distance_correlation(images, features.float())",
+        ["tests/test_privacy.py::test_nopeek_makes_features_say_less_about_the_inputs"],
+    ),
 ]
 only = sys.argv[1:]
 for i, (name, path, old, new, tests) in enumerate(PLANTS):

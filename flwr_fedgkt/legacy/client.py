@@ -20,6 +20,7 @@ from ..edge import LogitTable, evaluate_metrics, train_metrics
 from ..edge_data import EdgeData
 from ..edge_state import edge_state_store
 from ..node import EdgeNode, EdgeSettings, RoundInstructions, partition_node
+from ..privacy import Defences
 from ..settings import RunConfig
 from ..validation import NODE_KEY
 from .wire import EVALUATE_ARRAY_PREFIX, EVALUATE_ARRAYS, FIT_ARRAYS, array_names
@@ -182,15 +183,18 @@ class FedGKTNumPyClient(NumPyClient):
         shared = self.config.shared_extractor_init
         return _seeded(model, self.config.seed + (0 if shared else self.partition_id))
 
-    def _node(self) -> EdgeNode:
+    def _node(self, round_config: Mapping[str, Scalar]) -> EdgeNode:
         """The node's round, its edge state in ``context.state`` (and
         ``client-state-dir``): the built-in app's node, with the user's edge model
-        when given."""
+        when given; its defences the run config's, raised to what the round asks."""
         store = ContextStateStore(self.context)
         factory = self._model_factory()
+        defences = self.config.defences.at_least(Defences.from_meta(round_config))
         if factory is None:
             assert self.num_classes is not None  # checked in __init__
-            return partition_node(self.config, self.partition_id, self.num_classes, store)
+            node = partition_node(self.config, self.partition_id, self.num_classes, store)
+            node.defences = defences
+            return node
         config = self.config
         return EdgeNode(
             factory,
@@ -201,6 +205,7 @@ class FedGKTNumPyClient(NumPyClient):
             device=config.device,
             freeze_extractor=config.freeze_extractor,
             precision=config.precision,
+            defences=defences,
         )
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
@@ -239,7 +244,7 @@ class FedGKTNumPyClient(NumPyClient):
                 f"expected [] or [ids, logits] as parameters, got {len(parameters)} arrays"
             )
         teacher = LogitTable(parameters[0], parameters[1]) if parameters else None
-        node = self._node()
+        node = self._node(config)
         extracted, metrics = node.train(
             self.train_set, server_round, teacher, node.settings.for_round(config), ins.frozen
         )
@@ -248,6 +253,7 @@ class FedGKTNumPyClient(NumPyClient):
             "server-round": server_round,
             "feature-dtype": dtype,
             NODE_KEY: self.node_key,
+            **node.defences.meta(),
         }
         reply.update(train_metrics(metrics))
         return (
@@ -270,12 +276,14 @@ class FedGKTNumPyClient(NumPyClient):
         """
         ins = RoundInstructions.from_config(config, self.config.feature_dtype)
         server_round, dtype = ins.server_round, ins.dtype
-        extracted, scores = self._node().evaluate(self.test_set, server_round)
+        node = self._node(config)
+        extracted, scores = node.evaluate(self.test_set, server_round)
         arrays = extracted.arrays(dtype, with_logits=False)
         reply: dict[str, Scalar] = {
             "server-round": server_round,
             "feature-dtype": dtype,
             NODE_KEY: self.node_key,
+            **node.defences.meta(),
             **evaluate_metrics(scores),
         }
         for name in array_names(EVALUATE_ARRAYS, dtype):
