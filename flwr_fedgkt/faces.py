@@ -124,7 +124,7 @@ class HoldsEngine:
             min_train_nodes=config.min_train_nodes,
             min_evaluate_nodes=config.min_evaluate_nodes,
             min_available_nodes=config.min_available_nodes,
-            query_timeout=config.query_timeout,
+            query_timeout=min(config.query_timeout, config.round_timeout),
             on_round_end=on_round_end,
             sample_ids=sample_ids,
             **{**engine_settings(config, output_dir), **cls.face_settings(config)},

@@ -237,7 +237,7 @@ class Settings:
     query_timeout: float = option(
         300.0,
         "seconds the server waits for new nodes to say their key (a `query` Message), before "
-        "the first round in which they are sampled",
+        "the first round in which they are sampled; at most `round-timeout` is waited",
     )
     resume_from: str = option(
         "",
@@ -415,8 +415,8 @@ class Settings:
             fail("max-feature-abs", "must be positive")
         if not self.max_logit_abs > 0:
             fail("max-logit-abs", "must be positive")
-        if not 0 < self.query_timeout <= self.round_timeout:
-            fail("query-timeout", "must be positive and at most round-timeout")
+        if not self.query_timeout > 0:
+            fail("query-timeout", "must be positive")
         if self.max_idle_rounds < 0:
             fail("max-idle-rounds", "must not be negative (0: never stop)")
         if self.max_staleness < -1:

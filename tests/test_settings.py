@@ -176,5 +176,15 @@ def test_every_option_has_one_line_of_documentation() -> None:
 
 def test_a_bad_option_value_is_named() -> None:
     # Execute / Assert
-    with pytest.raises(ConfigError, match="'query-timeout' = 5000.0: must be positive and at most"):
-        Settings.from_mapping({"query-timeout": 5000.0})
+    with pytest.raises(ConfigError, match="'query-timeout' = -1.0: must be positive"):
+        Settings.from_mapping({"query-timeout": -1.0})
+
+
+def test_a_round_timeout_below_the_query_timeout_caps_the_key_query() -> None:
+    # Prepare: a run config that shortens only the round timeout (its
+    # query-timeout, 300 s by default, comes from pyproject.toml all the same)
+    config = Settings.from_mapping({"round-timeout": 60.0, "query-timeout": 300.0})
+    # Execute
+    strategy = FedGKT.from_run_config(config, 10)
+    # Assert: valid, and the key query waits no longer than a round
+    assert strategy.query_timeout == 60.0
