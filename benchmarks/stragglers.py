@@ -236,7 +236,7 @@ def report(root: Path, settings: list[str], methods: list[str], seeds: list[int]
         ax.set_title(setting)
         ax.set_xlabel("wall seconds")
         ax.set_ylabel("test accuracy (%), mean over seeds")
-        ax.set_ylim(50, 100)
+        ax.set_ylim(0, 100)
         ax.axhline(95, color="grey", linewidth=0.5)
         ax.legend()
     fig.tight_layout()
