@@ -513,3 +513,33 @@ def test_the_server_trains_and_scores_noisy_labels_with_their_flip_probability()
     agreement = float((trainer.predict(features).argmax(1) == labels).float().mean())
     assert scores["accuracy"] == pytest.approx(debiased_accuracy(agreement, 0.6, CLASSES))
     assert scores["accuracy"] != pytest.approx(agreement)
+
+
+def test_a_rounds_accuracy_under_label_dp_is_the_debiased_estimate() -> None:
+    # Prepare: two synthetic nodes whose labels (test labels too) go through
+    # randomized response with epsilon 1 over 10 classes
+    config = RunConfig.from_mapping(
+        {
+            "dataset": "synthetic",
+            "synthetic-samples-per-node": 40,
+            "num-server-rounds": 2,
+            "batch-size": 8,
+            "label-epsilon": 1.0,
+            "torch-threads": 1,
+        }
+    )
+    # Execute
+    engine = local_engine(config, 2).engine
+    # Assert: the record's accuracy is, per node, the agreement of the server's
+    # predictions with the noisy test labels it holds, debiased, then weighted
+    keep = keep_probability(1.0, 10)
+    estimates, weights = [], []
+    for key in ("0", "1"):
+        payload = engine.step.test_cache[key][1]
+        predicted = engine.trainer.predict(decode_features(payload.features)).argmax(1)
+        agreement = float((predicted == torch.from_numpy(payload.labels)).float().mean())
+        estimates.append(debiased_accuracy(agreement, keep, 10))
+        weights.append(payload.num_samples)
+    expected = sum(e * w for e, w in zip(estimates, weights, strict=True)) / sum(weights)
+    assert engine.history[-1]["accuracy"] == pytest.approx(expected)
+    assert engine.history[-1]["privacy"]["label_flip"] == pytest.approx(1 - keep)

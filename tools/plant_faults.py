@@ -160,8 +160,7 @@ PLANTS = [
         "                    self.label_keep(reply),\n",
         "                    1.0,\n",
         [
-            "tests/test_privacy.py::test_the_server_trains_and_scores_noisy_labels_with_their_flip_probability",
-            "tests/test_e2e_privacy.py",
+            "tests/test_privacy.py::test_a_rounds_accuracy_under_label_dp_is_the_debiased_estimate",
         ],
     ),
     (
