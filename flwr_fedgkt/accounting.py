@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import COMPACT, SERVER_MODELS, build_model, count_parameters, feature_shape_of
+from .models import build_model, count_parameters, feature_shape_of, is_server_model
 
 __all__ = [
     "input_shape",
@@ -40,7 +40,7 @@ __all__ = [
 
 def input_shape(name: str) -> tuple[int, int, int]:
     """Per-sample input shape: features for server models, images otherwise."""
-    if name.removesuffix(COMPACT) in SERVER_MODELS or "-server" in name:
+    if is_server_model(name):
         return feature_shape_of(name)
     return (3, 32, 32)
 

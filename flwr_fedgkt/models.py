@@ -45,6 +45,7 @@ __all__ = [
     "FULL_MODEL_OF",
     "FULL_MODELS",
     "MAX_EDGE_STAGES",
+    "is_server_model",
     "staged_names",
 ]
 
@@ -258,6 +259,20 @@ MODEL_NAMES = tuple(_FACTORIES)
 EDGE_MODEL = "resnet8"
 SERVER_MODELS = ("resnet55", "resnet109")
 """Server models: the rest of a ResNet-56 / ResNet-110 after the edge's stem."""
+
+
+def is_server_model(name: str) -> bool:
+    """Whether ``name`` is a built-in server model (it takes features): one of
+    :data:`SERVER_MODELS`, its compact variant, or the rest of its network after
+    ``edge-stages``."""
+    staged = {
+        staged_names(server, stages)[1]
+        for server in STAGED
+        for stages in range(1, MAX_EDGE_STAGES + 1)
+    }
+    return name.removesuffix(COMPACT) in SERVER_MODELS or name in staged
+
+
 COMPACT = "-compact"
 """The suffix of the compact models' names."""
 FULL_MODEL_OF = {"resnet55": "resnet56", "resnet109": "resnet110"}

@@ -374,11 +374,16 @@ def edge_model_factory(
 
 
 def partition_node(
-    config: RunConfig, partition_id: int, num_classes: int, store: EdgeStateStore
+    config: RunConfig,
+    partition_id: int,
+    num_classes: int,
+    store: EdgeStateStore,
+    defences: Defences | None = None,
 ) -> EdgeNode:
     """The built-in app's node for a partition: ResNet-8 (:func:`edge_model_factory`),
     the run config's edge settings, device and ``freeze-extractor``, its state in
-    ``store`` (and in ``client-state-dir`` when set)."""
+    ``store`` (and in ``client-state-dir`` when set), and ``defences`` (the run
+    config's when None)."""
     return EdgeNode(
         edge_model_factory(config, num_classes, partition_id),
         edge_state_store(store, config.client_state_dir, str(partition_id)),
@@ -389,5 +394,5 @@ def partition_node(
         freeze_extractor=config.freeze_extractor,
         precision=config.precision,
         torch_threads=config.torch_threads,
-        defences=config.defences,
+        defences=config.defences if defences is None else defences,
     )

@@ -19,14 +19,12 @@ from torch import Tensor, nn
 
 from .models import (
     COMPACT,
-    MAX_EDGE_STAGES,
     SERVER_MODELS,
-    STAGED,
     extractor_and_server,
     feature_shape_of,
+    is_server_model,
     module_digest,
     seeded_model,
-    staged_names,
 )
 
 if TYPE_CHECKING:
@@ -78,12 +76,7 @@ def server_model(
         Seeds the built-in model's initialisation.
     """
     if model is None:
-        staged = any(
-            model_name == staged_names(s, n)[1]
-            for s in STAGED
-            for n in range(1, MAX_EDGE_STAGES + 1)
-        )
-        if model_name.removesuffix(COMPACT) not in SERVER_MODELS and not staged:
+        if not is_server_model(model_name):
             raise ValueError(
                 f"server model must be one of {', '.join(SERVER_MODELS)} (or their "
                 f"{COMPACT} variants, or the rest of one after edge-stages), got {model_name!r}"

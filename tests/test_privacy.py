@@ -40,6 +40,7 @@ from flwr_fedgkt.privacy import (
 )
 from flwr_fedgkt.records import FEATURES_KEY, META_KEY
 from flwr_fedgkt.records import record_arrays as arrays_of
+from flwr_fedgkt.rounds import RoundEngine
 from flwr_fedgkt.server import ServerTrainer
 from flwr_fedgkt.settings import ConfigError, RunConfig
 from flwr_fedgkt.store import FeatureStore
@@ -91,6 +92,19 @@ def _clean_features(client: FedGKTClient, context: Context) -> Tensor:
     """The node's features as its newest state extracts them, before any defence."""
     trainer = client.node(context).trainer()
     return trainer.extract(client._train_samples).features
+
+
+def _synthetic_run(rounds: int, samples: int = 24, **keys: object) -> RoundEngine:
+    """The engine after ``rounds`` in-process rounds of two synthetic nodes with
+    ``samples`` samples each and the run-config ``keys``."""
+    base = {
+        "dataset": "synthetic",
+        "synthetic-samples-per-node": samples,
+        "num-server-rounds": rounds,
+        "batch-size": 8,
+        "torch-threads": 1,
+    }
+    return local_engine(RunConfig.from_mapping({**base, **keys}), 2).engine
 
 
 def _model() -> nn.Module:
@@ -319,21 +333,9 @@ def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
 
 def test_the_accountant_matches_the_analytic_gaussian_mechanism_over_a_real_runs_releases() -> None:
     # Prepare: three rounds of two synthetic nodes with noise 3.0
-    config = RunConfig.from_mapping(
-        {
-            "dataset": "synthetic",
-            "synthetic-samples-per-node": 24,
-            "num-server-rounds": 3,
-            "server-model": "resnet55",
-            "batch-size": 8,
-            "feature-dtype": "float16",
-            "feature-noise": 3.0,
-            "feature-clip": 10.0,
-            "torch-threads": 1,
-        }
-    )
+    keys = {"feature-dtype": "float16", "feature-noise": 3.0, "feature-clip": 10.0}
     # Execute
-    engine = local_engine(config, 2).engine
+    engine = _synthetic_run(3, **keys)
     history = engine.history
     # Assert: k releases per node, as many as rounds; epsilon at delta 1e-5 is
     # the analytic value at sigma / sqrt(k)
@@ -350,20 +352,9 @@ def test_the_accountant_matches_the_analytic_gaussian_mechanism_over_a_real_runs
 
 def test_a_frozen_extractor_releases_its_training_features_once() -> None:
     # Prepare
-    config = RunConfig.from_mapping(
-        {
-            "dataset": "synthetic",
-            "synthetic-samples-per-node": 24,
-            "num-server-rounds": 3,
-            "batch-size": 8,
-            "feature-noise": 3.0,
-            "feature-clip": 10.0,
-            "freeze-extractor": True,
-            "torch-threads": 1,
-        }
-    )
+    keys = {"feature-noise": 3.0, "feature-clip": 10.0, "freeze-extractor": True}
     # Execute
-    engine = local_engine(config, 2).engine
+    engine = _synthetic_run(3, **keys)
     history = engine.history
     # Assert: one release of each split, however many rounds
     ledger = engine.step.ledger
@@ -421,18 +412,8 @@ def test_edge_stages_move_whole_stages_of_the_network_to_the_edge(stages: int) -
 
 def test_a_run_with_two_stages_on_the_edge_trains_on_their_features() -> None:
     # Prepare
-    config = RunConfig.from_mapping(
-        {
-            "dataset": "synthetic",
-            "synthetic-samples-per-node": 24,
-            "num-server-rounds": 1,
-            "batch-size": 8,
-            "edge-stages": 2,
-            "torch-threads": 1,
-        }
-    )
     # Execute
-    engine = local_engine(config, 2).engine
+    engine = _synthetic_run(1, **{"edge-stages": 2})
     # Assert
     record = engine.history[-1]
     assert record["rejected_replies"] == [] and record["eval_nodes"] == 2
@@ -518,18 +499,8 @@ def test_the_server_trains_and_scores_noisy_labels_with_their_flip_probability()
 def test_a_rounds_accuracy_under_label_dp_is_the_debiased_estimate() -> None:
     # Prepare: two synthetic nodes whose labels (test labels too) go through
     # randomized response with epsilon 1 over 10 classes
-    config = RunConfig.from_mapping(
-        {
-            "dataset": "synthetic",
-            "synthetic-samples-per-node": 40,
-            "num-server-rounds": 2,
-            "batch-size": 8,
-            "label-epsilon": 1.0,
-            "torch-threads": 1,
-        }
-    )
     # Execute
-    engine = local_engine(config, 2).engine
+    engine = _synthetic_run(2, samples=40, **{"label-epsilon": 1.0})
     # Assert: the record's accuracy is, per node, the agreement of the server's
     # predictions with the noisy test labels it holds, debiased, then weighted
     keep = keep_probability(1.0, 10)

@@ -177,6 +177,27 @@ PLANTS = [
         "                loss = loss + 0 * distance_correlation(images, features.float())",
         ["tests/test_privacy.py::test_nopeek_makes_features_say_less_about_the_inputs"],
     ),
+    (
+        "privacy: noisy labels drawn afresh every release",
+        "flwr_fedgkt/privacy/__init__.py",
+        '        generator = secret_generator(secret, "labels", split)',
+        '        generator = secret_generator(secret, "labels", split, release_key)',
+        ["tests/test_privacy.py::test_a_nodes_noisy_labels_are_drawn_once"],
+    ),
+    (
+        "edge-stages: the server takes the stem's channels after a deeper cut",
+        "flwr_fedgkt/models.py",
+        "        return ServerResNet((blocks,) * (3 - stages), n, _stage_width(stages), first=stages)",
+        "        return ServerResNet((blocks,) * (3 - stages), n, first=stages)",
+        ["tests/test_privacy.py::test_edge_stages_move_whole_stages_of_the_network_to_the_edge"],
+    ),
+    (
+        "query-timeout not capped at round-timeout",
+        "flwr_fedgkt/faces.py",
+        "            query_timeout=min(config.query_timeout, config.round_timeout),",
+        "            query_timeout=config.query_timeout,",
+        ["tests/test_settings.py::test_a_round_timeout_below_the_query_timeout_caps_the_key_query"],
+    ),
 ]
 only = sys.argv[1:]
 for i, (name, path, old, new, tests) in enumerate(PLANTS):

@@ -192,9 +192,7 @@ class FedGKTNumPyClient(NumPyClient):
         defences = self.config.defences.at_least(Defences.from_meta(round_config))
         if factory is None:
             assert self.num_classes is not None  # checked in __init__
-            node = partition_node(self.config, self.partition_id, self.num_classes, store)
-            node.defences = defences
-            return node
+            return partition_node(self.config, self.partition_id, self.num_classes, store, defences)
         config = self.config
         return EdgeNode(
             factory,
