@@ -18,8 +18,11 @@ as stored at that epoch's start). A reply computed against logits more than
 and flagged.
 
 Every ``eval-every`` epochs the model is scored on each node's newest test
-upload and a record is written (``round`` = the evaluation's index); every
-``checkpoint-every`` epochs a checkpoint. The run ends after ``total_epochs``
+upload that the server has trained with (a test upload counts from the end of
+the first epoch that began after it arrived, which trained on the features of
+the same extractor that came with it, as a round does) and a record is written
+(``round`` = the evaluation's index); every ``checkpoint-every`` epochs a
+checkpoint. The run ends after ``total_epochs``
 epochs or ``time_budget`` seconds, whichever comes first (both checked between
 epochs).
 
@@ -119,7 +122,8 @@ class ContinuousServer:
         self.version = engine.version_offset  # server epochs done (before a resume too)
         self.evaluations = engine.round_offset  # records written
         self.error: BaseException | None = None
-        self._pending: list[AcceptedReply] = []  # accepted, stored when an epoch ends
+        self._pending: list[AcceptedReply] = []  # accepted, stored when an epoch begins
+        self._pending_tests: list[AcceptedReply] = []  # scored from the end of that epoch
         self._tests: dict[NodeKey, AcceptedReply] = {}  # newest test upload per key
         self._tested: set[NodeKey] = set()  # keys with a test upload since the last record
         self._period = _Period()
@@ -186,6 +190,11 @@ class ContinuousServer:
         nothing trained) when the store is empty."""
         with self.lock:
             arrived, self._pending = self._pending, []
+            # a test upload counts once the server has trained on the training
+            # upload that came with it (the same extractor's features), as in a round
+            for tested in self._pending_tests:
+                self._tests[tested.key] = tested
+            self._pending_tests = []
             self.log.cached_feature_nodes += self.engine.step.keep(arrived, self.version)
             self.engine.step.drop_stale(self.version)
         if not len(self.engine.store):
@@ -237,7 +246,7 @@ class ContinuousServer:
     ) -> AcceptedReply | None:
         """Validate a node's reply to ``instruction`` exactly as in rounds (its
         test upload on its own); keep what passes: the training upload for the
-        next epoch, the test upload for the next record. The accepted training
+        next epoch, the test upload for the records after it. The accepted training
         reply, or None."""
         with self.lock:
             log = self.log
@@ -246,7 +255,7 @@ class ContinuousServer:
             if test is not None:
                 tested = self.engine.accept(test, instruction.task, False, log)
             if tested is not None and self.engine.screen(log, [tested], "test"):
-                self._tests[tested.key] = tested
+                self._pending_tests.append(tested)
                 self._tested.add(tested.key)
             if accepted is None or not self.engine.screen(log, [accepted], "train"):
                 self._bad_replies += 1

@@ -222,6 +222,39 @@ def test_a_hostile_reply_is_rejected_as_in_rounds(task_identity, case) -> None:
     assert set(HONEST) | {HOSTILE} >= {int(k) for k in engine.store.nodes()}
 
 
+def test_a_test_upload_is_scored_once_the_server_trained_on_its_features(task_identity) -> None:
+    # Prepare: nodes 1-3 reply before the first epoch; node 9's reply (training
+    # features and test upload from the same extractor) arrives while the
+    # first epoch trains, so that epoch never saw its features
+    records: list[dict] = []
+    engine = hostile_strategy("int8", on_round_end=records.append).engine
+    server = ContinuousServer(engine, total_epochs=2)
+    ins = Instruction(1, None, None, True)
+
+    def accept(train: Message, test: Message) -> None:
+        reply = _with_test_upload(train, test, train)
+        server.accept(MessageReply(reply), MessageReply(reply, test=True), ins)
+
+    for train, test in zip(_honest(1, "int8"), _honest(1, "int8", training=False), strict=True):
+        accept(train, test)
+    late = _hostile()  # an honest reply from node 9
+    train_epoch = engine.trainer.train
+
+    def arrives_mid_epoch(*args, **kwargs):
+        if not records:
+            accept(late(1, "int8", True), late(1, "int8", False))
+        return train_epoch(*args, **kwargs)
+
+    engine.trainer.train = arrives_mid_epoch
+    # Execute
+    assert server.epoch() and server.epoch()
+    # Assert: the first record scores nodes 1-3 alone; node 9 from the second on,
+    # after an epoch that trained on its features
+    assert [r["eval_nodes"] for r in records] == [3, 4]
+    assert "9" not in records[0]["node_accuracy"] and "9" in records[1]["node_accuracy"]
+    assert engine.store.last_round("9") == 1
+
+
 def test_a_killed_async_run_resumes_from_its_checkpoint(task_identity, tmp_path) -> None:
     # Prepare: a run that dies as it writes its third record (as a killed
     # ServerApp would, mid-run), checkpointing every epoch
