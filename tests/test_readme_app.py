@@ -1,11 +1,13 @@
-"""The README's "Use FedGKT in your own Flower app" code runs as written: its
-ServerApp's main drives its ClientApp's handlers on two nodes (messages handed
-over in process), trains past chance and saves the final model; its cut example
+"""The Flower app code of the README ("Use FedGKT in your own Flower app") and of
+the documentation's "Your own Flower app" runs as written: each ServerApp's main
+drives its ClientApp's handlers on two nodes (messages handed over in process),
+trains past chance and saves the final model; the documentation's cut example
 reports the feature shape it states."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,21 +16,45 @@ from inprocess import HandlerGrid, server_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SECTION = (REPO / "README.md").read_text().split("## Use FedGKT in your own Flower app", 1)[1]
-BLOCKS = re.findall(r"```python\n(.*?)```", SECTION.split("\n## ", 1)[0], re.S)
+README_SECTION = "## Use FedGKT in your own Flower app"
 
 
-def _run(code: str) -> dict:
+def python_blocks(path: Path, section: str | None = None) -> list[str]:
+    """The ```python blocks of a Markdown file, or of one of its ``## `` sections."""
+    text = path.read_text()
+    if section is not None:
+        text = text.split(section, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def block_with(blocks: list[str], marker: str) -> str:
+    """The one block that contains ``marker``."""
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"{len(found)} python blocks contain {marker!r}"
+    return found[0]
+
+
+APPS = {
+    "README.md": python_blocks(REPO / "README.md", README_SECTION),
+    "docs/own-app.md": python_blocks(REPO / "docs" / "own-app.md"),
+}
+CUT_EXAMPLE = block_with(python_blocks(REPO / "docs" / "models.md"), "cut_model(")
+
+
+def _run(code: str, source: str) -> dict:
     namespace: dict = {"__name__": "readme"}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, source, "exec"), namespace)
     return namespace
 
 
-def test_the_readme_server_and_client_apps_train_together(
-    task_identity, tmp_path, monkeypatch
+@pytest.mark.parametrize("source", sorted(APPS))
+def test_the_server_and_client_apps_train_together(
+    source, task_identity, tmp_path, monkeypatch
 ) -> None:
-    # Prepare: the README's ServerApp and ClientApp code blocks, as written
-    server, client = _run(BLOCKS[0]), _run(BLOCKS[1])
+    # Prepare: the page's ServerApp and ClientApp code blocks, as written
+    blocks = APPS[source]
+    server = _run(block_with(blocks, "ServerApp()"), source)
+    client = _run(block_with(blocks, "ClientApp()"), source)
     monkeypatch.chdir(tmp_path)
     grid = HandlerGrid(client, num_nodes=2)
     history: list = []
@@ -41,7 +67,7 @@ def test_the_readme_server_and_client_apps_train_together(
 
     server["FedGKT"] = recording
     context = server_context()
-    torch.manual_seed(0)  # the README's models draw from the global RNG
+    torch.manual_seed(0)  # the page's models draw from the global RNG
     # Execute
     server["main"](grid, context)
     # Assert: five rounds, no reply rejected or failed, far past chance (0.1)
@@ -51,13 +77,13 @@ def test_the_readme_server_and_client_apps_train_together(
         assert record["rejected_replies"] == [] and record["failed_nodes"] == [], record
     assert rounds[-1]["accuracy"] > 0.6, [r["accuracy"] for r in rounds]
     assert rounds[1]["bytes_down"] > 0  # server logits went back for KD
-    # ... and the final model loads back into the README's server model
+    # ... and the final model loads back into the page's server model
     saved = torch.load(tmp_path / "final_model.pt", weights_only=True)
     assert set(saved) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert saved["2.weight"].shape == (10, 128)
 
 
-def test_the_readme_cut_example_states_the_feature_shape_it_gets() -> None:
-    namespace = _run(BLOCKS[2])
+def test_the_cut_example_states_the_feature_shape_it_gets() -> None:
+    namespace = _run(CUT_EXAMPLE, "docs/models.md")
     assert namespace["pair"].feature_shape == (64, 8, 8)
-    assert "(64, 8, 8)" in BLOCKS[2]
+    assert "(64, 8, 8)" in CUT_EXAMPLE

@@ -1,11 +1,13 @@
 """Every option is written once (flwr_fedgkt.settings.Settings): pyproject's run
-config, the README's option table and the defaults of every layer (the
+config, the documentation's option table and the defaults of every layer (the
 strategies, the client, the server trainer, the round engine, the edge settings)
 must agree with it."""
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import re
 import tomllib
 from dataclasses import fields
 
@@ -155,16 +157,33 @@ def test_pyproject_run_config_is_the_settings_defaults() -> None:
     assert {k: v for k, v in table.items() if expected[k] != v} == {}
 
 
-def test_readme_option_table_is_generated_from_the_settings() -> None:
-    # Prepare
-    lines = (REPO / "README.md").read_text().splitlines()
+def _without_link_targets(row: str) -> str:
+    return re.sub(r"\]\([^)]*\)", "]()", row)
+
+
+def test_docs_option_table_is_generated_from_the_settings() -> None:
+    # Prepare: the run-configuration page as written, and the site's hooks
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    page = (REPO / "docs" / "configuration.md").read_text()
+    # Execute: what MkDocs renders from it
+    rendered = hooks.on_page_markdown(page, page=None, config=None, files=None)
+    # Assert: the page holds the marker and no table written by hand ...
+    assert page.count(hooks.OPTION_TABLE) == 1
+    assert "| key | default | meaning |" not in page
+    # ... and renders option_table(), row for row in the settings' order, its
+    # links only pointing to this site's pages
+    lines = rendered.splitlines()
     start = lines.index("| key | default | meaning |")
-    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
-    # Execute
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     table = lines[start:end]
-    # Assert: row for row, in the settings' order (regenerate with
-    # `python -m flwr_fedgkt.settings`)
-    assert table == option_table().splitlines()
+    expected = option_table().splitlines()
+    assert [_without_link_targets(row) for row in table] == [
+        _without_link_targets(row) for row in expected
+    ]
+    assert hooks.OPTION_TABLE not in rendered and "](#" not in "\n".join(table)
 
 
 def test_every_option_has_one_line_of_documentation() -> None:
