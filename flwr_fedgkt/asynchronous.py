@@ -139,6 +139,7 @@ class AsyncFedGKT(FedGKT):
         self.summary()
         total_epochs = num_rounds * self.engine.server_epochs
         load_initial_arrays(self.trainer, initial_arrays, self.extractor)
+        self.trainer.decay_over(total_epochs)
         grid = prompt(grid)
         self._grid = grid
         self.engine.connected = self._connected
@@ -153,8 +154,6 @@ class AsyncFedGKT(FedGKT):
             self.max_logit_age,
         )
         self.server = server
-        # the rate decays over the epochs or the clock, whichever ends the run first
-        self.trainer.decay_over(total_epochs, server.spent if self.budget.seconds else None)
         learn_keys(grid, self.engine, node_ids, self.query_timeout)
         config = dict(train_config or ConfigRecord())
         server.start()

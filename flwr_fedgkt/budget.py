@@ -54,13 +54,6 @@ class TimeBudget:
             and (self.clock() - self.began >= self.seconds)
         )
 
-    def fraction(self) -> float:
-        """The fraction of the budget spent, 0 to 1 (0 without a limit or before
-        :meth:`start`)."""
-        if not self.seconds or self.began is None:
-            return 0.0
-        return min(1.0, (self.clock() - self.began) / self.seconds)
-
     def check(self) -> None:
         """Start the clock on first use; raise :class:`BudgetSpent` once it is spent."""
         self.start()

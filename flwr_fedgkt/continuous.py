@@ -160,13 +160,6 @@ class ContinuousServer:
         if self.error is not None:
             raise self.error
 
-    def spent(self) -> float:
-        """The fraction of ``time_budget`` used since :meth:`start`, 0 to 1 (0
-        without a budget or before the start)."""
-        if not self.time_budget or not self._began:
-            return 0.0
-        return min(1.0, (self.clock() - self._began) / self.time_budget)
-
     def _out_of_budget(self) -> bool:
         if self.version >= self.total_epochs:
             return True

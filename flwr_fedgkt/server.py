@@ -14,9 +14,8 @@ This module imports no Flower code.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +56,6 @@ class NonFiniteOutput(ArithmeticError):
     """The server model's output on a node's features is not finite."""
 
 
-MIN_LR_FRACTION = 0.05
-"""Where the default cosine decay ends, as a fraction of ``server-lr``."""
-
 LRSchedules = tuple[
     torch.optim.lr_scheduler.LRScheduler | None,
     torch.optim.lr_scheduler.ReduceLROnPlateau | None,
@@ -73,23 +69,8 @@ def _cosine_decay(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A cosine decay of the learning rate to 5 % of ``lr`` over ``total_epochs``."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=total_epochs, eta_min=MIN_LR_FRACTION * lr
+        optimizer, T_max=total_epochs, eta_min=0.05 * lr
     )
-
-
-def _budget_cosine(
-    optimizer: torch.optim.Optimizer, total_epochs: int, spent: Callable[[], float]
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A cosine decay to 5 % of the starting rate over whichever budget ends
-    first: ``total_epochs`` epochs, or the wall-clock budget of which ``spent()``
-    is the fraction used (0 to 1). The rate of each epoch follows the larger of
-    the two fractions when the epoch before it ended."""
-
-    def factor(epoch: int) -> float:
-        progress = min(1.0, max(epoch / total_epochs, spent()))
-        return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * (1 + math.cos(math.pi * progress)) / 2
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _lr_schedules(
@@ -294,35 +275,17 @@ class ServerTrainer:
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-    def decay_over(self, total_epochs: int, spent: Callable[[], float] | None = None) -> None:
+    def decay_over(self, total_epochs: int) -> None:
         """Let the learning rate follow a cosine decay to 5 % of ``lr`` over
         ``total_epochs`` server epochs (the run's), unless a schedule is set
         already (``total_epochs`` or ``lr_schedule`` at construction). A
-        strategy calls this when its run starts.
-
-        ``spent`` (a run with a wall-clock budget) returns the fraction of the
-        budget used: the decay then follows whichever budget is nearer its end,
-        so a run that the clock ends finishes at the low rate too. Resumed, the
-        epochs count on from the checkpoint, the clock from the resumption (a
-        resumed run has a budget of its own)."""
+        strategy calls this when its run starts."""
         if self.scheduler is not None or total_epochs < 1:
             return
         self.plateau = None
-        if spent is None:
-            self.scheduler = _cosine_decay(self.optimizer, total_epochs, self.lr)
-            if self._scheduler_state is not None:  # resumed before the run started
-                self.scheduler.load_state_dict(self._scheduler_state)
-            return
-        self.scheduler = _budget_cosine(self.optimizer, total_epochs, spent)
-        if self._scheduler_state is not None:  # either schedule's state: its epoch
-            epoch = self.scheduler.last_epoch = int(self._scheduler_state["last_epoch"])
-            for group, base, factor in zip(
-                self.optimizer.param_groups,
-                self.scheduler.base_lrs,
-                self.scheduler.lr_lambdas,
-                strict=True,
-            ):
-                group["lr"] = base * factor(epoch)
+        self.scheduler = _cosine_decay(self.optimizer, total_epochs, self.lr)
+        if self._scheduler_state is not None:  # resumed before the run started
+            self.scheduler.load_state_dict(self._scheduler_state)
 
     @property
     def num_parameters(self) -> int:

@@ -442,10 +442,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         horizon, the run's server epochs."""
         load_initial_arrays(self.trainer, initial_arrays, self.extractor)
         total_rounds = self.engine.round_offset + num_rounds
-        self.trainer.decay_over(
-            total_rounds * self.engine.server_epochs,
-            self.budget.fraction if self.budget.seconds else None,
-        )
+        self.trainer.decay_over(total_rounds * self.engine.server_epochs)
 
 
 def load_initial_arrays(

@@ -2,13 +2,11 @@
 1-D feature vector from an MLP travels in every wire dtype, trains the server
 model and gets server logits back; the class count comes from the model."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from conftest import FakeGrid, make_message
-from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 from torch import nn
 
 from flwr_fedgkt import FEATURE_DTYPES, FedGKT, ServerTrainer, decode_features, encode_features
@@ -217,58 +215,3 @@ def test_a_server_model_that_views_after_a_convolution_trains() -> None:
     # Assert: it trained and scored in the contiguous layout it needs
     assert not trainer.channels_last
     assert result.samples == 8 and logits.shape == (8, 3)
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.mark.filterwarnings("ignore:Detected call of")
-def test_with_a_time_budget_the_rate_decays_over_whichever_budget_ends_first(
-    task_identity,
-) -> None:
-    # Prepare: 100 s of budget against 10,000 epochs, so the clock ends the run
-    strategy = FedGKT(_mlp(), feature_shape=(WIDTH,), server_lr=0.2, time_budget=100.0)
-    clock = _Clock()
-    strategy.budget.clock = clock
-    strategy.prepare(ArrayRecord(), 10_000)
-    trainer = strategy.trainer
-    strategy.budget.start()
-    lrs = []
-    # Execute: an epoch ends at 0, 50 and 100 s
-    for now in (0.0, 50.0, 100.0):
-        clock.now = now
-        trainer.scheduler.step()
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
-    # Assert: cosine to 5 %: half way 0.05 + 0.95 x (1 + cos(pi/2)) / 2 = 0.525
-    epoch_1 = 0.05 + 0.95 * (1 + math.cos(math.pi / 10_000)) / 2  # the epochs' own fraction
-    assert lrs == pytest.approx([0.2 * epoch_1, 0.2 * 0.525, 0.2 * 0.05])
-
-
-@pytest.mark.filterwarnings("ignore:Detected call of")
-def test_the_epochs_set_the_rate_when_they_end_the_run_before_the_clock(task_identity) -> None:
-    # Prepare: 4 epochs in all and a clock that hardly moves
-    strategy = FedGKT(_mlp(), feature_shape=(WIDTH,), server_lr=0.2, time_budget=100.0)
-    strategy.budget.clock = _Clock()
-    strategy.prepare(ArrayRecord(), 4)
-    trainer = strategy.trainer
-    strategy.budget.start()
-    # Execute: two epochs end
-    trainer.scheduler.step()
-    trainer.scheduler.step()
-    # Assert: half way through the epochs: 0.525 of the rate; a resumed trainer
-    # (the clock restarting at 0) takes the epoch count on
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.525)
-    resumed = FedGKT(_mlp(), feature_shape=(WIDTH,), server_lr=0.2, time_budget=100.0)
-    resumed.budget.clock = _Clock()
-    resumed.trainer.load_state_dict(trainer.state_dict())
-    resumed.prepare(ArrayRecord(), 4)
-    assert resumed.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.525)
-    resumed.trainer.scheduler.step()
-    assert resumed.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
-        0.2 * 0.05 + 0.2 * 0.95 * (1 + math.cos(math.pi * 3 / 4)) / 2
-    )
