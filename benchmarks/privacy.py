@@ -70,6 +70,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "nopeek-2": {"nopeek-weight": 2.0},
     "cut-1": {"edge-stages": 1},
     "cut-2": {"edge-stages": 2},
+    "recommended": {"privacy": "recommended"},
 }
 
 

@@ -193,6 +193,10 @@ class FedGKTClient:
     nopeek_weight : float (default: 0.0)
         Weight of NoPeek's distance correlation between a batch's images and
         features in the edge's training loss.
+    privacy : str (default: "none")
+        A named set of defences (:data:`flwr_fedgkt.privacy.PRESETS`:
+        ``"none"`` or ``"recommended"``); the four arguments above can raise
+        it, never lower it.
 
     Raises
     ------
@@ -242,9 +246,12 @@ class FedGKTClient:
         feature_clip: float = DEFAULTS.feature_clip,
         label_epsilon: float = DEFAULTS.label_epsilon,
         nopeek_weight: float = DEFAULTS.nopeek_weight,
+        privacy: str = DEFAULTS.privacy,
     ) -> None:
         self.edge_model = edge_model
-        self.defences = Defences(feature_noise, feature_clip, label_epsilon, nopeek_weight)
+        self.defences = Defences.over_preset(
+            privacy, feature_noise, feature_clip, label_epsilon, nopeek_weight
+        )
         self.torch_threads = torch_threads
         self.train_data = train_data
         self.test_data = test_data

@@ -50,6 +50,7 @@ def fedgkt_client(context: Context, config: RunConfig | None = None) -> FedGKTCl
         feature_clip=config.feature_clip,
         label_epsilon=config.label_epsilon,
         nopeek_weight=config.nopeek_weight,
+        privacy=config.privacy,
     )
 
 

@@ -284,11 +284,23 @@ class Settings:
         "loss (NoPeek; 0: off)",
     )
 
+    privacy: str = option(
+        "none",
+        "a named set of defences: `none` or `recommended` (`feature-clip` 50, "
+        "`feature-noise` 0.005, `label-epsilon` 2, `nopeek-weight` 0.5; the clip fits the "
+        "built-in stem's features); the four keys above can raise it, never lower it",
+    )
+
     @property
     def defences(self) -> Defences:
-        """The privacy defences these settings ask for (:mod:`flwr_fedgkt.privacy`)."""
-        return Defences(
-            self.feature_noise, self.feature_clip, self.label_epsilon, self.nopeek_weight
+        """The privacy defences these settings ask for (:mod:`flwr_fedgkt.privacy`):
+        the four defence keys, raised to the ``privacy`` preset where it asks for more."""
+        return Defences.over_preset(
+            self.privacy,
+            self.feature_noise,
+            self.feature_clip,
+            self.label_epsilon,
+            self.nopeek_weight,
         )
 
     @property

@@ -19,7 +19,7 @@ import flwr_fedgkt
 DOCS = REPO / "docs"
 README = REPO / "README.md"
 SETUP_COMMANDS = (
-    'pip install -e . && FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 '
+    "pip install -e . && FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 "
     'flwr run . --stream --federation-config "num-supernodes=3" '
     "--run-config \"output-dir='$PWD/outputs'\"",
     'pip install -e ".[test]" && pytest -q',

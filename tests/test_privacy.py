@@ -388,6 +388,24 @@ def test_defences_check_their_values_and_combine_toward_more_protection() -> Non
     assert Defences.from_meta(mine.meta()) == mine
 
 
+def test_the_privacy_preset_is_a_floor_the_defence_keys_can_only_raise() -> None:
+    # Prepare: the preset alone; with more noise and a weaker label epsilon; a
+    # node's own clip; and a name that is no preset
+    preset = RunConfig.from_mapping({"privacy": "recommended"}).defences
+    stronger = RunConfig.from_mapping(
+        {"privacy": "recommended", "feature-noise": 0.05, "label-epsilon": 8.0}
+    ).defences
+    own_clip = FedGKTClient(_model, _items(4), privacy="recommended", feature_clip=3.0)
+    # Assert: every defence of the preset in force; more noise kept, the weaker
+    # epsilon replaced by the preset's; the node's own clip kept
+    assert preset == Defences(0.005, 50.0, 2.0, 0.5)
+    assert stronger == Defences(0.05, 50.0, 2.0, 0.5)
+    assert own_clip.defences == Defences(0.005, 3.0, 2.0, 0.5)
+    assert RunConfig().defences == Defences()  # off by default
+    with pytest.raises(ConfigError, match="privacy = 'private': expected one of none, recommended"):
+        RunConfig.from_mapping({"privacy": "private"})
+
+
 # -- a deeper cut ----------------------------------------------------------------------
 @pytest.mark.parametrize("stages", [1, 2])
 def test_edge_stages_move_whole_stages_of_the_network_to_the_edge(stages: int) -> None:

@@ -39,6 +39,7 @@ from .mechanisms import (
 __all__ = [
     "DEFAULT_DELTA",
     "Defences",
+    "PRESETS",
     "ReleaseLedger",
     "clip_features",
     "corrected_cross_entropy",
@@ -119,6 +120,29 @@ class Defences:
             if getattr(self, key) > 0
         ]
 
+    @classmethod
+    def preset(cls, name: str) -> Defences:
+        """The defences of a named preset (the run config's ``privacy``):
+        :data:`PRESETS`; ValueError names the presets there are."""
+        if name not in PRESETS:
+            raise ValueError(f"privacy = {name!r}: expected one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    @classmethod
+    def over_preset(
+        cls,
+        preset: str,
+        feature_noise: float = 0.0,
+        feature_clip: float = 0.0,
+        label_epsilon: float = 0.0,
+        nopeek_weight: float = 0.0,
+    ) -> Defences:
+        """These defences raised to the preset named ``preset`` where it asks for
+        more (the clip is the one given, else the preset's)."""
+        floor = cls.preset(preset)
+        own = cls(feature_noise, feature_clip or floor.feature_clip, label_epsilon, nopeek_weight)
+        return own.at_least(floor)
+
     def at_least(self, asked: Defences) -> Defences:
         """These defences, raised where ``asked`` (a server's request) asks for
         more protection: more noise, a label epsilon (a smaller one), a larger
@@ -159,6 +183,18 @@ class Defences:
                 raise ValueError(f"{name} = {raw!r} is not a number")
             values[key] = float(raw)
         return cls(**values)
+
+
+PRESETS: dict[str, Defences] = {
+    "none": Defences(),
+    "recommended": Defences(
+        feature_noise=0.005, feature_clip=50.0, label_epsilon=2.0, nopeek_weight=0.5
+    ),
+}
+"""The named defences of the run config's ``privacy``. ``recommended`` is the
+setting measured in ``benchmarks/privacy.py`` (on digits with the built-in
+ResNet-8 stem, whose features have an L2 norm of about 50: with a model of
+your own, set ``feature-clip`` to the typical norm of its features)."""
 
 
 def secret_generator(secret: int, *parts: object) -> torch.Generator:
