@@ -74,6 +74,8 @@ class AsyncFedGKT(FedGKT):
         ``max-logit-age``: flag replies computed against older server logits;
         None: never (the run config's -1).
 
+    Notes
+    -----
     ``max_staleness`` and ``freeze_after`` count server epochs here; every
     connected node takes part (``fraction_*`` are not used); ``start``'s
     ``num_rounds`` x ``server_epochs`` is the run's length in server epochs,

@@ -164,7 +164,8 @@ class ServerTrainer:
         learning rate follows a cosine decay to 5% of ``lr`` over them, so the last
         rounds train with a small step (a strategy sets them when its run starts:
         :meth:`decay_over`); until then it is halved when the training loss has
-        not improved for 4 epochs in a row (``ReduceLROnPlateau(patience=3)``).
+        not improved for 4 calls of :meth:`train` (rounds) in a row
+        (``ReduceLROnPlateau(patience=3)``).
     device : str (default: "auto")
         ``auto`` uses CUDA when available.
     precision : str (default: "auto")

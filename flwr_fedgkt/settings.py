@@ -7,7 +7,7 @@ frozen, validated object, and the source of the defaults of every layer: the
 strategies (:class:`~flwr_fedgkt.strategy.FedGKT`, the legacy
 :class:`~flwr_fedgkt.legacy.LegacyFedGKT`), :class:`~flwr_fedgkt.client.FedGKTClient`,
 :class:`~flwr_fedgkt.server.ServerTrainer` and the built-in apps take their
-defaults from :data:`DEFAULTS`, and the README's option table is
+defaults from :data:`DEFAULTS`, and the documentation's option table is
 :func:`option_table` (a test checks all of them against this class).
 :meth:`Settings.from_mapping` is the one place a run config maps onto it.
 
@@ -120,8 +120,10 @@ class Settings:
     server_model: str = option("resnet55", "`resnet55` or `resnet109`")
     seed: int = option(
         42,
-        "seeds partitions, splits, model initialisation, shuffling and node sampling (the "
-        "same node ids are sampled alike in every run)",
+        "seeds the image data sets' order before partitioning, the `dirichlet` and "
+        "`pathological` partitions, the 80/20 splits, model initialisation, shuffling and node "
+        "sampling (the same node ids are sampled alike in every run); `digits`' IID shards "
+        "are in file order, the same for every seed",
     )
     output_dir: str = option("", "absolute path where the server writes `results.json`")
     device: str = option(
@@ -499,7 +501,7 @@ def _cell(value: Any) -> str:
 
 
 def option_table() -> str:
-    """The README's option table (markdown): key, default, meaning."""
+    """The documentation's option table (markdown): key, default, meaning."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for f in fields(Settings):
         key = f.name.replace("_", "-")

@@ -132,6 +132,8 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         than it is asked for; a reply that declares less is logged. Each round's
         record counts what the nodes say they applied (``privacy``).
 
+    Notes
+    -----
     The run's model is the deployable model with ``extractor`` (extractor, then
     server model: :func:`~flwr_fedgkt.models.extractor_and_server`, raw inputs to
     logits), else the server model: ``start(initial_arrays=...)`` (when not empty),

@@ -26,7 +26,9 @@ Data sets
 Partitions and splits
 ---------------------
 Partitions come from flwr-datasets' partitioners (``iid``, ``dirichlet``,
-``pathological``), seeded.
+``pathological``): ``iid`` cuts contiguous shards in the order the data come
+(the image data sets shuffled with the seed first; ``digits`` in file order,
+the same for every seed), the other two are seeded.
 
 * ``digits`` / ``synthetic`` have no test split: each node's partition of the whole
   set is split 80/20 into train and test (seeded). Sample id = index in the set.

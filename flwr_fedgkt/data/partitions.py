@@ -2,7 +2,8 @@
 precedes them.
 
 ``build_partitioner`` makes the partitioner of a name (``iid``, ``dirichlet``,
-``pathological``), seeded. ``partition_indices`` runs one over an in-memory label
+``pathological``; ``dirichlet`` and ``pathological`` seeded, ``iid`` contiguous
+shards in the order it is given). ``partition_indices`` runs one over an in-memory label
 array. ``with_sample_ids`` numbers the splits of an image data set and shuffles
 them (seeded), for the Hub's copy and a local copy alike.
 """
@@ -47,7 +48,9 @@ def build_partitioner(
     Parameters
     ----------
     partitioner : str
-        ``iid`` (``IidPartitioner``: equal contiguous shards of the shuffled data),
+        ``iid`` (``IidPartitioner``: equal contiguous shards in the order the data
+        come: the image data sets shuffled with the seed first, ``digits`` and
+        ``synthetic`` in sample-id order),
         ``dirichlet`` (``DirichletPartitioner``: label shares per node drawn from
         Dir(``dirichlet_alpha``), self-balancing) or ``pathological``
         (``PathologicalPartitioner``: ``classes_per_partition`` classes per node,
