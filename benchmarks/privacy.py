@@ -79,7 +79,7 @@ def run_config(dataset: str, seed: int, rounds: int, setting: str) -> RunConfig:
         "dataset": dataset,
         "seed": seed,
         "num-server-rounds": rounds,
-        "torch-threads": 0,
+        "torch-threads": ARGS.threads,
         **SETTINGS[setting],
     }
     if dataset == "synthetic":
@@ -266,8 +266,18 @@ def main() -> None:
     parser.add_argument("--decoder-epochs", type=int, default=30)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "privacy")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the runs and the attack (0: every core); with 1, one "
+        "process per data set can share a 2-core machine (--out to separate folders, "
+        "then the folders' privacy.json merged into one for the table)",
+    )
     global ARGS
     ARGS = parser.parse_args()
+    if ARGS.threads:
+        torch.set_num_threads(ARGS.threads)
     ARGS.out.mkdir(parents=True, exist_ok=True)
     path = ARGS.out / "privacy.json"
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -285,7 +295,7 @@ def main() -> None:
     report(results, ARGS.datasets, ARGS.settings)
 
 
-ARGS = argparse.Namespace(seeds=[42])
+ARGS = argparse.Namespace(seeds=[42], threads=0)
 
 if __name__ == "__main__":
     main()
