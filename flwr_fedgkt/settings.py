@@ -289,8 +289,8 @@ class Settings:
     privacy: str = option(
         "none",
         "a named set of defences: `none` or `recommended` (`feature-clip` 50, "
-        "`feature-noise` 0.005, `label-epsilon` 2, `nopeek-weight` 0.5; the clip fits the "
-        "built-in stem's features); the four keys above can raise it, never lower it",
+        "`feature-noise` 0.005, `label-epsilon` 4; the clip fits the built-in stem's "
+        "features); the four keys above can raise it, never lower it",
     )
 
     @property

@@ -398,9 +398,9 @@ def test_the_privacy_preset_is_a_floor_the_defence_keys_can_only_raise() -> None
     own_clip = FedGKTClient(_model, _items(4), privacy="recommended", feature_clip=3.0)
     # Assert: every defence of the preset in force; more noise kept, the weaker
     # epsilon replaced by the preset's; the node's own clip kept
-    assert preset == Defences(0.005, 50.0, 2.0, 0.5)
-    assert stronger == Defences(0.05, 50.0, 2.0, 0.5)
-    assert own_clip.defences == Defences(0.005, 3.0, 2.0, 0.5)
+    assert preset == Defences(0.005, 50.0, 4.0)
+    assert stronger == Defences(0.05, 50.0, 4.0)
+    assert own_clip.defences == Defences(0.005, 3.0, 4.0)
     assert RunConfig().defences == Defences()  # off by default
     with pytest.raises(ConfigError, match="privacy = 'private': expected one of none, recommended"):
         RunConfig.from_mapping({"privacy": "private"})
