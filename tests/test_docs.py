@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from flower_processes import REPO
 
-import flwr_fedgkt
-
 DOCS = REPO / "docs"
 README = REPO / "README.md"
 SETUP_COMMANDS = (
@@ -150,25 +148,14 @@ def _documented(reference: str, package: str) -> dict[str, object]:
     return found
 
 
-def test_the_reference_documents_every_public_name() -> None:
-    # Prepare
+@pytest.mark.parametrize("package", ["flwr_fedgkt", "flwr_fedgkt.legacy"])
+def test_the_reference_documents_every_public_name(package: str) -> None:
+    # Prepare: the public API and the legacy API
+    module = importlib.import_module(package)
     reference = (DOCS / "reference.md").read_text()
     # Execute
-    documented = _documented(reference, "flwr_fedgkt")
+    documented = _documented(reference, package)
     # Assert: each name of __all__, from the module that defines the object
-    for name in flwr_fedgkt.__all__:
+    for name in module.__all__:
         assert name in documented, name
-        assert documented[name] is getattr(flwr_fedgkt, name), name
-
-
-def test_the_reference_documents_the_legacy_api() -> None:
-    # Prepare
-    import flwr_fedgkt.legacy as legacy
-
-    reference = (DOCS / "reference.md").read_text()
-    # Execute
-    documented = _documented(reference, "flwr_fedgkt.legacy")
-    # Assert
-    for name in legacy.__all__:
-        assert name in documented, name
-        assert documented[name] is getattr(legacy, name), name
+        assert documented[name] is getattr(module, name), name
