@@ -22,9 +22,8 @@ upload that the server has trained with (a test upload counts from the end of
 the first epoch that began after it arrived, which trained on the features of
 the same extractor that came with it, as a round does) and a record is written
 (``round`` = the evaluation's index); every ``checkpoint-every`` epochs a
-checkpoint. The run ends after ``total_epochs``
-epochs or ``time_budget`` seconds, whichever comes first (both checked between
-epochs).
+checkpoint. The run ends after ``total_epochs`` epochs or ``time_budget``
+seconds, whichever comes first (both checked between epochs).
 
 This module imports no Flower code.
 """

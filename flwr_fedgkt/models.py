@@ -261,16 +261,17 @@ SERVER_MODELS = ("resnet55", "resnet109")
 """Server models: the rest of a ResNet-56 / ResNet-110 after the edge's stem."""
 
 
+_STAGED_SERVERS = frozenset(
+    staged_names(server, stages)[1] for server in STAGED for stages in range(1, MAX_EDGE_STAGES + 1)
+)
+"""The server models that follow ``edge-stages`` stages on the edge."""
+
+
 def is_server_model(name: str) -> bool:
     """Whether ``name`` is a built-in server model (it takes features): one of
     :data:`SERVER_MODELS`, its compact variant, or the rest of its network after
     ``edge-stages``."""
-    staged = {
-        staged_names(server, stages)[1]
-        for server in STAGED
-        for stages in range(1, MAX_EDGE_STAGES + 1)
-    }
-    return name.removesuffix(COMPACT) in SERVER_MODELS or name in staged
+    return name.removesuffix(COMPACT) in SERVER_MODELS or name in _STAGED_SERVERS
 
 
 COMPACT = "-compact"
