@@ -258,9 +258,11 @@ def report(results: dict, datasets: list[str], settings: list[str]) -> None:
             )
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=["digits", "synthetic"])
+    parser.add_argument(
+        "--datasets", nargs="+", choices=["digits", "synthetic"], default=["digits", "synthetic"]
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--decoder-epochs", type=int, default=30)
@@ -274,8 +276,16 @@ def main() -> None:
         "process per data set can share a 2-core machine (--out to separate folders, "
         "then the folders' privacy.json merged into one for the table)",
     )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown --settings {unknown}; known: {sorted(SETTINGS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
     global ARGS
-    ARGS = parser.parse_args()
+    ARGS = parse_args(argv)
     if ARGS.threads:
         torch.set_num_threads(ARGS.threads)
     ARGS.out.mkdir(parents=True, exist_ok=True)
