@@ -217,6 +217,7 @@ def check_privacy(command: str, tmp_path: Path) -> None:
 def _run_config_text(setting: dict[str, object]) -> str:
     if not setting:
         return "(none)"
+
     def value(v: object) -> str:
         return json.dumps(v) if isinstance(v, str) else f"{v:g}"
 
