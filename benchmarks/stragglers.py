@@ -33,9 +33,10 @@ Prints, per setting and method over the seeds (mean and sd; a seed that never
 reached a target counts as "not reached" and is left out of the mean): wall
 seconds to 95 % and to 97 % test accuracy, the accuracy of the newest record
 within the budget, bytes up and down within the budget; and writes
-``stragglers.png`` (mean accuracy against wall time, one line per method).
-Wall time counts from the run's first round (FedGKT: ``wall_seconds``; FedAvg
-the same), so the ServerApp's start-up is left out alike.
+``stragglers.png`` (mean accuracy against wall time, one line per method) and
+each setting's table to ``<setting>/table.md``. Wall time counts from the run's
+first round (FedGKT: ``wall_seconds``; FedAvg the same), so the ServerApp's
+start-up is left out alike.
 """
 
 from __future__ import annotations
@@ -191,25 +192,36 @@ def fmt(values: list[float | None], scale: float = 1.0, digits: int = 1) -> str:
     return text
 
 
+SETTINGS_ORDER = ("iid-slow", "dirichlet-slow", "iid-no-slow")
+
+
+def _runs(root: Path, setting: str, method: str, seeds: list[int], budget: float) -> list:
+    """Each seed's records within the budget, for the seeds that have results."""
+    runs = []
+    for seed in seeds:
+        path = root / setting / method / f"seed-{seed}" / "results.json"
+        if path.exists():
+            runs.append(within(json.loads(path.read_text())["rounds"], budget))
+    return runs
+
+
 def report(root: Path, settings: list[str], methods: list[str], seeds: list[int], budget: float):
+    """Print and write (``<setting>/table.md``) the table of each of ``settings``;
+    plot every setting ``root`` holds (``stragglers.png``), so that the picture
+    stays whole whichever command wrote last."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.2), squeeze=False)
-    for ax, setting in zip(axes[0], settings, strict=True):
-        print(f"\n{setting} (budget {budget:g} s, seeds {seeds})")
-        print(
-            "| method | s to 95 % | s to 97 % | accuracy at budget (%) | MB up | MB down |\n"
-            "|---|---|---|---|---|---|"
-        )
+    for setting in settings:
+        table = [
+            f"{setting} (budget {budget:g} s, seeds {seeds})",
+            "| method | s to 95 % | s to 97 % | accuracy at budget (%) | MB up | MB down |",
+            "|---|---|---|---|---|---|",
+        ]
         for method in methods:
-            runs = []
-            for seed in seeds:
-                path = root / setting / method / f"seed-{seed}" / "results.json"
-                if path.exists():
-                    runs.append(within(json.loads(path.read_text())["rounds"], budget))
+            runs = _runs(root, setting, method, seeds, budget)
             if not runs:
                 continue
             to95 = [time_to(r, 0.95) for r in runs]
@@ -217,11 +229,21 @@ def report(root: Path, settings: list[str], methods: list[str], seeds: list[int]
             final = [r[-1]["accuracy"] if r else None for r in runs]
             up = [total_bytes(r)[0] / 1e6 for r in runs]
             down = [total_bytes(r)[1] / 1e6 for r in runs]
-            print(
+            table.append(
                 f"| {method} | {fmt(to95)} | {fmt(to97)} | {fmt(final, 100, 2)} | "
                 f"{fmt(up, 1, 0)} | {fmt(down, 1, 0)} |"
             )
-            grid = [budget * i / 200 for i in range(201)]
+        print("\n" + "\n".join(table))
+        (root / setting).mkdir(parents=True, exist_ok=True)
+        (root / setting / "table.md").write_text("\n".join(table) + "\n")
+    shown = [s for s in SETTINGS_ORDER if (root / s).is_dir() or s in settings]
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.2), squeeze=False)
+    grid = [budget * i / 200 for i in range(201)]
+    for ax, setting in zip(axes[0], shown, strict=True):
+        for method in METHODS:
+            runs = _runs(root, setting, method, seeds, budget)
+            if not runs:
+                continue
             curves = []
             for records in runs:
                 curve, newest = [], None
@@ -244,7 +266,7 @@ def report(root: Path, settings: list[str], methods: list[str], seeds: list[int]
     print(f"\nplot: {root / 'stragglers.png'}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--budget", type=float, default=150.0)
@@ -265,6 +287,7 @@ def main() -> None:
     parser.add_argument(
         "--partitioners",
         nargs="*",
+        choices=["iid", "dirichlet"],
         default=["iid", "dirichlet"],
         help="the settings with slow nodes (none: only --no-slow's)",
     )
@@ -272,7 +295,15 @@ def main() -> None:
     parser.add_argument("--no-slow", action="store_true", help="also IID without slow nodes")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "stragglers")
     parser.add_argument("--report-only", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; known: {sorted(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     plan = [(p, True, args.methods) for p in args.partitioners]
     if args.no_slow:
         plan.append(("iid", False, [m for m in args.methods if m.startswith("fedgkt-")]))
