@@ -1,4 +1,8 @@
-"""`flwr run` on a local CIFAR-10 copy, and on a data set that is not there."""
+"""`flwr run` of the paper's baseline (``baselines/fedgkt``) with its configuration
+files, on a local CIFAR-10 copy and on a data set that is not there. As its README
+says, Flower takes a file or key=value pairs, not both: each test writes a copy of
+the setting's file with ``data-dir`` and ``output-dir`` (and, for a copy of 100
+images, one round of one server epoch and no minimum partition size) appended."""
 
 import json
 import os
@@ -11,6 +15,19 @@ pytestmark = pytest.mark.e2e
 
 CHECKSUMS = "FLWR_FEDGKT_TEST_CIFAR10_CHECKSUMS"  # the file's path, for the tests
 CHECKSUMS_FILE = "cifar10-checksums.json"
+BASELINE = REPO / "baselines" / "fedgkt"
+
+
+def conf_copy(name: str, folder, **values) -> str:
+    """A copy of ``conf/<name>.toml`` with ``values`` appended (each key once: the
+    file's own line for a key given here is left out); its path."""
+    lines = (BASELINE / "conf" / f"{name}.toml").read_text().splitlines()
+    kept = [line for line in lines if line.split("=")[0].strip() not in values]
+    added = [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    path = folder / f"{name}.toml"
+    path.write_text("\n".join(kept + added) + "\n")
+    return str(path)
+
 
 # Imported by every Python process of these runs (through PYTHONPATH): torchvision
 # checks a local CIFAR-10 copy against the published archive's MD5 checksums, which
@@ -81,12 +98,14 @@ def test_flwr_run_trains_on_a_local_cifar10_folder(flower_env, tmp_path) -> None
     with open(flower_env[CHECKSUMS], "w") as handle:
         json.dump(sums, handle)
     out = tmp_path / "out"
-    run_config = (
-        f"dataset='cifar10' data-dir='{tmp_path / 'cifar'}' partitioner='dirichlet' "
-        f"min-partition-size=0 num-server-rounds=1 batch-size=16 output-dir='{out}' seed=1"
+    run_config = conf_copy(
+        "cifar10-dirichlet-resnet56",
+        tmp_path,
+        **{"data-dir": str(tmp_path / "cifar"), "output-dir": str(out)},
+        **{"num-server-rounds": 1, "server-epochs": 1, "min-partition-size": 0, "seed": 1},
     )
-    # Execute
-    result = flwr_run(flower_env, REPO, run_config, num_supernodes=2)
+    # Execute: from baselines/fedgkt, as its README runs it
+    result = flwr_run(flower_env, BASELINE, run_config, num_supernodes=2)
     # Assert
     assert result.returncode == 0, result.stdout[-4000:]
     assert "Data set cifar10: 10 classes, 100 training / 20 test images" in result.stdout
@@ -99,9 +118,10 @@ def test_flwr_run_trains_on_a_local_cifar10_folder(flower_env, tmp_path) -> None
 def test_flwr_run_without_data_stops_with_one_message(flower_env, tmp_path) -> None:
     # Prepare
     out = tmp_path / "out"
-    run_config = f"dataset='cifar100' data-dir='{tmp_path / 'missing'}' output-dir='{out}'"
+    values = {"data-dir": str(tmp_path / "missing"), "output-dir": str(out)}
+    run_config = conf_copy("cifar100-iid-resnet56", tmp_path, **values)
     # Execute
-    result = flwr_run(flower_env, REPO, run_config, num_supernodes=2)
+    result = flwr_run(flower_env, BASELINE, run_config, num_supernodes=2)
     # Assert
     assert "Data set 'cifar100' (CIFAR-100) is not available." in result.stdout, result.stdout
     assert "The run stops before its first round." in result.stdout

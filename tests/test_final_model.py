@@ -15,6 +15,7 @@ from flwr_fedgkt.strategy import FedGKT
 
 RUN_CONFIG = {
     "dataset": "synthetic",
+    "synthetic-samples-per-node": 64,
     "num-server-rounds": 1,
     "batch-size": 16,
     "seed": 4,

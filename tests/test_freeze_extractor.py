@@ -22,6 +22,7 @@ from flwr_fedgkt.validation import validate_payload, validate_update
 def _run_config(**overrides) -> dict:
     return {
         "dataset": "synthetic",
+        "synthetic-samples-per-node": 64,
         "batch-size": 16,
         "server-epochs": 1,
         "seed": 3,

@@ -533,6 +533,7 @@ def test_a_server_app_that_fails_leaves_status_failed(task_identity, tmp_path) -
     out = tmp_path / "out"
     run_config = {
         "dataset": "synthetic",
+        "synthetic-samples-per-node": 64,
         "num-server-rounds": 3,
         "batch-size": 16,
         "seed": 3,

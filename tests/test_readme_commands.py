@@ -53,6 +53,15 @@ def paragraph_before(command: str) -> str:
     raise AssertionError(f"no bash block holds {command!r}")
 
 
+def paragraph_after_table(command: str) -> str:
+    """The README's paragraph just below the table that follows ``command``."""
+    for match in BLOCK.finditer(TEXT):
+        if command in _joined(match.group(1)):
+            rest = re.sub(r"^\s*(?:\|.*\|\n)+", "", TEXT[match.end() :])
+            return rest.strip().split("\n\n", 1)[0]
+    raise AssertionError(f"no bash block holds {command!r}")
+
+
 def table_after(command: str) -> list[list[str]]:
     """The cells of the first Markdown table after ``command``'s bash block."""
     for match in BLOCK.finditer(TEXT):
@@ -224,6 +233,59 @@ def _run_config_text(setting: dict[str, object]) -> str:
     return "`, `".join(f"{k} = {value(v)}" for k, v in setting.items())
 
 
+STRAGGLER_SETTINGS = {"IID": "iid-slow", "Dirichlet 0.5": "dirichlet-slow"}
+
+
+def _straggler_tables(command: str, copy: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """``stragglers.py`` as the README runs it, ``--report-only`` on ``copy``: its
+    printed rows by (setting, method), each a dict of header to cell."""
+    argv = script(parts(command)[-1], "benchmarks/stragglers.py")
+    load(REPO / "benchmarks" / "stragglers.py").parse_args(argv)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/stragglers.py", *argv, "--report-only", "--out", str(copy)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    setting, header = "", []
+    for line in out.stdout.splitlines():
+        if re.match(r"[\w-]+ \(budget ", line):
+            setting = line.split()[0]
+        elif line.startswith("| method"):
+            header = cells(line)
+        elif line.startswith("| ") and not line.startswith("|---"):
+            row = dict(zip(header, cells(line), strict=True))
+            rows[setting, row["method"]] = row
+    return rows
+
+
+def check_stragglers(command: str, tmp_path: Path) -> None:
+    # Execute: every stragglers command of the README, on a copy of the results
+    copy = tmp_path / "stragglers"
+    if not copy.exists():
+        shutil.copytree(REPO / "baselines" / "_static" / "stragglers", copy)
+    printed: dict[tuple[str, str], dict[str, str]] = {}
+    mine = [c for c in commands(TEXT) if c.startswith(STRAGGLERS)]
+    for each in mine:
+        printed |= _straggler_tables(each, copy)
+    # Assert: each cell of the README's table (after the last command) is the
+    # printed one of its setting (the column's prefix) and method
+    header, *rows = table_after(mine[-1])
+    assert len(rows) >= 4
+    for row in rows:
+        for column, cell in list(zip(header, row, strict=True))[1:]:
+            label, _, name = column.partition(": ")
+            assert cell == printed[STRAGGLER_SETTINGS[label], row[0]][name], (row[0], column)
+    # ... and the sentence after the table quotes the runs without slow nodes
+    after = " ".join(paragraph_after_table(mine[-1]).split())
+    for method in ("fedgkt-pipeline", "fedgkt-async"):
+        quoted = printed["iid-no-slow", method]["s to 95 %"]
+        assert f"`{method}` {quoted} s" in after, (method, quoted)
+
+
 def _extras() -> dict[str, list[str]]:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     return pyproject["project"]["optional-dependencies"]
@@ -251,6 +313,7 @@ def check_setup_tests(command: str, tmp_path: Path) -> None:
     assert any('-e ".[test' in line and "pip install" in line for line in ci)
 
 
+STRAGGLERS = "python benchmarks/stragglers.py "
 MAIN_COMPARISON = "python baselines/compare.py --output-dir baselines/_static/digits-seeds "
 CHECKS = {
     "pip install -e . && FLWR_TELEMETRY_ENABLED=0": check_setup_main_job,
@@ -262,6 +325,7 @@ CHECKS = {
     'python -c "from flwr_fedgkt.accounting import model_profile': check_profile,
     'pip install -e ".[privacy]" && python benchmarks/privacy.py': check_privacy,
     'pip install -e ".[docs]" && mkdocs serve': check_docs,
+    STRAGGLERS: check_stragglers,
 }
 
 
@@ -273,13 +337,12 @@ def _check_of(command: str):
 def test_every_readme_command_is_checked() -> None:
     unchecked = [command for command in commands(TEXT) if _check_of(command) is None]
     assert unchecked == []
-    assert len(commands(TEXT)) == len(CHECKS)
+    unused = [p for p in CHECKS if not any(c.startswith(p) for c in commands(TEXT))]
+    assert unused == []
 
 
-@pytest.mark.parametrize(
-    "command", [c for c in commands(TEXT) if _check_of(c) is not None], ids=lambda c: c[:40]
-)
-def test_the_readme_command_runs_as_written(command: str, tmp_path: Path) -> None:
-    check = _check_of(command)
-    assert check is not None
-    check(command, tmp_path)
+@pytest.mark.parametrize("prefix", list(CHECKS), ids=lambda p: CHECKS[p].__name__)
+def test_the_readme_command_runs_as_written(prefix: str, tmp_path: Path) -> None:
+    # the first README command of the check's kind (a check covers all of its kind)
+    command = next(c for c in commands(TEXT) if c.startswith(prefix))
+    CHECKS[prefix](command, tmp_path)
