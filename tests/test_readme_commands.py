@@ -45,33 +45,36 @@ def commands(markdown: str) -> list[str]:
     return [command for block in BLOCK.findall(markdown) for command in _joined(block)]
 
 
-def paragraph_before(command: str) -> str:
-    """The README's paragraph just above the bash block holding ``command``."""
+def _block(command: str) -> re.Match:
+    """The README's bash block that holds ``command``."""
     for match in BLOCK.finditer(TEXT):
         if command in _joined(match.group(1)):
-            return TEXT[: match.start()].rstrip().rsplit("\n\n", 1)[1]
+            return match
     raise AssertionError(f"no bash block holds {command!r}")
+
+
+def paragraph_before(command: str) -> str:
+    """The README's paragraph just above the bash block holding ``command``."""
+    return TEXT[: _block(command).start()].rstrip().rsplit("\n\n", 1)[1]
 
 
 def paragraph_after_table(command: str) -> str:
     """The README's paragraph just below the table that follows ``command``."""
-    for match in BLOCK.finditer(TEXT):
-        if command in _joined(match.group(1)):
-            rest = re.sub(r"^\s*(?:\|.*\|\n)+", "", TEXT[match.end() :])
-            return rest.strip().split("\n\n", 1)[0]
-    raise AssertionError(f"no bash block holds {command!r}")
+    rest = re.sub(r"^\s*(?:\|.*\|\n)+", "", TEXT[_block(command).end() :])
+    return rest.strip().split("\n\n", 1)[0]
 
 
 def table_after(command: str) -> list[list[str]]:
     """The cells of the first Markdown table after ``command``'s bash block."""
-    for match in BLOCK.finditer(TEXT):
-        if command in _joined(match.group(1)):
-            rest = TEXT[match.end() :]
-            lines = re.match(r"\s*((?:\|.*\|\n)+)", rest)
-            assert lines is not None, f"no table after {command!r}"
-            rows = lines.group(1).splitlines()
-            return [cells(line) for line in rows if not line.startswith("|---")]
-    raise AssertionError(f"no bash block holds {command!r}")
+    lines = re.match(r"\s*((?:\|.*\|\n)+)", TEXT[_block(command).end() :])
+    assert lines is not None, f"no table after {command!r}"
+    return [cells(line) for line in lines.group(1).splitlines() if not line.startswith("|---")]
+
+
+def main_table() -> dict[str, list[str]]:
+    """The main comparison's results table, by its first column."""
+    main = next(c for c in commands(TEXT) if c.startswith(MAIN_COMPARISON))
+    return {row[0]: row[1:] for row in table_after(main)}
 
 
 def parts(command: str) -> list[list[str]]:
@@ -154,9 +157,7 @@ def check_frozen_comparison(command: str, tmp_path: Path) -> None:
     assert f"at {percent(iid['final_accuracy'])} IID" in sentence
     assert f"and {percent(dirichlet['final_accuracy'])} Dirichlet 0.5" in sentence
     # the ratio to FedAvg's bytes in the main comparison's table
-    main = next(c for c in commands(TEXT) if c.startswith(MAIN_COMPARISON))
-    table = {row[0]: row[1:] for row in table_after(main)}
-    fedavg = float(table["MB per client over the run (up + down), IID"][1])
+    fedavg = float(main_table()["MB per client over the run (up + down), IID"][1])
     assert f"{_run_mb(iid) / fedavg:.2f}x FedAvg's bytes" in sentence
 
 
@@ -174,8 +175,7 @@ def check_profile(command: str, tmp_path: Path) -> None:
     assert f"{profile['params']:,} parameters and {mflops:.1f} training MFLOPs" in sentence
     ratios = (profile["params"] / edge["params"], mflops / (edge["train_flops_per_sample"] / 1e6))
     assert f"({ratios[0]:.0f}x and {ratios[1]:.1f}x ResNet-8's)" in sentence
-    main = next(c for c in commands(TEXT) if c.startswith(MAIN_COMPARISON))
-    table = {row[0]: row[1:] for row in table_after(main)}
+    table = main_table()
     assert table["parameters trained on the edge"] == [
         f"{edge['params']:,}",
         f"{resnet56['params']:,} ({resnet56['params'] / edge['params']:.0f}x)",
@@ -265,8 +265,7 @@ def _straggler_tables(command: str, copy: Path) -> dict[tuple[str, str], dict[st
 def check_stragglers(command: str, tmp_path: Path) -> None:
     # Execute: every stragglers command of the README, on a copy of the results
     copy = tmp_path / "stragglers"
-    if not copy.exists():
-        shutil.copytree(REPO / "baselines" / "_static" / "stragglers", copy)
+    shutil.copytree(REPO / "baselines" / "_static" / "stragglers", copy)
     printed: dict[tuple[str, str], dict[str, str]] = {}
     mine = [c for c in commands(TEXT) if c.startswith(STRAGGLERS)]
     for each in mine:
