@@ -13,7 +13,9 @@ This module imports no Flower code.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -186,6 +188,12 @@ class ServerTrainer:
         torch's CPU threads while training and scoring: 0 takes the process's
         CPUs less those other processes keep busy, re-measured every half
         second (:class:`~flwr_fedgkt.threads.FairThreads`); a count fixes them.
+    average : float (default: 0.0)
+        With a value in (0, 1): the server logits, the scores and the final model
+        come from an exponential moving average of the model's weights and
+        BatchNorm statistics (:attr:`scored_model`), updated after every training
+        step so that this fraction of the average remains after one epoch over the
+        features held; 0: from the model as trained.
     """
 
     def __init__(
@@ -206,7 +214,12 @@ class ServerTrainer:
         precision: str = DEFAULTS.precision,
         lr_schedule: LRScheduleFactory | None = None,
         torch_threads: int = DEFAULTS.torch_threads,
+        average: float = 0.0,
     ) -> None:
+        if not 0.0 <= average < 1.0:
+            raise ValueError(f"average must be in [0, 1), got {average!r}")
+        self.average = average
+        self.averaged: nn.Module | None = None  # the weights' moving average, once trained
         self.device = resolve_device(device)
         self.threads = FairThreads(torch_threads) if self.device.type == "cpu" else None
         self.precision = resolve_precision(precision, self.device)
@@ -248,6 +261,7 @@ class ServerTrainer:
             total_epochs=config.num_server_rounds * config.server_epochs,
             precision=config.precision,
             torch_threads=config.torch_threads,
+            average=config.server_average,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -260,6 +274,7 @@ class ServerTrainer:
             "plateau": None if self.plateau is None else self.plateau.state_dict(),
             "generator": self.generator.get_state(),
             "scaler": self.scaler.state_dict(),
+            "averaged": None if self.averaged is None else self.averaged.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -275,6 +290,8 @@ class ServerTrainer:
         self.generator.set_state(state["generator"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("averaged") is not None:
+            self._new_average().load_state_dict(state["averaged"])
 
     def decay_over(self, total_epochs: int) -> None:
         """Let the learning rate follow a cosine decay to 5 % of ``lr`` over
@@ -291,6 +308,33 @@ class ServerTrainer:
     @property
     def num_parameters(self) -> int:
         return count_parameters(self.model)
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The model that gives the server logits, the scores and the final model:
+        the moving average of the weights when ``average`` is set and training has
+        begun, else the model as trained."""
+        return self.model if self.averaged is None else self.averaged
+
+    def _new_average(self) -> nn.Module:
+        self.averaged = copy.deepcopy(self.model)
+        self.averaged.requires_grad_(False)
+        return self.averaged
+
+    @torch.no_grad()
+    def _update_average(self, keep: float) -> None:
+        """Move the average towards the model: ``keep`` of it remains (the
+        first call copies the model)."""
+        if self.averaged is None:
+            self._new_average()
+            return
+        assert self.averaged is not None
+        pairs = zip(self.averaged.state_dict().values(), self.model.state_dict().values())
+        for mean, live in pairs:
+            if mean.is_floating_point():
+                mean.lerp_(live, 1.0 - keep)
+            else:  # BatchNorm's batch count
+                mean.copy_(live)
 
     def train(
         self, store: FeatureStore, epochs: int, nodes: list[NodeKey] | None = None
@@ -309,6 +353,11 @@ class ServerTrainer:
         excluded: dict[NodeKey, str] = {}
         skipped = 0
         self._start_threads()
+        # the average's share kept per step: ``average`` of it after an epoch's steps
+        held = store.num_samples if nodes is None else sum(
+            store.payload(n).num_samples for n in nodes if n in store
+        )
+        keep = self.average ** (1.0 / max(1, math.ceil(held / self.batch_size)))
 
         def batches() -> Iterator[Batch]:
             for batch in store.batches(self.batch_size, self.generator, nodes):
@@ -328,6 +377,8 @@ class ServerTrainer:
                 return None
             self.scaler.step(self.optimizer)  # optimizer.step() unless float16
             self.scaler.update()
+            if self.average:
+                self._update_average(keep)
             return outcome
 
         epoch = {"number": 0, "began": time.perf_counter()}
@@ -415,14 +466,15 @@ class ServerTrainer:
         Small batches keep a batch's activations in the CPU's caches: 32 ran 3.5x
         faster than 256 in float32 on 2 cores (and no slower in bfloat16)."""
         self._start_threads()
-        self.model.eval()
+        model = self.scored_model
+        model.eval()
         out = []
         with autocast(self.precision, self.device):
             for i in range(0, len(features), batch_size):
                 batch = to_device(
                     features[i : i + batch_size].float(), self.device, self.channels_last
                 )
-                out.append(self.model(batch).float().cpu())
+                out.append(model(batch).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
     def logits_for(self, store: FeatureStore, node: NodeKey) -> tuple[np.ndarray, np.ndarray]:

@@ -359,7 +359,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         """The run's model as an ArrayRecord (contiguous copies): with ``extractor``,
         the deployable model (:func:`~flwr_fedgkt.models.extractor_and_server`:
         ``extractor.*`` and ``server.*``), else the server model's ``state_dict``."""
-        model = self.trainer.model
+        model = self.trainer.scored_model
         if self.extractor is not None:
             model = extractor_and_server(self.extractor, model)
         return ArrayRecord(

@@ -305,5 +305,5 @@ class LegacyFedGKT(HoldsEngine, Strategy):
         ``aggregate_evaluate``."""
         if self.evaluate_fn is None:
             return None
-        arrays = [t.detach().cpu().numpy() for t in self.trainer.model.state_dict().values()]
+        arrays = [t.detach().cpu().numpy() for t in self.trainer.scored_model.state_dict().values()]
         return self.evaluate_fn(server_round, arrays, {})
