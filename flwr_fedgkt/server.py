@@ -328,9 +328,9 @@ class ServerTrainer:
         if self.averaged is None:
             self._new_average()
             return
-        assert self.averaged is not None
-        pairs = zip(self.averaged.state_dict().values(), self.model.state_dict().values())
-        for mean, live in pairs:
+        averaged, live_state = self.averaged.state_dict(), self.model.state_dict()
+        for name, mean in averaged.items():
+            live = live_state[name]
             if mean.is_floating_point():
                 mean.lerp_(live, 1.0 - keep)
             else:  # BatchNorm's batch count
@@ -354,8 +354,10 @@ class ServerTrainer:
         skipped = 0
         self._start_threads()
         # the average's share kept per step: ``average`` of it after an epoch's steps
-        held = store.num_samples if nodes is None else sum(
-            store.payload(n).num_samples for n in nodes if n in store
+        held = (
+            store.num_samples
+            if nodes is None
+            else sum(store.payload(n).num_samples for n in nodes if n in store)
         )
         keep = self.average ** (1.0 / max(1, math.ceil(held / self.batch_size)))
 
