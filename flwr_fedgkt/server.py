@@ -193,7 +193,9 @@ class ServerTrainer:
         come from an exponential moving average of the model's weights and
         BatchNorm statistics (:attr:`scored_model`), updated after every training
         step so that this fraction of the average remains after one epoch over the
-        features held; 0: from the model as trained.
+        features held; in the first steps the average keeps at most
+        ``(1 + n) / (10 + n)`` of itself at step ``n``, so that it follows the
+        model while the model moves fast; 0: from the model as trained.
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class ServerTrainer:
             raise ValueError(f"average must be in [0, 1), got {average!r}")
         self.average = average
         self.averaged: nn.Module | None = None  # the weights' moving average, once trained
+        self.averaged_steps = 0  # the steps it has taken in
         self.device = resolve_device(device)
         self.threads = FairThreads(torch_threads) if self.device.type == "cpu" else None
         self.precision = resolve_precision(precision, self.device)
@@ -275,6 +278,7 @@ class ServerTrainer:
             "generator": self.generator.get_state(),
             "scaler": self.scaler.state_dict(),
             "averaged": None if self.averaged is None else self.averaged.state_dict(),
+            "averaged_steps": self.averaged_steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -292,6 +296,7 @@ class ServerTrainer:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("averaged") is not None:
             self._new_average().load_state_dict(state["averaged"])
+            self.averaged_steps = int(state.get("averaged_steps", 0))
 
     def decay_over(self, total_epochs: int) -> None:
         """Let the learning rate follow a cosine decay to 5 % of ``lr`` over
@@ -323,11 +328,13 @@ class ServerTrainer:
 
     @torch.no_grad()
     def _update_average(self, keep: float) -> None:
-        """Move the average towards the model: ``keep`` of it remains (the
-        first call copies the model)."""
+        """Move the average towards the model: ``keep`` of it remains, or less
+        in the first steps (the first call copies the model)."""
+        steps, self.averaged_steps = self.averaged_steps, self.averaged_steps + 1
         if self.averaged is None:
             self._new_average()
             return
+        keep = min(keep, (1.0 + steps) / (10.0 + steps))
         averaged, live_state = self.averaged.state_dict(), self.model.state_dict()
         for name, mean in averaged.items():
             live = live_state[name]

@@ -71,18 +71,20 @@ def _states_after_each_step(trainer: ServerTrainer) -> list[dict[str, torch.Tens
 
 def test_the_average_follows_the_steps_at_the_stated_rate() -> None:
     # Prepare: 32 samples in batches of 8 are 4 steps an epoch; 0.5 of the average
-    # remains after an epoch, so 0.5 ** (1/4) after each step
+    # remains after an epoch, so 0.5 ** (1/4) after each step, but in the first
+    # steps at most (1 + n) / (10 + n) at step n
     trainer = _trainer(0.5)
     states = _states_after_each_step(trainer)
-    # Execute: two epochs (8 steps)
-    trainer.train(_store(), epochs=2)
+    # Execute: 16 epochs (64 steps: from step 47 on, 0.5 ** (1/4) is the smaller)
+    trainer.train(_store(), epochs=16)
     # Assert: by hand, the first step's weights, then a blend after each step
-    assert len(states) == 8
+    assert len(states) == 64
     keep = 0.5**0.25
     expected = {k: v.clone() for k, v in states[0].items() if v.is_floating_point()}
-    for state in states[1:]:
+    for n, state in enumerate(states[1:], start=1):
+        kept = min(keep, (1 + n) / (10 + n))  # the warm-up: less kept in the first steps
         for k in expected:
-            expected[k] = keep * expected[k] + (1 - keep) * state[k]
+            expected[k] = kept * expected[k] + (1 - kept) * state[k]
     averaged = trainer.averaged.state_dict()
     for k, value in expected.items():
         torch.testing.assert_close(averaged[k], value, rtol=1e-5, atol=1e-6)
