@@ -41,6 +41,7 @@ from .records import (
     has_test_upload,
     logits_record,
 )
+from .server import ASYNC_AVERAGE
 from .settings import DEFAULTS, RunConfig
 from .strategy import FedGKT, load_initial_arrays
 
@@ -80,6 +81,9 @@ class AsyncFedGKT(FedGKT):
     connected node takes part (``fraction_*`` are not used); ``start``'s
     ``num_rounds`` x ``server_epochs`` is the run's length in server epochs,
     counting those done before a resume, and ``timeout`` is each instruction's.
+    A trainer without a moving average of its own (``ServerTrainer(average=None)``,
+    the run config's ``server-average = -1``) gets :data:`~flwr_fedgkt.server.ASYNC_AVERAGE`:
+    the server logits, the records and the final model come from the average.
     """
 
     def __init__(
@@ -91,6 +95,8 @@ class AsyncFedGKT(FedGKT):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if self.trainer.average is None:  # the schedule's default (server-average = -1)
+            self.trainer.average = ASYNC_AVERAGE
         if eval_every < 1 or checkpoint_every < 1:
             raise ValueError("eval_every and checkpoint_every must be at least 1")
         self.eval_every = eval_every
@@ -113,11 +119,12 @@ class AsyncFedGKT(FedGKT):
         log(
             INFO,
             "\t└──> Asynchronous: record every %d server epoch(s), checkpoint every %d, "
-            "max logit age %s, time budget %s",
+            "max logit age %s, time budget %s, server average %g",
             self.eval_every,
             self.checkpoint_every,
             "none" if self.max_logit_age is None else self.max_logit_age,
             f"{self.budget.seconds:g} s" if self.budget.seconds else "none",
+            self.trainer.average or 0.0,
         )
 
     def start(

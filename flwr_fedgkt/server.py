@@ -46,12 +46,25 @@ from .training import (
 )
 
 # output_classes: re-exported from server_model for the round engine's import
-__all__ = ["ServerTrainer", "ServerTrainResult", "NonFiniteOutput", "output_classes"]
+__all__ = [
+    "ASYNC_AVERAGE",
+    "ServerTrainer",
+    "ServerTrainResult",
+    "NonFiniteOutput",
+    "output_classes",
+]
 
 logger = logging.getLogger("flwr.fedgkt")
 
 PROGRESS_SECONDS = 5.0
 """A server epoch that takes longer than this gets a log line of its own."""
+
+
+ASYNC_AVERAGE = 0.5
+"""The server model's moving average in asynchronous training, unless set
+(``server-average``): half of it remains after a server epoch. Asynchronous
+records each follow one server epoch over features that change node by node;
+the average steadies them (measured in docs/asynchronous.md)."""
 
 
 class NonFiniteOutput(ArithmeticError):
@@ -188,14 +201,16 @@ class ServerTrainer:
         torch's CPU threads while training and scoring: 0 takes the process's
         CPUs less those other processes keep busy, re-measured every half
         second (:class:`~flwr_fedgkt.threads.FairThreads`); a count fixes them.
-    average : float (default: 0.0)
+    average : float | None (default: None)
         With a value in (0, 1): the server logits, the scores and the final model
         come from an exponential moving average of the model's weights and
         BatchNorm statistics (:attr:`scored_model`), updated after every training
         step so that this fraction of the average remains after one epoch over the
         features held; in the first steps the average keeps at most
         ``(1 + n) / (10 + n)`` of itself at step ``n``, so that it follows the
-        model while the model moves fast; 0: from the model as trained.
+        model while the model moves fast; 0: from the model as trained. None: the
+        strategy's default (:class:`~flwr_fedgkt.asynchronous.AsyncFedGKT` sets
+        :data:`ASYNC_AVERAGE`; rounds train without an average).
     """
 
     def __init__(
@@ -216,10 +231,10 @@ class ServerTrainer:
         precision: str = DEFAULTS.precision,
         lr_schedule: LRScheduleFactory | None = None,
         torch_threads: int = DEFAULTS.torch_threads,
-        average: float = 0.0,
+        average: float | None = None,
     ) -> None:
-        if not 0.0 <= average < 1.0:
-            raise ValueError(f"average must be in [0, 1), got {average!r}")
+        if average is not None and not 0.0 <= average < 1.0:
+            raise ValueError(f"average must be in [0, 1) or None, got {average!r}")
         self.average = average
         self.averaged: nn.Module | None = None  # the weights' moving average, once trained
         self.averaged_steps = 0  # the steps it has taken in
@@ -264,7 +279,7 @@ class ServerTrainer:
             total_epochs=config.num_server_rounds * config.server_epochs,
             precision=config.precision,
             torch_threads=config.torch_threads,
-            average=config.server_average,
+            average=None if config.server_average < 0 else config.server_average,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -366,7 +381,7 @@ class ServerTrainer:
             if nodes is None
             else sum(store.payload(n).num_samples for n in nodes if n in store)
         )
-        keep = self.average ** (1.0 / max(1, math.ceil(held / self.batch_size)))
+        keep = (self.average or 0.0) ** (1.0 / max(1, math.ceil(held / self.batch_size)))
 
         def batches() -> Iterator[Batch]:
             for batch in store.batches(self.batch_size, self.generator, nodes):

@@ -111,10 +111,11 @@ class Settings:
         "server Adam learning rate, cosine decay to 5 % over `num-server-rounds` x `server-epochs`",
     )
     server_average: float = option(
-        0.0,
+        -1.0,
         "in (0, 1): the server logits, the scores and the final model come from a moving "
         "average of the server model's weights, of which this fraction remains after one "
-        "server epoch (updated every step); 0: from the model as trained",
+        "server epoch (updated every step); 0: from the model as trained; -1: the schedule's "
+        "default, 0.5 in `async` and 0 in rounds",
     )
     temperature: float = option(3.0, "KD temperature T")
     alpha: float = option(1.0, "KD weight: loss = CE + alpha * T^2 * KL")
@@ -445,8 +446,8 @@ class Settings:
             fail("mode", f"expected one of {', '.join(SCHEDULES)}")
         if self.pipeline and self.mode not in ("sync", "pipeline"):
             fail("mode", "but 'pipeline' = true asks for mode 'pipeline': set one of them")
-        if not 0 <= self.server_average < 1:
-            fail("server-average", "must be in [0, 1) (0: no average)")
+        if not (0 <= self.server_average < 1 or self.server_average == -1):
+            fail("server-average", "must be in [0, 1) (0: no average) or -1 (the schedule's)")
         if self.max_logit_age < -1:
             fail("max-logit-age", "must be -1 (never flag) or a number of server epochs")
         if not 0 <= self.time_budget < 1e9:

@@ -75,6 +75,7 @@ _SERVER_TRAINING = {  # FedGKT's argument: ServerTrainer's
     "lr_schedule": "lr_schedule",
     "precision": "precision",
     "device": "device",
+    "server_average": "average",
 }
 
 
@@ -91,8 +92,8 @@ class FedGKT(HoldsEngine, Strategy):
         The server-side large model with its optimizer and training settings (a
         :class:`~flwr_fedgkt.server.ServerTrainer`), trained in ``aggregate_train``;
         or just the server model (features to logits), trained with ``server_lr``,
-        ``server_batch_size``, ``temperature``, ``alpha``, ``precision``, ``device``
-        (run-config defaults when None), ``optimizer`` (Adam, weight decay 5e-4,
+        ``server_batch_size``, ``temperature``, ``alpha``, ``precision``, ``device``,
+        ``server_average`` (run-config defaults when None), ``optimizer`` (Adam, weight decay 5e-4,
         when None) and ``lr_schedule`` (stepped per server epoch; None: a cosine
         decay to 5 % over the run's server epochs). A ``ServerTrainer`` carries its
         own (giving both is a ValueError).
@@ -178,6 +179,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
         lr_schedule: LRScheduleFactory | None = None,
         precision: str | None = None,
         device: str | None = None,
+        server_average: float | None = None,
         extractor: nn.Module | None = None,
         sample_ids: SampleIds | None = None,
         time_budget: float = DEFAULTS.time_budget,
@@ -192,6 +194,7 @@ max_reply_bytes, compression, max_feature_abs, max_logit_abs
             "lr_schedule": lr_schedule,
             "precision": precision,
             "device": device,
+            "server_average": server_average,
         }
         given = {k: v for k, v in given.items() if v is not None}
         training = {_SERVER_TRAINING[k]: v for k, v in given.items()}

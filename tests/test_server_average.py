@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 from flwr_fedgkt import ServerTrainer, encode_features
+from flwr_fedgkt.asynchronous import AsyncFedGKT
+from flwr_fedgkt.server import ASYNC_AVERAGE
+from flwr_fedgkt.strategy import FedGKT
 from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.store import FeatureStore
 from flwr_fedgkt.validation import validate_payload
@@ -44,7 +47,7 @@ def _store(samples: int = 32) -> FeatureStore:
     return store
 
 
-def _trainer(average: float) -> ServerTrainer:
+def _trainer(average: float | None) -> ServerTrainer:
     return ServerTrainer(
         model=_mlp(),
         feature_shape=(WIDTH,),
@@ -148,3 +151,22 @@ def test_an_average_out_of_range_is_refused_by_name(value) -> None:
         RunConfig.from_mapping({"server-average": value})
     with pytest.raises(ValueError, match="average"):
         _trainer(value)
+
+
+def test_the_schedule_sets_the_default_average_and_a_given_one_is_kept() -> None:
+    # Prepare: the run config's default (-1) leaves the choice to the schedule
+    config = RunConfig.from_mapping({"device": "cpu"})
+    assert config.server_average == -1
+    assert ServerTrainer.from_run_config(config, num_classes=10).average is None
+    # Execute
+    rounds = FedGKT(_trainer(None))
+    asynchronous = AsyncFedGKT(_trainer(None))
+    without = AsyncFedGKT(_trainer(0.0))
+    chosen = FedGKT(_trainer(0.25))
+    bare = AsyncFedGKT(_mlp(), feature_shape=(WIDTH,), server_average=0.75)
+    # Assert: async averages by default, rounds do not; a value given is kept
+    assert not rounds.trainer.average
+    assert asynchronous.trainer.average == ASYNC_AVERAGE == 0.5
+    assert without.trainer.average == 0.0
+    assert chosen.trainer.average == 0.25
+    assert bare.trainer.average == 0.75
