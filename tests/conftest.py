@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -17,6 +18,11 @@ from flower_processes import (
 from flwr.app import Message, Metadata, RecordDict
 
 from flwr_fedgkt import threads
+
+# Flower's SuperExecs look for new work (a run's ServerApp, a deployed node's
+# ClientApp for each message) once a second by default; every tenth of a second
+# spares each end-to-end run and each deployed message most of that wait
+os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
 
 # The Message-API app's end-to-end run that several test modules check (with the
 # default feature dtype, int8). Its threads are fixed: the runs it is compared with
