@@ -13,9 +13,9 @@ from torch import nn
 from flwr_fedgkt import ServerTrainer, encode_features
 from flwr_fedgkt.asynchronous import AsyncFedGKT
 from flwr_fedgkt.server import ASYNC_AVERAGE
-from flwr_fedgkt.strategy import FedGKT
 from flwr_fedgkt.settings import RunConfig
 from flwr_fedgkt.store import FeatureStore
+from flwr_fedgkt.strategy import FedGKT
 from flwr_fedgkt.validation import validate_payload
 
 WIDTH, CLASSES = 6, 3
