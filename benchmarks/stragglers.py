@@ -214,6 +214,13 @@ def report(root: Path, settings: list[str], methods: list[str], seeds: list[int]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    loaded: dict[tuple[str, str], list] = {}  # the table and the plot read each run once
+
+    def runs_of(setting: str, method: str) -> list:
+        if (setting, method) not in loaded:
+            loaded[setting, method] = _runs(root, setting, method, seeds, budget)
+        return loaded[setting, method]
+
     for setting in settings:
         table = [
             f"{setting} (budget {budget:g} s, seeds {seeds})",
@@ -221,7 +228,7 @@ def report(root: Path, settings: list[str], methods: list[str], seeds: list[int]
             "|---|---|---|---|---|---|",
         ]
         for method in methods:
-            runs = _runs(root, setting, method, seeds, budget)
+            runs = runs_of(setting, method)
             if not runs:
                 continue
             to95 = [time_to(r, 0.95) for r in runs]
@@ -241,7 +248,7 @@ def report(root: Path, settings: list[str], methods: list[str], seeds: list[int]
     grid = [budget * i / 200 for i in range(201)]
     for ax, setting in zip(axes[0], shown, strict=True):
         for method in METHODS:
-            runs = _runs(root, setting, method, seeds, budget)
+            runs = runs_of(setting, method)
             if not runs:
                 continue
             curves = []

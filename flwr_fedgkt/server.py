@@ -341,6 +341,16 @@ class ServerTrainer:
         self.averaged.requires_grad_(False)
         return self.averaged
 
+    def _average_kept_per_step(self, store: FeatureStore, nodes: list[NodeKey] | None) -> float:
+        """The average's share kept per step, so that ``average`` of it remains
+        after an epoch's steps over the features of ``nodes`` (all by default)."""
+        held = (
+            store.num_samples
+            if nodes is None
+            else sum(store.payload(n).num_samples for n in nodes if n in store)
+        )
+        return (self.average or 0.0) ** (1.0 / max(1, math.ceil(held / self.batch_size)))
+
     @torch.no_grad()
     def _update_average(self, keep: float) -> None:
         """Move the average towards the model: ``keep`` of it remains, or less
@@ -375,13 +385,7 @@ class ServerTrainer:
         excluded: dict[NodeKey, str] = {}
         skipped = 0
         self._start_threads()
-        # the average's share kept per step: ``average`` of it after an epoch's steps
-        held = (
-            store.num_samples
-            if nodes is None
-            else sum(store.payload(n).num_samples for n in nodes if n in store)
-        )
-        keep = (self.average or 0.0) ** (1.0 / max(1, math.ceil(held / self.batch_size)))
+        keep = self._average_kept_per_step(store, nodes) if self.average else 0.0
 
         def batches() -> Iterator[Batch]:
             for batch in store.batches(self.batch_size, self.generator, nodes):

@@ -93,9 +93,9 @@ class FedGKT(HoldsEngine, Strategy):
         :class:`~flwr_fedgkt.server.ServerTrainer`), trained in ``aggregate_train``;
         or just the server model (features to logits), trained with ``server_lr``,
         ``server_batch_size``, ``temperature``, ``alpha``, ``precision``, ``device``,
-        ``server_average`` (run-config defaults when None), ``optimizer`` (Adam, weight decay 5e-4,
-        when None) and ``lr_schedule`` (stepped per server epoch; None: a cosine
-        decay to 5 % over the run's server epochs). A ``ServerTrainer`` carries its
+        ``server_average`` (run-config defaults when None), ``optimizer`` (Adam,
+        weight decay 5e-4, when None) and ``lr_schedule`` (stepped per server epoch;
+        None: a cosine decay to 5 % over the run's server epochs). A ``ServerTrainer`` carries its
         own (giving both is a ValueError).
     feature_shape : tuple[int, ...] | None (default: None)
         One sample's feature shape (other shapes are rejected); the trainer's when
